@@ -1,0 +1,401 @@
+"""Shared machinery of the gradient-inversion attacks: targets, results, gradients, restarts, batching."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+
+from fedsim.errors import FedsimError
+
+Progress = Callable[[int, float], None]
+
+
+@dataclass
+class AttackTarget:
+    """Everything the curious server knows about one captured update."""
+
+    model: nn.Module
+    gradients: list[torch.Tensor] | None
+    batch_size: int
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    labels: torch.Tensor | None = None
+    update: list[torch.Tensor] | None = None
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered from one target, with its optimisation trace."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    loss: float
+    history: list[dict]
+    snapshots: list[tuple[int, torch.Tensor]]
+    info: dict
+
+
+class AttackDiverged(FedsimError):
+    """Every restart of an attack diverged (NaN/inf loss or exploding images); nothing usable remains."""
+
+    def __init__(self, attack: str, reasons: Sequence[str]) -> None:
+        self.reasons = list(reasons)
+        super().__init__(
+            f"{attack}: all {len(self.reasons)} restart(s) diverged ({'; '.join(self.reasons)}); "
+            "try more restarts, a smaller lr or another seed"
+        )
+
+
+@dataclass
+class Run:
+    """The outcome of one (target, restart) optimisation problem."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+    loss: float
+    history: list[dict]
+    snapshots: list[tuple[int, torch.Tensor]]
+    evaluations: int
+    dropped: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients of the victim model
+# ----------------------------------------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradients a client shares, in the order of `AttackTarget.gradients`."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy for hard labels [B] (int) or soft label distributions [B, K], as clients train."""
+    if labels.is_floating_point():
+        return -(labels * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return F.cross_entropy(logits, labels)
+
+
+def model_gradients(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = False
+) -> list[torch.Tensor]:
+    """Gradient of the client loss on (images, labels) w.r.t. the trainable parameters.
+
+    With create_graph=True the result stays differentiable w.r.t. images/labels, for matching.
+    """
+    loss = cross_entropy(model(images), labels)
+    grads = torch.autograd.grad(loss, trainable_parameters(model), create_graph=create_graph)
+    return list(grads) if create_graph else [g.detach() for g in grads]
+
+
+def gradient_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 distance between two gradient lists (the DLG objective)."""
+    return sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True))
+
+
+def gradients_from_update(
+    update: Sequence[torch.Tensor], lr: float, local_steps: int = 1
+) -> list[torch.Tensor]:
+    """The pseudo-gradient -Δ/(lr·steps) of a FedAvg update: the client's mean gradient over its local steps.
+
+    Exactly the gradient when the client took one SGD step; an approximation otherwise.
+    """
+    if lr <= 0 or local_steps < 1:
+        raise FedsimError(f"pseudo-gradient needs lr > 0 and local_steps >= 1, got lr={lr}, steps={local_steps}")
+    return [-d.detach() / (lr * local_steps) for d in update]
+
+
+def local_steps(recipe: dict, num_examples: int) -> int:
+    """Number of SGD steps a client takes under `recipe` (one pass per epoch, last batch kept)."""
+    batch = int(recipe.get("batch-size") or num_examples)
+    return int(recipe.get("local-epochs", 1)) * math.ceil(num_examples / batch)
+
+
+def observed_signal(target: AttackTarget, *, unroll: bool) -> tuple[str, list[torch.Tensor]]:
+    """The objective an attack can use for `target` and the tensors to match.
+
+    FedSGD captures give "gradient". FedAvg captures give "unrolled" (for attacks that simulate
+    the local steps, matched on the same -Δ/(lr·steps) scale) or "pseudo-gradient".
+    """
+    fedavg = target.recipe.get("mode") == "fedavg" or target.gradients is None
+    if not fedavg:
+        if target.gradients is None:
+            raise FedsimError("target has neither gradients nor an update to attack")
+        return "gradient", [g.detach() for g in target.gradients]
+    if target.update is None:
+        raise FedsimError("a FedAvg target needs its update (client weights - global weights)")
+    if "lr" not in target.recipe:
+        raise FedsimError("a FedAvg target needs recipe['lr'] to turn its update into a pseudo-gradient")
+    n = int(target.recipe.get("num-examples") or target.batch_size)
+    steps = local_steps(target.recipe, n)
+    pseudo = gradients_from_update(target.update, float(target.recipe["lr"]), steps)
+    return ("unrolled" if unroll and steps > 1 else "pseudo-gradient"), pseudo
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional (vmap-able) view of the victim model, for batching many problems on one device
+# ----------------------------------------------------------------------------------------------
+
+
+def attack_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A private copy of the victim model the attack may run functionally (the target is never mutated).
+
+    BatchNorm layers in training mode normalise with batch statistics; their running-stat updates
+    are in-place writes that torch.func cannot trace, and they do not change the gradient, so the
+    copy stops tracking them.
+    """
+    model = copy.deepcopy(model).to(device)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    return model
+
+
+def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable parameters, constants: frozen parameters and buffers), detached, by name."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    consts = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    consts.update({n: b for n, b in model.named_buffers() if b is not None})
+    return params, consts
+
+
+GradientFn = Callable[[dict, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def functional_gradient(model: nn.Module) -> GradientFn:
+    """g(params, consts, x, y) -> the client's gradient as a tuple, pure so that vmap/grad compose."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def gradient(params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def loss(p: dict) -> torch.Tensor:
+            return cross_entropy(functional_call(model, {**p, **consts}, (x,)), y)
+
+        g = grad(loss)(params)
+        return tuple(g[n] for n in names)
+
+    return gradient
+
+
+def stack_problems(tensors: Sequence[Any], repeats: int, device: torch.device) -> Any:
+    """Stack per-target values (a tensor, a list or a dict of tensors) `repeats` times each: [K, ...]."""
+    first = tensors[0]
+    if isinstance(first, dict):
+        return {k: stack_problems([t[k] for t in tensors], repeats, device) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [stack_problems([t[i] for t in tensors], repeats, device) for i in range(len(first))]
+    return torch.stack([t.detach().to(device) for t in tensors for _ in range(repeats)])
+
+
+def vectorize(fn: Callable, k: int, in_dims: tuple) -> Callable:
+    """Map `fn` over K problems: torch.func.vmap when K > 1, a plain call (no vmap overhead) when K == 1."""
+    if k > 1:
+        return torch.func.vmap(fn, in_dims=in_dims, randomness="different")
+
+    def single(*args: Any) -> Any:
+        squeezed = [a if d is None else torch.utils._pytree.tree_map(lambda t: t[0], a) for a, d in zip(args, in_dims)]
+        return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), fn(*squeezed))
+
+    return single
+
+
+def problem_generator(seed: int, restart: int) -> torch.Generator:
+    """A CPU generator for one restart: inits are drawn on CPU, so they do not depend on the device."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + restart)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks
+# ----------------------------------------------------------------------------------------------
+
+
+class Attack(ABC):
+    """A gradient-inversion attack. Options are constructor keywords; `reconstruct` attacks one target."""
+
+    name: ClassVar[str]
+    batchable: ClassVar[bool] = True  # whether reconstruct_many can solve several targets in one vmap
+
+    def __init__(self, *, restarts: int = 1, tolerance: float = 1e-9, snapshot_every: int | None = None) -> None:
+        if restarts < 1:
+            raise FedsimError(f"{self.name}: restarts must be >= 1, got {restarts}")
+        if tolerance < 0:
+            raise FedsimError(f"{self.name}: tolerance must be >= 0, got {tolerance}")
+        self.restarts = restarts
+        self.tolerance = tolerance
+        self.snapshot_every = snapshot_every
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The attack's options and their defaults (constructor keywords, base class included)."""
+        out: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if "__init__" in vars(klass) and klass is not object:
+                for name, par in inspect.signature(klass.__init__).parameters.items():
+                    if par.kind is par.KEYWORD_ONLY:
+                        out[name] = par.default
+        return out
+
+    def reconstruct(
+        self,
+        target: AttackTarget,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        progress: Progress | None = None,
+    ) -> Reconstruction:
+        """Reconstruct the examples behind one captured update. Same seed, same result."""
+        return self._reconstruct_group([target], seed=seed, device=resolve_device(device), progress=progress)[0]
+
+    def _reconstruct_group(
+        self,
+        targets: Sequence[AttackTarget],
+        *,
+        seed: int,
+        device: torch.device,
+        progress: Progress | None,
+        raise_on_divergence: bool = True,
+    ) -> list[Reconstruction | AttackDiverged]:
+        start = time.perf_counter()
+        runs, info = self._solve(targets, seed=seed, device=device, progress=progress)
+        seconds = time.perf_counter() - start
+        results: list[Reconstruction | AttackDiverged] = []
+        for per_target, target_info in zip(runs, info, strict=True):
+            try:
+                result = self._assemble(per_target, target_info, seconds / len(targets))
+                result.info["batched_targets"] = len(targets)
+                results.append(result)
+            except AttackDiverged as exc:
+                if raise_on_divergence:
+                    raise
+                results.append(exc)
+        return results
+
+    @abstractmethod
+    def _solve(
+        self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
+    ) -> tuple[list[list[Run]], list[dict]]:
+        """Run every restart of every target; return per-target runs and per-target info."""
+
+    def _assemble(self, runs: list[Run], info: dict, seconds: float) -> Reconstruction:
+        """Keep the best restart by final loss; dropped (diverged) restarts are reported, never returned."""
+        dropped = [f"restart {i}: {r.dropped}" for i, r in enumerate(runs) if r.dropped]
+        alive = [(r.loss, i) for i, r in enumerate(runs) if not r.dropped]
+        if not alive:
+            raise AttackDiverged(self.name, dropped)
+        _, best = min(alive)
+        run = runs[best]
+        assert run.images is not None and run.labels is not None
+        info = {
+            **info,
+            "restarts": len(runs),
+            "chosen_restart": best,
+            "restart_losses": [r.loss for r in runs],
+            "dropped_restarts": dropped,
+            "evaluations": run.evaluations,
+            "evaluations_all_restarts": sum(r.evaluations for r in runs),
+            "seconds": seconds,
+        }
+        return Reconstruction(
+            images=run.images.detach().float().cpu().clamp(0, 1),
+            labels=run.labels.detach().long().cpu(),
+            loss=run.loss,
+            history=run.history,
+            snapshots=run.snapshots,
+            info=info,
+        )
+
+    def snapshot_interval(self, iterations: int) -> int:
+        """Iterations between snapshots: the option, or ~30 snapshots per run."""
+        return self.snapshot_every or max(1, iterations // 30)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device, refusing CUDA when none is available (instead of failing deep inside torch)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FedsimError(f"device {device} requested but CUDA is not available; use device='cpu'")
+    return device
+
+
+def divergence(loss: torch.Tensor, images: torch.Tensor, limit: float) -> list[str | None]:
+    """Per problem: why it diverged (non-finite loss, non-finite or exploding images), or None."""
+    reasons: list[str | None] = []
+    flat = images.detach().flatten(1)
+    for k in range(loss.shape[0]):
+        if not torch.isfinite(loss[k]):
+            reasons.append(f"loss became {loss[k].item()}")
+        elif not torch.isfinite(flat[k]).all():
+            reasons.append("images became non-finite")
+        elif flat[k].abs().max() > limit:
+            reasons.append(f"images blew up (max |x| = {flat[k].abs().max().item():.3g} > {limit:g})")
+        else:
+            reasons.append(None)
+    return reasons
+
+
+def signature(target: AttackTarget) -> tuple:
+    """Targets with equal signatures can be solved together in one vmap."""
+    shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in target.model.named_parameters())
+    recipe = tuple(sorted((k, str(v)) for k, v in target.recipe.items()))
+    return (
+        type(target.model),
+        shapes,
+        target.model.training,
+        target.batch_size,
+        tuple(target.input_shape),
+        target.num_classes,
+        target.labels is None,
+        target.gradients is None,
+        recipe,
+    )
+
+
+def reconstruct_many(
+    attack: Attack,
+    targets: Sequence[AttackTarget],
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    *,
+    max_group: int = 64,
+    progress: Progress | None = None,
+    raise_on_divergence: bool = True,
+) -> list[Reconstruction | AttackDiverged]:
+    """Reconstruct several targets, solving compatible ones together on one device.
+
+    Targets with the same architecture, batch size and recipe are stacked and optimised in one
+    torch.func.vmap (every target x restart is an independent problem with its own optimiser
+    state, so each result equals `attack.reconstruct(target, seed=seed)` up to float rounding).
+    Attacks that cannot batch (analytic: closed form) run sequentially. With raise_on_divergence
+    False, a target whose restarts all diverged yields its AttackDiverged instead of raising.
+    """
+    device = resolve_device(device)
+    results: list[Reconstruction | AttackDiverged | None] = [None] * len(targets)
+    groups: dict[tuple, list[int]] = {}
+    for i, target in enumerate(targets):
+        key = signature(target) if attack.batchable else (i,)
+        groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        for start in range(0, len(indices), max_group):
+            chunk = indices[start : start + max_group]
+            out = attack._reconstruct_group(
+                [targets[i] for i in chunk],
+                seed=seed,
+                device=device,
+                progress=progress,
+                raise_on_divergence=raise_on_divergence,
+            )
+            for i, result in zip(chunk, out, strict=True):
+                results[i] = result
+    return results  # type: ignore[return-value]

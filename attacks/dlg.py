@@ -1,0 +1,277 @@
+"""Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019): match dummy gradients with L-BFGS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import grad_and_value
+
+from attacks.base import (
+    Attack,
+    AttackTarget,
+    Progress,
+    Run,
+    attack_copy,
+    divergence,
+    functional_gradient,
+    gradient_distance,
+    model_state,
+    observed_signal,
+    problem_generator,
+    stack_problems,
+    vectorize,
+)
+from attacks.unroll import simulated_signal
+from fedsim.errors import FedsimError
+
+Closure = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class BatchedLBFGS:
+    """torch.optim.LBFGS (no line search, same defaults and stopping rules) on K independent problems.
+
+    Every problem keeps its own history, step size and stopping state, so solving K problems at
+    once gives each the trajectory it would have alone; one closure call evaluates all of them
+    (a vmap), which is what makes batching pay. `frozen` problems (converged, diverged) stop moving.
+    """
+
+    def __init__(
+        self,
+        z: torch.Tensor,
+        closure: Closure,
+        *,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        history_size: int = 100,
+    ) -> None:
+        k, d = z.shape
+        self.z, self.closure, self.lr = z, closure, lr
+        self.max_iter, self.max_eval = max_iter, max_eval or max_iter * 5 // 4
+        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        self.m = history_size
+        new = z.new_zeros
+        self.dirs, self.stps, self.ro = new(k, self.m, d), new(k, self.m, d), new(k, self.m)
+        self.count = torch.zeros(k, dtype=torch.long, device=z.device)
+        self.head = torch.zeros(k, dtype=torch.long, device=z.device)
+        self.h_diag, self.t, self.d = new(k).fill_(1.0), new(k), new(k, d)
+        self.prev_g, self.prev_loss = new(k, d), new(k)
+        self.n_iter = torch.zeros(k, dtype=torch.long, device=z.device)
+        self.frozen = torch.zeros(k, dtype=torch.bool, device=z.device)
+        self.evaluations = torch.zeros(k, dtype=torch.long, device=z.device)
+        self.loss = new(k).fill_(float("inf"))  # loss at the last evaluated point
+
+    def _evaluate(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, loss = self.closure(self.z)
+        self.evaluations += run.long()
+        self.loss = torch.where(run, loss.detach(), self.loss)
+        return loss.detach(), g.detach()
+
+    def _two_loop(self, g: torch.Tensor) -> torch.Tensor:
+        """The L-BFGS two-loop recursion, per problem over its own (ring-buffered) history."""
+        rows = torch.arange(g.shape[0], device=g.device)
+        depth = int(self.count.max())
+        q, al = -g, []
+        for j in range(depth):  # newest to oldest
+            i = (self.head - 1 - j) % self.m
+            valid = (j < self.count).to(g.dtype)
+            a = (self.stps[rows, i] * q).sum(1) * self.ro[rows, i] * valid
+            q = q - a[:, None] * self.dirs[rows, i]
+            al.append(a)
+        r = q * self.h_diag[:, None]
+        for j in reversed(range(depth)):  # oldest to newest
+            i = (self.head - 1 - j) % self.m
+            valid = (j < self.count).to(g.dtype)
+            be = (self.dirs[rows, i] * r).sum(1) * self.ro[rows, i]
+            r = r + ((al[j] - be) * valid)[:, None] * self.stps[rows, i]
+        return r
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One optimiser step (up to max_iter inner iterations per problem); returns the losses at its start."""
+        run = ~self.frozen
+        loss, g = self._evaluate(run)
+        orig = loss.clone()
+        run = run & ~(g.abs().amax(1) <= self.tol_grad)
+        evals, n_iter = 1, 0
+        while bool(run.any()) and n_iter < self.max_iter:
+            n_iter += 1
+            self.n_iter += run.long()
+            first = self.n_iter == 1
+            y, s = g - self.prev_g, self.d * self.t[:, None]
+            ys = (y * s).sum(1)
+            push = run & ~first & (ys > 1e-10)
+            if bool(push.any()):
+                rows = push.nonzero().squeeze(1)
+                at = self.head[rows]
+                self.dirs[rows, at], self.stps[rows, at], self.ro[rows, at] = y[rows], s[rows], 1.0 / ys[rows]
+                self.h_diag[rows] = ys[rows] / (y[rows] * y[rows]).sum(1)
+                self.head[rows] = (at + 1) % self.m
+                self.count[rows] = torch.clamp(self.count[rows] + 1, max=self.m)
+            direction = torch.where(first[:, None], -g, self._two_loop(g) if bool((run & ~first).any()) else -g)
+            self.d = torch.where(run[:, None], direction, self.d)
+            self.prev_g = torch.where(run[:, None], g, self.prev_g)
+            self.prev_loss = torch.where(run, loss, self.prev_loss)
+            first_t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
+            self.t = torch.where(run, torch.where(first, first_t, torch.full_like(first_t, self.lr)), self.t)
+            run = run & ~((g * self.d).sum(1) > -self.tol_change)  # not a descent direction
+            self.z += torch.where(run[:, None], self.t[:, None] * self.d, torch.zeros_like(self.d))
+            opt_cond = torch.zeros_like(run)
+            if n_iter != self.max_iter:
+                new_loss, new_g = self._evaluate(run)
+                loss = torch.where(run, new_loss, loss)
+                g = torch.where(run[:, None], new_g, g)
+                opt_cond = g.abs().amax(1) <= self.tol_grad
+                evals += 1
+            if n_iter == self.max_iter or evals >= self.max_eval:
+                break
+            small_step = (self.d * self.t[:, None]).abs().amax(1) <= self.tol_change
+            run = run & ~(opt_cond | small_step | ((loss - self.prev_loss).abs() < self.tol_change))
+        return orig
+
+
+class DLG(Attack):
+    """Deep Leakage from Gradients: dummy images and soft labels optimised jointly by L-BFGS.
+
+    Defaults are the paper's code (mit-han-lab/dlg): L-BFGS lr 1 with torch's default 20 inner
+    iterations per step, 300 steps, images and label logits initialised from N(0, 1), images
+    unconstrained during the optimisation and clamped to [0, 1] at the end.
+    """
+
+    name = "dlg"
+    optimise_labels = True
+
+    def __init__(
+        self,
+        *,
+        iterations: int = 300,
+        lr: float = 1.0,
+        max_iter: int = 20,
+        history_size: int = 100,
+        image_param: str = "raw",
+        unroll: bool = True,
+        image_limit: float = 1e3,
+        restarts: int = 1,
+        tolerance: float = 1e-9,
+        snapshot_every: int | None = None,
+    ) -> None:
+        super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every)
+        if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
+            raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
+        if image_param not in ("raw", "sigmoid"):
+            raise FedsimError(f"{self.name}: image_param must be 'raw' or 'sigmoid', got {image_param!r}")
+        self.iterations, self.lr, self.max_iter, self.history_size = iterations, lr, max_iter, history_size
+        self.image_param, self.unroll, self.image_limit = image_param, unroll, image_limit
+
+    def _images(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(z) if self.image_param == "sigmoid" else z
+
+    def _fixed_labels(self, target: AttackTarget, observed: list[torch.Tensor]) -> tuple[torch.Tensor | None, str]:
+        """Labels held fixed during the optimisation (none for DLG, which optimises soft labels)."""
+        return None, "dlg-optimised"
+
+    def _solve(
+        self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
+    ) -> tuple[list[list[Run]], list[dict]]:
+        first = targets[0]
+        model = attack_copy(first.model, device)
+        signals = [observed_signal(t, unroll=self.unroll) for t in targets]
+        objective = signals[0][0]
+        n = int(first.recipe.get("num-examples") or first.batch_size) if objective == "unrolled" else first.batch_size
+        shape, classes, r = (n, *first.input_shape), first.num_classes, self.restarts
+        fixed = [self._fixed_labels(t, s[1]) for t, s in zip(targets, signals, strict=True)]
+        states = [model_state(attack_copy(t.model, device)) for t in targets]
+        params = stack_problems([s[0] for s in states], r, device)
+        consts = stack_problems([s[1] for s in states], r, device)
+        observed = stack_problems([s[1] for s in signals], r, device)
+        labels = stack_problems([f[0] for f in fixed], r, device) if fixed[0][0] is not None else None
+        numel = n * shape[1] * shape[2] * shape[3]
+        signal = simulated_signal(objective, functional_gradient(model), first)
+
+        def matching_loss(p: dict, c: dict, z: torch.Tensor, y: torch.Tensor | None, obs: list) -> torch.Tensor:
+            x = self._images(z[:numel].view(shape))
+            if y is None:  # DLG: the label is a free soft distribution, softmax of learnable logits
+                y = torch.softmax(z[numel:].view(n, classes), dim=-1)
+            return gradient_distance(signal(p, c, x, y), obs)
+
+        k = len(targets) * r
+        fn = vectorize(grad_and_value(matching_loss, argnums=2), k, (0, 0, 0, None if labels is None else 0, 0))
+        inits = []
+        for _ in targets:
+            for restart in range(r):
+                gen = problem_generator(seed, restart)
+                parts = [torch.randn(numel, generator=gen)]
+                if self.optimise_labels:
+                    parts.append(torch.randn(n * classes, generator=gen))
+                inits.append(torch.cat(parts))
+        z = torch.stack(inits).to(device)
+        opt = BatchedLBFGS(
+            z, lambda z_: fn(params, consts, z_, labels, observed), lr=self.lr, max_iter=self.max_iter,
+            history_size=self.history_size,
+        )
+        scale = torch.stack([sum((o[i] ** 2).sum() for o in observed) for i in range(k)])
+        runs = self._optimise(opt, k, shape, numel, scale, progress)
+        per_target = [runs[i * r : (i + 1) * r] for i in range(len(targets))]
+        for j, target_runs in enumerate(per_target):
+            for run in target_runs:
+                if fixed[j][0] is not None and run.labels is None and run.images is not None:
+                    run.labels = fixed[j][0]
+        info = [{"objective": objective, "label_method": f[1], "attack": self.name} for f in fixed]
+        return per_target, info
+
+    def _optimise(
+        self, opt: BatchedLBFGS, k: int, shape: tuple, numel: int, scale: torch.Tensor, progress: Progress | None
+    ) -> list[Run]:
+        """The DLG loop: L-BFGS steps on ||∇W' - ∇W||², with snapshots, early stop and divergence guard."""
+        runs = [Run(None, None, float("inf"), [], [], 0) for _ in range(k)]
+        stopped = [self.iterations] * k
+        every, hist_every = self.snapshot_interval(self.iterations), max(1, self.iterations // 100)
+
+        def images() -> torch.Tensor:
+            return self._images(opt.z[:, :numel].view(k, *shape)).detach()
+
+        def record(it: int, rows: Sequence[int]) -> None:
+            x = images()
+            for i in rows:
+                if it % hist_every == 0 or it % every == 0:
+                    entry = {"iteration": it, "loss": float(opt.loss[i]), "evaluations": int(opt.evaluations[i])}
+                    runs[i].history.append(entry)
+                if it % every == 0:
+                    runs[i].snapshots.append((it, x[i].clamp(0, 1).float().cpu()))
+
+        record(0, range(k))
+        for it in range(1, self.iterations + 1):
+            opt.step()
+            live = [i for i in range(k) if not opt.frozen[i]]
+            for i, reason in enumerate(divergence(opt.loss, images(), self.image_limit)):
+                if reason and i in live:
+                    runs[i].dropped, opt.frozen[i] = f"{reason} at iteration {it}", True
+            live = [i for i in live if not runs[i].dropped]
+            record(it, live)
+            for i in live:
+                if opt.loss[i] <= self.tolerance * scale[i]:  # early stop: gradients matched
+                    opt.frozen[i], stopped[i] = True, it
+            if progress and live:
+                progress(it, min(float(opt.loss[i]) for i in live))
+            if bool(opt.frozen.all()):
+                break
+        # One last evaluation, so that every reported loss belongs to the returned images.
+        _, final = opt.closure(opt.z)
+        x = images()
+        for i, run in enumerate(runs):
+            if not run.dropped and not torch.isfinite(final[i]):
+                run.dropped = f"final loss is {final[i].item()}"
+            if run.dropped:
+                continue
+            run.loss, run.images, run.evaluations = float(final[i]), x[i].float().cpu(), int(opt.evaluations[i])
+            if run.history and run.history[-1]["iteration"] == stopped[i]:
+                run.history.pop()
+            run.history.append({"iteration": stopped[i], "loss": run.loss, "evaluations": run.evaluations})
+            if run.snapshots[-1][0] != stopped[i]:
+                run.snapshots.append((stopped[i], x[i].clamp(0, 1).float().cpu()))
+            if self.optimise_labels:
+                run.labels = opt.z[i, numel:].view(shape[0], -1).argmax(-1).cpu()
+        return runs

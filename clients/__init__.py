@@ -1,0 +1,1 @@
+"""The clients: a Flower ClientApp, its local training recipes and its defenses."""

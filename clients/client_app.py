@@ -1,0 +1,85 @@
+"""The fedsim ClientApp: trains on its private shard with the recipe the server's message asks for."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
+from fedsim.config import FedsimConfig
+from fedsim.federation import Federation, device
+from fedsim.files import save_tensors
+
+
+@functools.lru_cache(maxsize=2)
+def _federation(config_toml: str) -> Federation:
+    import tomllib
+
+    return Federation.from_config(FedsimConfig.from_mapping(tomllib.loads(config_toml)))
+
+
+def federation_for(config: FedsimConfig) -> Federation:
+    """The federation of `config`, built once per process (a Ray actor serves many clients)."""
+    return _federation(config.to_toml())
+
+
+def partition_of(context: Context, config: FedsimConfig) -> int:
+    """This node's shard: `partition-id` from the node config (simulation and deployment alike)."""
+    partition_id = int(context.node_config.get("partition-id", 0))
+    if not 0 <= partition_id < config.num_clients:
+        raise ValueError(f"partition-id {partition_id} is outside 0..{config.num_clients - 1} "
+                         f"(num-clients = {config.num_clients})")
+    return partition_id
+
+
+def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message:
+    """Train on this client's shard with the recipe in the message's config, reply with the new weights."""
+    fed = federation_for(config)
+    partition_id = partition_of(context, config)
+    recipe = msg.content["config"]
+    server_round = int(recipe["server-round"])
+    dev = device()
+
+    model = fed.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(dev)
+    x, y, indices = fed.shard(partition_id)
+    rng = round_generator(config.seed, server_round, partition_id)
+    mode, lr, batch_size = str(recipe["recipe"]), float(recipe["lr"]), int(recipe["batch-size"])
+    if mode == "fedsgd":
+        chosen = fedsgd_batch(len(x), batch_size, rng)
+        x, y, indices = x[chosen], y[chosen], indices[chosen]
+        loss = train_fedsgd(model, x.to(dev), y.to(dev), lr)
+    else:
+        mu = float(recipe["proximal-mu"]) if "proximal-mu" in recipe else 0.0
+        loss = train_fedavg(model, x.to(dev), y.to(dev), lr, int(recipe["local-epochs"]), batch_size, rng, mu)
+
+    if "truth-dir" in recipe:  # simulation only, opt-in: what scoring compares reconstructions against
+        path = Path(str(recipe["truth-dir"])) / f"round-{server_round:04d}" / f"client-{context.node_id}.safetensors"
+        save_tensors(path, {"images": x.cpu(), "labels": y.cpu(), "indices": torch.from_numpy(indices)},
+                     {"partition-id": str(partition_id), "recipe": mode})
+
+    content = RecordDict({
+        "arrays": ArrayRecord(model.cpu().state_dict()),
+        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss}),
+        "fedsim": ConfigRecord({"partition-id": partition_id, "recipe": mode}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
+    """A ClientApp bound to `config`, or reading the Flower run config when None (`flwr run`)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return local_train(msg, context, config or FedsimConfig.from_run_config(context.run_config))
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,1 @@
+"""The curious server: a Flower ServerApp whose strategy captures every client update."""

@@ -1,0 +1,97 @@
+"""CuriousStrategy: wraps any Flower strategy and captures every client update before aggregating.
+
+Like Flower's DP wrappers (`DifferentialPrivacyServerSideFixedClipping`), it delegates every
+decision to the inner strategy, so the model it trains is exactly what the inner strategy
+computes. It only reads: the global weights it sends, and each reply it receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from fedsim.captures import CaptureStore
+
+RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")
+
+
+class CuriousStrategy(Strategy):
+    """An honest-but-curious wrapper: aggregation unchanged, every update written to a capture store.
+
+    Parameters
+    ----------
+    strategy : the inner Flower strategy that decides sampling and aggregation.
+    store : where captures go; None keeps nothing (the same wrapper, minus the curiosity).
+    describe : metadata written with every capture (model name, input shape, dataset, ...).
+    on_round : called after each round's aggregation with (round, aggregated train metrics, captures written).
+    """
+
+    def __init__(self, strategy: Strategy, store: CaptureStore | None, describe: dict[str, Any] | None = None,
+                 on_round: Callable[[int, dict, int], None] | None = None) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.store = store
+        self.describe = describe or {}
+        self.on_round = on_round
+        self.recipes: dict[int, dict[str, Any]] = {}
+        self.train_metrics: dict[int, dict[str, Any]] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Curious server: captures to %s", self.store.root if self.store else "(off)")
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        # The recipe as the clients receive it (the inner strategy may add keys, e.g. FedProx's mu).
+        sent = dict(messages[0].content["config"]) if messages else dict(config)
+        self.recipes[server_round] = {k: sent[k] for k in RECIPE_KEYS if k in sent}
+        if self.store is not None and messages:
+            self.store.write_global(server_round, arrays.to_torch_state_dict(),
+                                    {**self.describe, "recipe": self.recipes[server_round],
+                                     "clients": [m.metadata.dst_node_id for m in messages]})
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        written = 0
+        if self.store is not None:
+            for reply in replies:
+                written += self._capture(server_round, reply)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        self.train_metrics[server_round] = dict(metrics) if metrics is not None else {}
+        if self.on_round is not None:
+            self.on_round(server_round, self.train_metrics[server_round], written)
+        return arrays, metrics
+
+    def _capture(self, server_round: int, reply: Message) -> int:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            self.store.write_failure(server_round, node, str(reply.error.reason))
+            return 0
+        content = reply.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            self.store.write_failure(server_round, node, "reply without exactly one ArrayRecord and one MetricRecord")
+            return 0
+        arrays = next(iter(content.array_records.values()))
+        metrics = dict(next(iter(content.metric_records.values())))
+        declared = dict(content["fedsim"]) if "fedsim" in content.config_records else {}
+        meta = {**self.describe, "recipe": self.recipes.get(server_round, {}),
+                "num_examples": int(metrics.get("num-examples", 0)), "train_loss": metrics.get("train-loss"),
+                "partition_id": declared.pop("partition-id", None), "declared": declared}
+        self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta)
+        return 1
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)

@@ -1,0 +1,88 @@
+"""The fedsim ServerApp: an ordinary federated training run whose strategy is curious."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.captures import CaptureStore
+from fedsim.config import FedsimConfig
+from fedsim.federation import Federation, evaluate
+from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
+from server.curious import CuriousStrategy
+from server.strategies import make_strategy
+
+RoundHook = Callable[[dict], None]
+
+
+def run_dir_for(config: FedsimConfig) -> Path:
+    """runs/<run-id>/: the run name, or a time stamp with dataset, model and seed."""
+    name = config.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}-s{config.seed}"
+    return Path(config.out_dir) / name
+
+
+def run_server(grid: Grid, config: FedsimConfig, run_dir: Path, on_round: RoundHook | None = None) -> dict:
+    """Train for `num-rounds`, capturing every update; write the final model and per-round metrics."""
+    fed = Federation.from_config(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    atomic_write_json(run_dir / "shards.json", fed.summary())
+
+    model = fed.build_model()
+    test_x, test_y = fed.test_split()
+    describe = {"run": run_dir.name, "model": config.model, "dataset": config.dataset,
+                "input_shape": list(fed.data.input_shape), "num_classes": fed.data.num_classes,
+                "trainable": [name for name, p in model.named_parameters() if p.requires_grad]}
+    store = CaptureStore(run_dir / "captures") if config.capture else None
+    rounds: dict[int, dict] = {}
+
+    def record_train(server_round: int, train_metrics: dict, captured: int) -> None:
+        rounds[server_round] = {"round": server_round, "train-loss": train_metrics.get("train-loss"),
+                                "captures": captured, "time": time.time()}
+
+    strategy = CuriousStrategy(make_strategy(config), store, describe, on_round=record_train)
+
+    def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(model, test_x, test_y)
+        row = {**rounds.get(server_round, {"round": server_round}), **metrics}
+        append_line(run_dir / "metrics.jsonl", json.dumps(row))
+        if on_round is not None:
+            on_round(row)
+        return MetricRecord(metrics)
+
+    train_config = {"recipe": config.recipe, "lr": config.lr, "batch-size": config.batch_size,
+                    "local-epochs": config.local_epochs}
+    if config.save_truth:
+        train_config["truth-dir"] = str((run_dir / "truth").resolve())
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=config.num_rounds, train_config=ConfigRecord(train_config),
+                            evaluate_fn=global_evaluate)
+
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    save_tensors(run_dir / "model.safetensors", model.state_dict(), {"model": config.model})
+    summary = {"run": run_dir.name, "rounds": [{"round": r, **rounds.get(r, {}), **dict(m)} for r, m in
+                                               sorted(result.evaluate_metrics_serverapp.items())]}
+    atomic_write_json(run_dir / "metrics.json", summary)
+    return summary
+
+
+def make_server_app(config: FedsimConfig | None = None, run_dir: Path | None = None,
+                    on_round: RoundHook | None = None) -> ServerApp:
+    """A ServerApp bound to `config`, or reading the Flower run config when None (`flwr run`)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config or FedsimConfig.from_run_config(context.run_config)
+        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round)
+
+    return app
+
+
+app = make_server_app()
