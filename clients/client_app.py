@@ -31,8 +31,9 @@ def partition_of(context: Context, config: FedsimConfig) -> int:
     """This node's shard: `partition-id` from the node config (simulation and deployment alike)."""
     partition_id = int(context.node_config.get("partition-id", 0))
     if not 0 <= partition_id < config.num_clients:
-        raise ValueError(f"partition-id {partition_id} is outside 0..{config.num_clients - 1} "
-                         f"(num-clients = {config.num_clients})")
+        raise ValueError(
+            f"partition-id {partition_id} is outside 0..{config.num_clients - 1} (num-clients = {config.num_clients})"
+        )
     return partition_id
 
 
@@ -60,14 +61,19 @@ def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message
 
     if "truth-dir" in recipe:  # simulation only, opt-in: what scoring compares reconstructions against
         path = Path(str(recipe["truth-dir"])) / f"round-{server_round:04d}" / f"client-{context.node_id}.safetensors"
-        save_tensors(path, {"images": x.cpu(), "labels": y.cpu(), "indices": torch.from_numpy(indices)},
-                     {"partition-id": str(partition_id), "recipe": mode})
+        save_tensors(
+            path,
+            {"images": x.cpu(), "labels": y.cpu(), "indices": torch.from_numpy(indices)},
+            {"partition-id": str(partition_id), "recipe": mode},
+        )
 
-    content = RecordDict({
-        "arrays": ArrayRecord(model.cpu().state_dict()),
-        "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss}),
-        "fedsim": ConfigRecord({"partition-id": partition_id, "recipe": mode}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.cpu().state_dict()),
+            "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss}),
+            "fedsim": ConfigRecord({"partition-id": partition_id, "recipe": mode}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

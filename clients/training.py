@@ -29,8 +29,16 @@ def train_fedsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) 
     return float(loss.item())
 
 
-def train_fedavg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, epochs: int, batch_size: int,
-                 rng: np.random.Generator, proximal_mu: float = 0.0) -> float:
+def train_fedavg(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    proximal_mu: float = 0.0,
+) -> float:
     """E epochs of minibatch SGD over the shard (FedProx's proximal term when mu > 0); returns the mean loss."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -40,7 +48,7 @@ def train_fedavg(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, 
     for _ in range(epochs):
         order = torch.from_numpy(rng.permutation(len(x)))
         for start in range(0, len(x), batch_size):
-            idx = order[start: start + batch_size]
+            idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx]
             loss = nn.functional.cross_entropy(model(xb), yb)
             if anchor is not None:

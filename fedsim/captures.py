@@ -45,8 +45,9 @@ class CaptureStore:
         save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
-    def write_update(self, server_round: int, client: int, state: dict[str, torch.Tensor],
-                     meta: dict[str, Any]) -> dict:
+    def write_update(
+        self, server_round: int, client: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> dict:
         """Store one client's reply: its full local weights, as it sent them."""
         rel = f"round-{server_round:04d}/client-{client}.safetensors"
         save_tensors(self.root / rel, state, {"kind": "update", "round": str(server_round), "client": str(client)})

@@ -14,8 +14,12 @@ from rich.table import Table
 from fedsim.config import FedsimConfig, parse_overrides
 from fedsim.errors import FedsimError
 
-app = typer.Typer(help="fedsim: federated learning with an honest-but-curious server that attacks client updates.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="fedsim: federated learning with an honest-but-curious server that attacks client updates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -53,12 +57,25 @@ def run(
     from fedsim.simulation import simulate
     from server.server_app import run_dir_for
 
-    config = load_config(config_file, set_ or [], dataset=dataset, data_dir=data_dir, model=model,
-                         num_clients=clients, num_rounds=rounds, recipe=recipe, strategy=strategy, seed=seed,
-                         run_name=name, out_dir=out_dir)
+    config = load_config(
+        config_file,
+        set_ or [],
+        dataset=dataset,
+        data_dir=data_dir,
+        model=model,
+        num_clients=clients,
+        num_rounds=rounds,
+        recipe=recipe,
+        strategy=strategy,
+        seed=seed,
+        run_name=name,
+        out_dir=out_dir,
+    )
     run_dir = run_dir_for(config)
-    console.print(f"[bold]fedsim run[/] {config.dataset} / {config.model} / {config.num_clients} clients / "
-                  f"{config.num_rounds} rounds of {config.recipe} with {config.strategy} -> {run_dir}")
+    console.print(
+        f"[bold]fedsim run[/] {config.dataset} / {config.model} / {config.num_clients} clients / "
+        f"{config.num_rounds} rounds of {config.recipe} with {config.strategy} -> {run_dir}"
+    )
     with RoundProgress(config.num_rounds, console) as progress:
         simulate(config, run_dir, on_round=progress.update, verbose=verbose)
     summary = json.loads((run_dir / "metrics.json").read_text())
@@ -67,8 +84,12 @@ def run(
         table.add_column(column, justify="right")
     for row in summary["rounds"]:
         loss = row.get("train-loss")
-        table.add_row(str(row.get("round", "")), "" if loss is None else f"{loss:.4f}",
-                      f"{row['test-accuracy']:.2%}", str(row.get("captures", "")))
+        table.add_row(
+            str(row.get("round", "")),
+            "" if loss is None else f"{loss:.4f}",
+            f"{row['test-accuracy']:.2%}",
+            str(row.get("captures", "")),
+        )
     console.print(table)
     console.print(f"captures, model and metrics in [bold]{run_dir}[/]")
 

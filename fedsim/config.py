@@ -27,17 +27,25 @@ class FedsimConfig:
     # What is learned, from what
     dataset: str = field(default="sample-mnist", metadata={"help": "dataset name (see `fedsim datasets`)"})
     data_dir: str = field(default="data", metadata={"help": "folder with local copies of datasets"})
-    download: bool = field(default=False, metadata={"help": "download torchvision datasets that are missing (needs internet)"})
-    image_size: int = field(default=0, metadata={"help": "resize images to this side length; 0 keeps the dataset's size"})
+    download: bool = field(
+        default=False, metadata={"help": "download torchvision datasets that are missing (needs internet)"}
+    )
+    image_size: int = field(
+        default=0, metadata={"help": "resize images to this side length; 0 keeps the dataset's size"}
+    )
     model: str = field(default="convnet", metadata={"help": "model architecture (see `fedsim models`)"})
-    pretrained: str = field(default="", metadata={"help": "checkpoint to load into the initial global model ('' = none)"})
+    pretrained: str = field(
+        default="", metadata={"help": "checkpoint to load into the initial global model ('' = none)"}
+    )
     # The federation
     num_clients: int = field(default=3, metadata={"help": "number of clients (SuperNodes)"})
     num_rounds: int = field(default=3, metadata={"help": "number of federated rounds"})
     fraction_train: float = field(default=1.0, metadata={"help": "share of clients sampled each round"})
     partition: str = field(default="iid", metadata={"help": "how the training set is split", **_choice(*PARTITIONS)})
     alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for partition = dirichlet (> 0)"})
-    examples_per_client: int = field(default=0, metadata={"help": "keep only this many examples per shard; 0 keeps all"})
+    examples_per_client: int = field(
+        default=0, metadata={"help": "keep only this many examples per shard; 0 keeps all"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of shards, initial model, batches and attacks"})
     # The server's strategy
     strategy: str = field(default="fedavg", metadata={"help": "aggregation strategy", **_choice(*STRATEGIES)})
@@ -51,10 +59,14 @@ class FedsimConfig:
     local_epochs: int = field(default=2, metadata={"help": "FedAvg local epochs"})
     # What the curious server keeps, and where
     capture: bool = field(default=True, metadata={"help": "write every client update to the capture store"})
-    save_truth: bool = field(default=False, metadata={"help": "simulation only: clients record the examples they trained on, for scoring"})
+    save_truth: bool = field(
+        default=False, metadata={"help": "simulation only: clients record the examples they trained on, for scoring"}
+    )
     out_dir: str = field(default="runs", metadata={"help": "folder that receives runs/<run-id>/"})
     run_name: str = field(default="", metadata={"help": "name of the run folder; '' = time stamp and seed"})
-    eval_examples: int = field(default=0, metadata={"help": "test examples for the global accuracy; 0 = the whole test split"})
+    eval_examples: int = field(
+        default=0, metadata={"help": "test examples for the global accuracy; 0 = the whole test split"}
+    )
     # Resources
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor"})
     client_num_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per client actor (0 = CPU only)"})
@@ -93,7 +105,9 @@ class FedsimConfig:
             allowed = f.metadata.get("choices")
             if allowed and getattr(self, f.name) not in allowed:
                 key = f.name.replace("_", "-")
-                raise FedsimError(f"{key} = {getattr(self, f.name)!r} is not allowed; choose one of: {', '.join(allowed)}")
+                raise FedsimError(
+                    f"{key} = {getattr(self, f.name)!r} is not allowed; choose one of: {', '.join(allowed)}"
+                )
         from fedsim.datasets import LOADERS
         from fedsim.models import MODELS
 
@@ -101,8 +115,12 @@ class FedsimConfig:
             raise FedsimError(f"unknown dataset {self.dataset!r}; choose one of: {', '.join(LOADERS)}")
         if self.model not in MODELS:
             raise FedsimError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
-        positive = {"num-clients": self.num_clients, "num-rounds": self.num_rounds, "batch-size": self.batch_size,
-                    "local-epochs": self.local_epochs}
+        positive = {
+            "num-clients": self.num_clients,
+            "num-rounds": self.num_rounds,
+            "batch-size": self.batch_size,
+            "local-epochs": self.local_epochs,
+        }
         for key, value in positive.items():
             if value < 1:
                 raise FedsimError(f"{key} = {value} must be at least 1")
@@ -112,9 +130,14 @@ class FedsimConfig:
             raise FedsimError(f"fraction-train = {self.fraction_train} must be in (0, 1]")
         if self.lr <= 0:
             raise FedsimError(f"lr = {self.lr} must be > 0")
-        for key, value in {"image-size": self.image_size, "examples-per-client": self.examples_per_client,
-                           "eval-examples": self.eval_examples, "num-malicious": self.num_malicious,
-                           "proximal-mu": self.proximal_mu, "client-num-gpus": self.client_num_gpus}.items():
+        for key, value in {
+            "image-size": self.image_size,
+            "examples-per-client": self.examples_per_client,
+            "eval-examples": self.eval_examples,
+            "num-malicious": self.num_malicious,
+            "proximal-mu": self.proximal_mu,
+            "client-num-gpus": self.client_num_gpus,
+        }.items():
             if value < 0:
                 raise FedsimError(f"{key} = {value} must be >= 0")
         if self.client_num_cpus <= 0:
@@ -189,4 +212,5 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise FedsimError(f"{key} = {value!r} must be a {kind.__name__}")
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise FedsimError(f"{key} = {value!r} must be {names[kind]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,15 @@ class ImageDataset:
             out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             return out.round().clamp(0, 255).to(torch.uint8)
 
-        return ImageDataset(self.name, resize(self.train_x), self.train_y, resize(self.test_x), self.test_y,
-                            self.classes, [*self.notes, f"resized to {size}x{size}"])
+        return ImageDataset(
+            self.name,
+            resize(self.train_x),
+            self.train_y,
+            resize(self.test_x),
+            self.test_y,
+            self.classes,
+            [*self.notes, f"resized to {size}x{size}"],
+        )
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -73,26 +81,46 @@ def _labels(y: np.ndarray) -> torch.Tensor:
 
 
 def _missing(name: str, data_dir: Path, expected: str, downloadable: bool) -> FedsimError:
-    how = ("run with --download (needs internet) or point --data-dir at a folder that holds it"
-           if downloadable else "point --data-dir at a folder that holds it")
+    how = (
+        "run with --download (needs internet) or point --data-dir at a folder that holds it"
+        if downloadable
+        else "point --data-dir at a folder that holds it"
+    )
     return FedsimError(f"dataset {name!r} not found under {data_dir}: expected {expected}; {how}")
 
 
 # --- shipped samples ---------------------------------------------------------------------
 
+
+def _sample_file(file: str) -> Path:
+    """A shipped sample. A Flower App Bundle carries only text files, so when this copy of fedsim
+    came from one (`flwr run`), the installed fedsim's copy of the sample is used."""
+    for folder in (SAMPLE_DIR, *(Path(p) / "fedsim" / "data" for p in sys.path if p)):
+        if (folder / file).is_file():
+            return folder / file
+    raise FedsimError(f"the shipped sample {file} is missing; reinstall fedsim (pip install -e .)")
+
+
 def _load_sample(name: str, file: str) -> ImageDataset:
-    with np.load(SAMPLE_DIR / file, allow_pickle=False) as data:
-        return ImageDataset(name, _from_hwc(data["train_x"]), _labels(data["train_y"]), _from_hwc(data["test_x"]),
-                            _labels(data["test_y"]), [str(c) for c in data["class_names"]],
-                            [f"shipped sample {file} (see fedsim/data/README.md)"])
+    with np.load(_sample_file(file), allow_pickle=False) as data:
+        return ImageDataset(
+            name,
+            _from_hwc(data["train_x"]),
+            _labels(data["train_y"]),
+            _from_hwc(data["test_x"]),
+            _labels(data["test_y"]),
+            [str(c) for c in data["class_names"]],
+            [f"shipped sample {file} (see fedsim/data/README.md)"],
+        )
 
 
 # --- MNIST and Fashion-MNIST -------------------------------------------------------------
 
+
 def _read_idx(path: Path) -> np.ndarray:
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -104,8 +132,9 @@ def _find_idx(folders: list[Path], stem: str) -> Path | None:
     return None
 
 
-def _load_idx_dataset(name: str, data_dir: Path, subdirs: list[str], tv_class: str, download: bool,
-                      classes: list[str]) -> ImageDataset:
+def _load_idx_dataset(
+    name: str, data_dir: Path, subdirs: list[str], tv_class: str, download: bool, classes: list[str]
+) -> ImageDataset:
     folders = [data_dir, *(data_dir / s for s in subdirs), data_dir / tv_class / "raw"]
     test_x, test_y = _find_idx(folders, "t10k-images-idx3-ubyte"), _find_idx(folders, "t10k-labels-idx1-ubyte")
     train_x, train_y = _find_idx(folders, "train-images-idx3-ubyte"), _find_idx(folders, "train-labels-idx1-ubyte")
@@ -119,29 +148,56 @@ def _load_idx_dataset(name: str, data_dir: Path, subdirs: list[str], tv_class: s
         raise _missing(name, data_dir, "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)", True)
     tx, ty = _read_idx(test_x), _read_idx(test_y)
     if train_x is not None and train_y is not None:
-        return ImageDataset(name, _from_hwc(_read_idx(train_x)), _labels(_read_idx(train_y)), _from_hwc(tx),
-                            _labels(ty), classes)
+        return ImageDataset(
+            name, _from_hwc(_read_idx(train_x)), _labels(_read_idx(train_y)), _from_hwc(tx), _labels(ty), classes
+        )
     # Only the official test split is here: keep its first 80 % for the clients, the rest for testing.
     cut = len(tx) * 4 // 5
-    return ImageDataset(name, _from_hwc(tx[:cut]), _labels(ty[:cut]), _from_hwc(tx[cut:]), _labels(ty[cut:]), classes,
-                        [f"only the test split was found in {test_x.parent}: its first {cut} images train the "
-                         f"clients, the last {len(tx) - cut} test the global model"])
+    return ImageDataset(
+        name,
+        _from_hwc(tx[:cut]),
+        _labels(ty[:cut]),
+        _from_hwc(tx[cut:]),
+        _labels(ty[cut:]),
+        classes,
+        [
+            f"only the test split was found in {test_x.parent}: its first {cut} images train the "
+            f"clients, the last {len(tx) - cut} test the global model"
+        ],
+    )
 
 
 def load_mnist(data_dir: Path, download: bool) -> ImageDataset:
     return _load_idx_dataset("mnist", data_dir, ["mnist", "MNIST"], "MNIST", download, [str(i) for i in range(10)])
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def load_fashion_mnist(data_dir: Path, download: bool) -> ImageDataset:
-    return _load_idx_dataset("fashion-mnist", data_dir, ["fashion_mnist", "fashion-mnist", "FashionMNIST"],
-                             "FashionMNIST", download, FASHION_CLASSES)
+    return _load_idx_dataset(
+        "fashion-mnist",
+        data_dir,
+        ["fashion_mnist", "fashion-mnist", "FashionMNIST"],
+        "FashionMNIST",
+        download,
+        FASHION_CLASSES,
+    )
 
 
 # --- CIFAR -------------------------------------------------------------------------------
+
 
 def _load_torchvision_cifar(name: str, tv_class: str, data_dir: Path, download: bool) -> ImageDataset:
     import torchvision
@@ -149,8 +205,14 @@ def _load_torchvision_cifar(name: str, tv_class: str, data_dir: Path, download: 
     cls = getattr(torchvision.datasets, tv_class)
     train = cls(str(data_dir), train=True, download=download)
     test = cls(str(data_dir), train=False, download=download)
-    return ImageDataset(name, _from_hwc(train.data), _labels(train.targets), _from_hwc(test.data),
-                        _labels(test.targets), list(train.classes))
+    return ImageDataset(
+        name,
+        _from_hwc(train.data),
+        _labels(train.targets),
+        _from_hwc(test.data),
+        _labels(test.targets),
+        list(train.classes),
+    )
 
 
 def load_cifar10(data_dir: Path, download: bool) -> ImageDataset:
@@ -161,11 +223,18 @@ def load_cifar10(data_dir: Path, download: bool) -> ImageDataset:
         trains, tests = sorted(folder.glob("cifar10_train*.npz")), sorted(folder.glob("cifar10_test*.npz"))
         if trains and tests:
             with np.load(trains[0], allow_pickle=False) as tr, np.load(tests[0], allow_pickle=False) as te:
-                return ImageDataset("cifar10", _from_hwc(tr["x"]), _labels(tr["y"]), _from_hwc(te["x"]),
-                                    _labels(te["y"]), [str(c) for c in tr["class_names"]],
-                                    [f"offline copy: train from {trains[0].name}, test from {tests[0].name}"])
-    raise _missing("cifar10", data_dir, "cifar-10-batches-py/ (torchvision) or cifar10_train*.npz + cifar10_test*.npz",
-                   True)
+                return ImageDataset(
+                    "cifar10",
+                    _from_hwc(tr["x"]),
+                    _labels(tr["y"]),
+                    _from_hwc(te["x"]),
+                    _labels(te["y"]),
+                    [str(c) for c in tr["class_names"]],
+                    [f"offline copy: train from {trains[0].name}, test from {tests[0].name}"],
+                )
+    raise _missing(
+        "cifar10", data_dir, "cifar-10-batches-py/ (torchvision) or cifar10_train*.npz + cifar10_test*.npz", True
+    )
 
 
 def load_cifar100(data_dir: Path, download: bool) -> ImageDataset:
@@ -175,6 +244,7 @@ def load_cifar100(data_dir: Path, download: bool) -> ImageDataset:
 
 
 # --- faces -------------------------------------------------------------------------------
+
 
 def _split_per_class(x: torch.Tensor, y: torch.Tensor, test_every: int) -> tuple[torch.Tensor, ...]:
     """A deterministic stratified split: every `test_every`-th image of each class goes to the test split."""
@@ -195,8 +265,15 @@ def load_olivetti(data_dir: Path, download: bool) -> ImageDataset:
             images = faces.T.reshape(400, 64, 64).transpose(0, 2, 1)
             x, y = _from_hwc(images), torch.arange(400) // 10
             tr_x, tr_y, te_x, te_y = _split_per_class(x, y, 5)
-            return ImageDataset("olivetti", tr_x, tr_y, te_x, te_y, [f"subject {i + 1}" for i in range(40)],
-                                ["8 images per subject train, 2 test"])
+            return ImageDataset(
+                "olivetti",
+                tr_x,
+                tr_y,
+                te_x,
+                te_y,
+                [f"subject {i + 1}" for i in range(40)],
+                ["8 images per subject train, 2 test"],
+            )
     raise _missing("olivetti", data_dir, "olivettifaces.mat (Roweis' 64x64 version)", False)
 
 
@@ -204,8 +281,9 @@ def load_orl(data_dir: Path, download: bool) -> ImageDataset:
     from PIL import Image
 
     for root in (data_dir, data_dir / "orl_faces", data_dir / "att_faces"):
-        subjects = sorted((p for p in root.glob("s*") if p.is_dir() and p.name[1:].isdigit()),
-                          key=lambda p: int(p.name[1:]))
+        subjects = sorted(
+            (p for p in root.glob("s*") if p.is_dir() and p.name[1:].isdigit()), key=lambda p: int(p.name[1:])
+        )
         if subjects:
             images, labels = [], []
             for label, folder in enumerate(subjects):
@@ -214,8 +292,9 @@ def load_orl(data_dir: Path, download: bool) -> ImageDataset:
                     labels.append(label)
             x, y = _from_hwc(np.stack(images)), torch.tensor(labels)
             tr_x, tr_y, te_x, te_y = _split_per_class(x, y, 5)
-            return ImageDataset("orl", tr_x, tr_y, te_x, te_y, [p.name for p in subjects],
-                                ["8 images per subject train, 2 test"])
+            return ImageDataset(
+                "orl", tr_x, tr_y, te_x, te_y, [p.name for p in subjects], ["8 images per subject train, 2 test"]
+            )
     raise _missing("orl", data_dir, "the ORL folders s1/ ... s40/ of .pgm files", False)
 
 
@@ -243,13 +322,16 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
     import torchvision
 
     if not data_dir.is_dir():
-        raise FedsimError(f"image folder {data_dir} does not exist; point --data-dir at a folder with one "
-                          "sub-folder of images per class")
+        raise FedsimError(
+            f"image folder {data_dir} does not exist; point --data-dir at a folder with one "
+            "sub-folder of images per class"
+        )
     try:
         folder = torchvision.datasets.ImageFolder(str(data_dir))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise FedsimError(f"cannot read {data_dir} as an image folder ({exc}); it needs one sub-folder of "
-                          "images per class") from None
+        raise FedsimError(
+            f"cannot read {data_dir} as an image folder ({exc}); it needs one sub-folder of images per class"
+        ) from None
     side = size or 32
     images = []
     for path, _ in folder.samples:
@@ -257,9 +339,18 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
         images.append(np.asarray(image))
     x, y = _from_hwc(np.stack(images)), _labels([t for _, t in folder.samples])
     tr_x, tr_y, te_x, te_y = _split_per_class(x, y, 5)
-    return ImageDataset("imagefolder", tr_x, tr_y, te_x, te_y, list(folder.classes),
-                        [f"{len(folder.samples)} images from {data_dir}, resized to {side}x{side}; every 5th image "
-                         "of each class tests the global model"])
+    return ImageDataset(
+        "imagefolder",
+        tr_x,
+        tr_y,
+        te_x,
+        te_y,
+        list(folder.classes),
+        [
+            f"{len(folder.samples)} images from {data_dir}, resized to {side}x{side}; every 5th image "
+            "of each class tests the global model"
+        ],
+    )
 
 
 LOADERS: dict[str, Callable[[Path, bool], ImageDataset]] = {

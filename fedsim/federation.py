@@ -25,8 +25,9 @@ class Federation:
     @classmethod
     def from_config(cls, config: FedsimConfig) -> Federation:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size)
-        shards = partition(data.train_y, config.num_clients, config.partition, config.alpha, config.seed,
-                           config.examples_per_client)
+        shards = partition(
+            data.train_y, config.num_clients, config.partition, config.alpha, config.seed, config.examples_per_client
+        )
         check_batch_size(shards, config.batch_size)
         return cls(config, data, shards)
 
@@ -65,7 +66,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start: start + batch_size].to(dev), y[start: start + batch_size].to(dev)
+        xb, yb = x[start : start + batch_size].to(dev), y[start : start + batch_size].to(dev)
         out = model(xb)
         loss += nn.functional.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()

@@ -86,5 +86,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise FedsimError(f"{path} is not a valid safetensors file ({exc}); it may be corrupt or of another "
-                          "format, and is never unpickled") from None
+        raise FedsimError(
+            f"{path} is not a valid safetensors file ({exc}); it may be corrupt or of another "
+            "format, and is never unpickled"
+        ) from None

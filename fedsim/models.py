@@ -94,6 +94,11 @@ class ConvNet(nn.Module):
             nn.ReLU(),
             nn.Linear(128, num_classes),
         )
+        # He initialisation: with PyTorch's default, plain SGD sits on a plateau for hundreds of steps.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1))
@@ -229,4 +234,5 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
     if not fitting:
         raise FedsimError(f"checkpoint {path} has no tensor that fits {type(model).__name__}")
     model.load_state_dict(fitting, strict=False)
-    return [k for k in own if k not in fitting]
+    # BatchNorm's step counter is bookkeeping that older checkpoints lack; it is not a weight.
+    return [k for k in own if k not in fitting and not k.endswith("num_batches_tracked")]

@@ -10,8 +10,14 @@ class RoundProgress:
     """A rich progress bar over federated rounds, fed by the server's per-round hook."""
 
     def __init__(self, num_rounds: int, console: Console | None = None) -> None:
-        self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self.task = self.progress.add_task("rounds", total=num_rounds, status="starting clients...")
 
     def __enter__(self) -> RoundProgress:

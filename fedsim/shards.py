@@ -10,8 +10,14 @@ from fedsim.errors import FedsimError
 MAX_DIRICHLET_TRIES = 1000
 
 
-def partition(labels: torch.Tensor, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0,
-              examples_per_client: int = 0) -> list[np.ndarray]:
+def partition(
+    labels: torch.Tensor,
+    num_clients: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    examples_per_client: int = 0,
+) -> list[np.ndarray]:
     """Split example indices into `num_clients` disjoint shards; the same arguments give the same shards.
 
     Dirichlet: for each class, the share each client receives is drawn from Dir(alpha) (Hsu et al. 2019);
@@ -20,7 +26,9 @@ def partition(labels: torch.Tensor, num_clients: int, scheme: str = "iid", alpha
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     n = len(y)
     if num_clients > n:
-        raise FedsimError(f"num-clients = {num_clients} is more than the {n} training examples; use at most {n} clients")
+        raise FedsimError(
+            f"num-clients = {num_clients} is more than the {n} training examples; use at most {n} clients"
+        )
     if alpha <= 0:
         raise FedsimError(f"alpha = {alpha} must be > 0")
     rng = np.random.default_rng(seed)
@@ -49,20 +57,26 @@ def _dirichlet(y: np.ndarray, num_clients: int, alpha: float, rng: np.random.Gen
                 buckets[client].extend(part.tolist())
         if min(len(b) for b in buckets) > 0:
             return [np.array(b, dtype=np.int64) for b in buckets]
-    raise FedsimError(f"Dirichlet alpha = {alpha} leaves some of the {num_clients} clients without any example "
-                      f"after {MAX_DIRICHLET_TRIES} draws; raise alpha or use fewer clients")
+    raise FedsimError(
+        f"Dirichlet alpha = {alpha} leaves some of the {num_clients} clients without any example "
+        f"after {MAX_DIRICHLET_TRIES} draws; raise alpha or use fewer clients"
+    )
 
 
 def summary(shards: list[np.ndarray], labels: torch.Tensor, num_classes: int) -> list[dict]:
     """Per client: the shard size and its class histogram."""
     y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return [{"client": k, "size": int(len(s)), "classes": np.bincount(y[s], minlength=num_classes).tolist()}
-            for k, s in enumerate(shards)]
+    return [
+        {"client": k, "size": int(len(s)), "classes": np.bincount(y[s], minlength=num_classes).tolist()}
+        for k, s in enumerate(shards)
+    ]
 
 
 def check_batch_size(shards: list[np.ndarray], batch_size: int) -> None:
     """Refuse a batch size that no client could fill."""
     smallest = min(len(s) for s in shards)
     if batch_size > smallest:
-        raise FedsimError(f"batch-size = {batch_size} is larger than the smallest shard ({smallest} examples); "
-                          f"use batch-size <= {smallest}, fewer clients or a larger alpha")
+        raise FedsimError(
+            f"batch-size = {batch_size} is larger than the smallest shard ({smallest} examples); "
+            f"use batch-size <= {smallest}, fewer clients or a larger alpha"
+        )

@@ -27,12 +27,19 @@ def flower_offline() -> None:
 
 def backend_config(config: FedsimConfig) -> dict:
     """Flower's Ray backend settings: resources per client actor (a GPU fraction puts actors on GPUs)."""
-    return {"client_resources": {"num_cpus": config.client_num_cpus, "num_gpus": config.client_num_gpus},
-            "init_args": {"log_to_driver": False, "logging_level": "error"}}
+    return {
+        "client_resources": {"num_cpus": config.client_num_cpus, "num_gpus": config.client_num_gpus},
+        "init_args": {"log_to_driver": False, "logging_level": "error"},
+    }
 
 
-def simulate(config: FedsimConfig, run_dir: Path, on_round: Callable[[dict], None] | None = None,
-             verbose: bool = False) -> Path:
+def simulate(
+    config: FedsimConfig,
+    run_dir: Path,
+    on_round: Callable[[dict], None] | None = None,
+    verbose: bool = False,
+    curious: bool = True,
+) -> Path:
     """Run the federation `config` describes; captures, metrics and the final model land in `run_dir`."""
     # Refuse bad data, shards or batch sizes here, before Ray starts and workers fail one by one.
     Federation.from_config(config).build_model()
@@ -48,10 +55,16 @@ def simulate(config: FedsimConfig, run_dir: Path, on_round: Callable[[dict], Non
         logging.getLogger("flwr").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=make_server_app(config, run_dir, on_round), client_app=make_client_app(config),
-                       num_supernodes=config.num_clients, backend_config=backend_config(config),
-                       verbose_logging=verbose)
+        run_simulation(
+            server_app=make_server_app(config, run_dir, on_round, curious),
+            client_app=make_client_app(config),
+            num_supernodes=config.num_clients,
+            backend_config=backend_config(config),
+            verbose_logging=verbose,
+        )
     if not (run_dir / "metrics.json").exists():
-        raise FedsimError(f"the simulation stopped before finishing; see the log above. Captures written so far "
-                          f"are kept in {run_dir / 'captures'}")
+        raise FedsimError(
+            f"the simulation stopped before finishing; see the log above. Captures written so far "
+            f"are kept in {run_dir / 'captures'}"
+        )
     return run_dir

@@ -23,14 +23,26 @@ def idx(path: Path) -> np.ndarray:
 # MNIST: the first 3,000 test images; 2,400 train the clients, 600 measure the global model.
 images = idx(shared / "mnist" / "t10k-images-idx3-ubyte.gz")[:3000]
 labels = idx(shared / "mnist" / "t10k-labels-idx1-ubyte.gz")[:3000]
-np.savez_compressed(out / "sample_mnist.npz", train_x=images[:2400], train_y=labels[:2400],
-                    test_x=images[2400:], test_y=labels[2400:], class_names=np.array([str(i) for i in range(10)]))
+np.savez_compressed(
+    out / "sample_mnist.npz",
+    train_x=images[:2400],
+    train_y=labels[:2400],
+    test_x=images[2400:],
+    test_y=labels[2400:],
+    class_names=np.array([str(i) for i in range(10)]),
+)
 
 # CIFAR-10: the 200 lossless training images (exact pixels: what the attacks are scored on)
 # and the first 500 test images (JPEG q75, only used to measure accuracy).
 train = np.load(shared / "cifar10" / "cifar10_train_first200_kaggle_png.npz", allow_pickle=False)
 test = np.load(shared / "cifar10" / "cifar10_test_yoongikim_jpeg_q75.npz", allow_pickle=False)
-np.savez_compressed(out / "sample_cifar10.npz", train_x=train["x"], train_y=train["y"],
-                    test_x=test["x"][:500], test_y=test["y"][:500], class_names=train["class_names"])
+np.savez_compressed(
+    out / "sample_cifar10.npz",
+    train_x=train["x"],
+    train_y=train["y"],
+    test_x=test["x"][:500],
+    test_y=test["y"][:500],
+    class_names=train["class_names"],
+)
 for f in sorted(out.glob("*.npz")):
     print(f.name, f.stat().st_size)

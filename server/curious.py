@@ -7,6 +7,7 @@ computes. It only reads: the global weights it sends, and each reply it receives
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
@@ -29,11 +30,17 @@ class CuriousStrategy(Strategy):
     strategy : the inner Flower strategy that decides sampling and aggregation.
     store : where captures go; None keeps nothing (the same wrapper, minus the curiosity).
     describe : metadata written with every capture (model name, input shape, dataset, ...).
-    on_round : called after each round's aggregation with (round, aggregated train metrics, captures written).
+    on_round : called after each round's aggregation with (round, aggregated train metrics, captures written,
+        seconds spent writing captures).
     """
 
-    def __init__(self, strategy: Strategy, store: CaptureStore | None, describe: dict[str, Any] | None = None,
-                 on_round: Callable[[int, dict, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        store: CaptureStore | None,
+        describe: dict[str, Any] | None = None,
+        on_round: Callable[[int, dict, int, float], None] | None = None,
+    ) -> None:
         super().__init__()
         self.strategy = strategy
         self.store = store
@@ -41,34 +48,46 @@ class CuriousStrategy(Strategy):
         self.on_round = on_round
         self.recipes: dict[int, dict[str, Any]] = {}
         self.train_metrics: dict[int, dict[str, Any]] = {}
+        self.capture_seconds: dict[int, float] = {}  # time spent writing captures, per round
 
     def summary(self) -> None:
         log(INFO, "\t├──> Curious server: captures to %s", self.store.root if self.store else "(off)")
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        start = time.perf_counter()
         # The recipe as the clients receive it (the inner strategy may add keys, e.g. FedProx's mu).
         sent = dict(messages[0].content["config"]) if messages else dict(config)
         self.recipes[server_round] = {k: sent[k] for k in RECIPE_KEYS if k in sent}
         if self.store is not None and messages:
-            self.store.write_global(server_round, arrays.to_torch_state_dict(),
-                                    {**self.describe, "recipe": self.recipes[server_round],
-                                     "clients": [m.metadata.dst_node_id for m in messages]})
+            self.store.write_global(
+                server_round,
+                arrays.to_torch_state_dict(),
+                {
+                    **self.describe,
+                    "recipe": self.recipes[server_round],
+                    "clients": [m.metadata.dst_node_id for m in messages],
+                },
+            )
+        self.capture_seconds[server_round] = time.perf_counter() - start
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        written = 0
+        written, start = 0, time.perf_counter()
         if self.store is not None:
             for reply in replies:
                 written += self._capture(server_round, reply)
+        self.capture_seconds[server_round] = self.capture_seconds.get(server_round, 0.0) + time.perf_counter() - start
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         self.train_metrics[server_round] = dict(metrics) if metrics is not None else {}
         if self.on_round is not None:
-            self.on_round(server_round, self.train_metrics[server_round], written)
+            self.on_round(server_round, self.train_metrics[server_round], written, self.capture_seconds[server_round])
         return arrays, metrics
 
     def _capture(self, server_round: int, reply: Message) -> int:
@@ -83,14 +102,20 @@ class CuriousStrategy(Strategy):
         arrays = next(iter(content.array_records.values()))
         metrics = dict(next(iter(content.metric_records.values())))
         declared = dict(content["fedsim"]) if "fedsim" in content.config_records else {}
-        meta = {**self.describe, "recipe": self.recipes.get(server_round, {}),
-                "num_examples": int(metrics.get("num-examples", 0)), "train_loss": metrics.get("train-loss"),
-                "partition_id": declared.pop("partition-id", None), "declared": declared}
+        meta = {
+            **self.describe,
+            "recipe": self.recipes.get(server_round, {}),
+            "num_examples": int(metrics.get("num-examples", 0)),
+            "train_loss": metrics.get("train-loss"),
+            "partition_id": declared.pop("partition-id", None),
+            "declared": declared,
+        }
         self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta)
         return 1
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -26,8 +26,13 @@ def run_dir_for(config: FedsimConfig) -> Path:
     return Path(config.out_dir) / name
 
 
-def run_server(grid: Grid, config: FedsimConfig, run_dir: Path, on_round: RoundHook | None = None) -> dict:
-    """Train for `num-rounds`, capturing every update; write the final model and per-round metrics."""
+def run_server(
+    grid: Grid, config: FedsimConfig, run_dir: Path, on_round: RoundHook | None = None, curious: bool = True
+) -> dict:
+    """Train for `num-rounds`, capturing every update; write the final model and per-round metrics.
+
+    `curious=False` runs the bare inner strategy (no wrapper at all): the baseline of the overhead benchmark.
+    """
     fed = Federation.from_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config.to_toml())
@@ -35,52 +40,78 @@ def run_server(grid: Grid, config: FedsimConfig, run_dir: Path, on_round: RoundH
 
     model = fed.build_model()
     test_x, test_y = fed.test_split()
-    describe = {"run": run_dir.name, "model": config.model, "dataset": config.dataset,
-                "input_shape": list(fed.data.input_shape), "num_classes": fed.data.num_classes,
-                "trainable": [name for name, p in model.named_parameters() if p.requires_grad]}
+    describe = {
+        "run": run_dir.name,
+        "model": config.model,
+        "dataset": config.dataset,
+        "input_shape": list(fed.data.input_shape),
+        "num_classes": fed.data.num_classes,
+        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+    }
     store = CaptureStore(run_dir / "captures") if config.capture else None
     rounds: dict[int, dict] = {}
 
-    def record_train(server_round: int, train_metrics: dict, captured: int) -> None:
-        rounds[server_round] = {"round": server_round, "train-loss": train_metrics.get("train-loss"),
-                                "captures": captured, "time": time.time()}
+    def record_train(server_round: int, train_metrics: dict, captured: int, seconds: float) -> None:
+        rounds[server_round] = {
+            "train-loss": train_metrics.get("train-loss"),
+            "captures": captured,
+            "capture-seconds": round(seconds, 4),
+        }
 
-    strategy = CuriousStrategy(make_strategy(config), store, describe, on_round=record_train)
+    inner = make_strategy(config)
+    strategy = CuriousStrategy(inner, store, describe, on_round=record_train) if curious else inner
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test_x, test_y)
-        row = {**rounds.get(server_round, {"round": server_round}), **metrics}
+        row = {"round": server_round, **rounds.get(server_round, {}), **metrics, "time": time.time()}
         append_line(run_dir / "metrics.jsonl", json.dumps(row))
         if on_round is not None:
             on_round(row)
         return MetricRecord(metrics)
 
-    train_config = {"recipe": config.recipe, "lr": config.lr, "batch-size": config.batch_size,
-                    "local-epochs": config.local_epochs}
+    train_config = {
+        "recipe": config.recipe,
+        "lr": config.lr,
+        "batch-size": config.batch_size,
+        "local-epochs": config.local_epochs,
+    }
     if config.save_truth:
         train_config["truth-dir"] = str((run_dir / "truth").resolve())
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
-                            num_rounds=config.num_rounds, train_config=ConfigRecord(train_config),
-                            evaluate_fn=global_evaluate)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.num_rounds,
+        train_config=ConfigRecord(train_config),
+        evaluate_fn=global_evaluate,
+    )
 
     model.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"model": config.model})
-    summary = {"run": run_dir.name, "rounds": [{"round": r, **rounds.get(r, {}), **dict(m)} for r, m in
-                                               sorted(result.evaluate_metrics_serverapp.items())]}
+    summary = {"run": run_dir.name, "rounds": []}
+    for server_round, evaluation in sorted(result.evaluate_metrics_serverapp.items()):
+        train = dict(result.train_metrics_clientapp.get(server_round, {}))
+        row = {"round": server_round, "train-loss": train.get("train-loss"), **dict(evaluation)}
+        if server_round in rounds:
+            row["captures"] = rounds[server_round]["captures"]
+        summary["rounds"].append(row)
     atomic_write_json(run_dir / "metrics.json", summary)
     return summary
 
 
-def make_server_app(config: FedsimConfig | None = None, run_dir: Path | None = None,
-                    on_round: RoundHook | None = None) -> ServerApp:
+def make_server_app(
+    config: FedsimConfig | None = None,
+    run_dir: Path | None = None,
+    on_round: RoundHook | None = None,
+    curious: bool = True,
+) -> ServerApp:
     """A ServerApp bound to `config`, or reading the Flower run config when None (`flwr run`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FedsimConfig.from_run_config(context.run_config)
-        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round)
+        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round, curious)
 
     return app
 

@@ -11,8 +11,13 @@ from fedsim.errors import FedsimError
 def make_strategy(config: FedsimConfig) -> Strategy:
     """The inner strategy a run asks for. Every client must connect; federated evaluation is off
     because the server measures the global model on the test split itself."""
-    sampling = {"fraction_train": config.fraction_train, "fraction_evaluate": 0.0, "min_train_nodes": 1,
-                "min_evaluate_nodes": 0, "min_available_nodes": config.num_clients}
+    sampling = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": config.num_clients,
+    }
     if config.strategy == "fedavg":
         return FedAvg(**sampling)
     if config.strategy == "fedprox":
@@ -23,5 +28,6 @@ def make_strategy(config: FedsimConfig) -> Strategy:
         return FedMedian(**sampling)
     if config.strategy == "krum":
         return Krum(**sampling, num_malicious_nodes=config.num_malicious)
-    raise FedsimError(f"strategy = {config.strategy!r} is not allowed; choose one of: fedavg, fedprox, fedadam, "
-                      "fedmedian, krum")
+    raise FedsimError(
+        f"strategy = {config.strategy!r} is not allowed; choose one of: fedavg, fedprox, fedadam, fedmedian, krum"
+    )

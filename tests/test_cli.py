@@ -1,0 +1,49 @@
+"""The command line as a user meets it: bad input gives one clear line, status 2, no traceback."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "num-round=3"], "unknown config key 'num-round' (did you mean 'num-rounds'?)"),
+        (["--model", "vgg"], "unknown model 'vgg'; choose one of: lenet-dlg, lenet5, convnet, mlp, resnet20"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'; choose one of:"),
+        (["--strategy", "fedfoo"], "strategy = 'fedfoo' is not allowed; choose one of: fedavg, fedprox"),
+        (
+            ["--dataset", "mnist", "--data-dir", "/nonexistent"],
+            "run with --download (needs internet) or point --data-dir",
+        ),
+        (["--set", "partition=dirichlet", "--set", "alpha=0"], "alpha = 0.0 must be > 0"),
+        (
+            ["--dataset", "sample-cifar10", "--clients", "201"],
+            "num-clients = 201 is more than the 200 training examples",
+        ),
+        (["--set", "batch-size=1000"], "batch-size = 1000 is larger than the smallest shard (800 examples)"),
+        (["--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
+    ],
+)
+def test_user_mistakes(args, expected, tmp_path):
+    result = run_cli("run", "--out-dir", str(tmp_path), *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "error:" in result.stderr
+
+
+def test_help_reads_well():
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    for option in ("--config", "--dataset", "--set", "--clients", "--rounds"):
+        assert option in result.stdout
+
+
+def test_config_command_prints_a_valid_config(tmp_path):
+    from fedsim.config import FedsimConfig
+
+    result = run_cli("config")
+    path = tmp_path / "c.toml"
+    path.write_text(result.stdout)
+    assert FedsimConfig.from_toml(path) == FedsimConfig()
