@@ -76,3 +76,9 @@ def test_config_file_errors(tmp_path):
     bad.write_text("lr = = 1")
     with pytest.raises(FedsimError, match="not valid TOML"):
         FedsimConfig.from_toml(bad)
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in FedsimConfig.keys() if f"| `{key}` |" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
