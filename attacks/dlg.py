@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.func import grad_and_value
-
 from attacks.base import (
     Attack,
     AttackTarget,
@@ -20,7 +18,7 @@ from attacks.base import (
     observed_signal,
     problem_generator,
     stack_problems,
-    vectorize,
+    value_and_grad,
 )
 from attacks.unroll import simulated_signal
 from fedsim.errors import FedsimError
@@ -65,28 +63,29 @@ class BatchedLBFGS:
         self.loss = new(k).fill_(float("inf"))  # loss at the last evaluated point
 
     def _evaluate(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g, loss = self.closure(self.z)
+        with torch.enable_grad():
+            g, loss = self.closure(self.z)
         self.evaluations += run.long()
         self.loss = torch.where(run, loss.detach(), self.loss)
         return loss.detach(), g.detach()
 
     def _two_loop(self, g: torch.Tensor) -> torch.Tensor:
         """The L-BFGS two-loop recursion, per problem over its own (ring-buffered) history."""
-        rows = torch.arange(g.shape[0], device=g.device)
         depth = int(self.count.max())
+        ages = torch.arange(depth, device=g.device)
+        order = (self.head[:, None] - 1 - ages) % self.m  # [K, depth], newest first
+        rows = torch.arange(g.shape[0], device=g.device)[:, None]
+        s, y = self.stps[rows, order], self.dirs[rows, order]
+        ro = self.ro[rows, order] * (ages < self.count[:, None])  # unused slots contribute nothing
         q, al = -g, []
-        for j in range(depth):  # newest to oldest
-            i = (self.head - 1 - j) % self.m
-            valid = (j < self.count).to(g.dtype)
-            a = (self.stps[rows, i] * q).sum(1) * self.ro[rows, i] * valid
-            q = q - a[:, None] * self.dirs[rows, i]
+        for j in range(depth):
+            a = torch.linalg.vecdot(s[:, j], q) * ro[:, j]
+            q = q - a[:, None] * y[:, j]
             al.append(a)
         r = q * self.h_diag[:, None]
-        for j in reversed(range(depth)):  # oldest to newest
-            i = (self.head - 1 - j) % self.m
-            valid = (j < self.count).to(g.dtype)
-            be = (self.dirs[rows, i] * r).sum(1) * self.ro[rows, i]
-            r = r + ((al[j] - be) * valid)[:, None] * self.stps[rows, i]
+        for j in reversed(range(depth)):
+            be = torch.linalg.vecdot(y[:, j], r) * ro[:, j]
+            r = r + (al[j] - be)[:, None] * s[:, j]
         return r
 
     @torch.no_grad()
@@ -189,7 +188,8 @@ class DLG(Attack):
         observed = stack_problems([s[1] for s in signals], r, device)
         labels = stack_problems([f[0] for f in fixed], r, device) if fixed[0][0] is not None else None
         numel = n * shape[1] * shape[2] * shape[3]
-        signal = simulated_signal(objective, functional_gradient(model), first)
+        k = len(targets) * r
+        signal = simulated_signal(objective, functional_gradient(model, vmapped=k > 1), first)
 
         def matching_loss(p: dict, c: dict, z: torch.Tensor, y: torch.Tensor | None, obs: list) -> torch.Tensor:
             x = self._images(z[:numel].view(shape))
@@ -197,8 +197,7 @@ class DLG(Attack):
                 y = torch.softmax(z[numel:].view(n, classes), dim=-1)
             return gradient_distance(signal(p, c, x, y), obs)
 
-        k = len(targets) * r
-        fn = vectorize(grad_and_value(matching_loss, argnums=2), k, (0, 0, 0, None if labels is None else 0, 0))
+        fn = value_and_grad(matching_loss, k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
         inits = []
         for _ in targets:
             for restart in range(r):

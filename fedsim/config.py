@@ -67,6 +67,10 @@ class FedsimConfig:
     eval_examples: int = field(
         default=0, metadata={"help": "test examples for the global accuracy; 0 = the whole test split"}
     )
+    # Attacks the run ends with (`fedsim attack` does the same on a finished run)
+    attacks: str = field(
+        default="", metadata={"help": "comma-separated gradient-inversion attacks to run on the captures at the end"}
+    )
     # Resources
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor"})
     client_num_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per client actor (0 = CPU only)"})
