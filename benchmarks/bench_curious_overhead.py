@@ -25,7 +25,7 @@ from fedsim.simulation import simulate
 
 def rows(run_dir: Path) -> list[dict]:
     return sorted(
-        (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()), key=lambda r: r["round"]
+        (json.loads(line) for line in (run_dir / "training.jsonl").read_text().splitlines()), key=lambda r: r["round"]
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +72,13 @@ def run(
         run_name=name,
         out_dir=out_dir,
     )
+    attack_names = [a.strip() for a in config.attacks.split(",") if a.strip()]
+    if attack_names:
+        from attacks import ATTACKS
+
+        unknown = [a for a in attack_names if a not in ATTACKS]
+        if unknown:
+            fail(f"attacks = {config.attacks!r}: unknown {', '.join(unknown)}; choose from: {', '.join(ATTACKS)}")
     run_dir = run_dir_for(config)
     console.print(
         f"[bold]fedsim run[/] {config.dataset} / {config.model} / {config.num_clients} clients / "
@@ -78,7 +86,7 @@ def run(
     )
     with RoundProgress(config.num_rounds, console) as progress:
         simulate(config, run_dir, on_round=progress.update, verbose=verbose)
-    summary = json.loads((run_dir / "metrics.json").read_text())
+    summary = json.loads((run_dir / "training.json").read_text())
     table = Table(title=f"run {run_dir.name}")
     for column in ("round", "train loss", "test accuracy", "captures"):
         table.add_column(column, justify="right")
@@ -92,6 +100,129 @@ def run(
         )
     console.print(table)
     console.print(f"captures, model and metrics in [bold]{run_dir}[/]")
+    if attack_names:
+        from fedsim.attack_progress import AttackProgress
+        from fedsim.attack_runner import plan, run_attacks
+        from fedsim.report import write_report
+
+        jobs, _ = plan(run_dir, attack_names)
+        with AttackProgress(console, "attacks") as progress:
+            run_attacks(jobs, seed=config.seed, on_event=progress.update)
+        console.print(f"report: [bold]{write_report(run_dir)}[/]")
+
+
+def _ids(text: str | None, what: str) -> set[int] | None:
+    if not text:
+        return None
+    try:
+        return {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        fail(f"{what} must be comma-separated integers, e.g. 1,2; got {text!r}")
+
+
+def _attack_options(pairs: list[str], attacks: list[str]) -> dict[str, dict]:
+    """`--option iterations=100` applies to every attack; `--option grnn.iterations=500` to one."""
+    options: dict[str, dict] = {name: {} for name in attacks}
+    for key, value in parse_overrides(pairs).items():
+        target, _, name = key.rpartition(".")
+        for attack in [target] if target else attacks:
+            if attack not in options:
+                fail(f"--option {key}: {attack!r} is not among the attacks of this command ({', '.join(attacks)})")
+            options[attack][name.replace("-", "_")] = value
+    return options
+
+
+@app.command()
+def attack(
+    path: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>) or a folder of runs")],
+    attacks: Annotated[str, typer.Option("--attack", "-a", help="comma-separated: dlg, idlg, grnn, analytic")] = "idlg",
+    rounds: Annotated[str | None, typer.Option(help="only these rounds, e.g. 1,2")] = None,
+    clients: Annotated[str | None, typer.Option(help="only these clients (partition ids), e.g. 0,2")] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="attack option, e.g. iterations=100 or grnn.iterations=500"),
+    ] = None,
+    executor: Annotated[str, typer.Option(help="ray (tasks on this machine or RAY_ADDRESS) or local")] = "ray",
+    num_cpus: Annotated[float, typer.Option("--num-cpus", help="CPUs per reconstruction task")] = 1.0,
+    num_gpus: Annotated[float, typer.Option("--num-gpus", help="GPUs per reconstruction task (fractions share)")] = 0.0,
+    batch: Annotated[int, typer.Option(help="reconstructions batched together on one device")] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="skip updates of more examples than this")] = 64,
+    seed: Annotated[int | None, typer.Option(help="attack seed (default: the run's seed)")] = None,
+    watch: Annotated[bool, typer.Option(help="keep attacking new captures as they arrive (Ctrl-C stops)")] = False,
+) -> None:
+    """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
+    from attacks import ATTACKS
+    from fedsim.attack_progress import AttackProgress
+    from fedsim.attack_runner import plan, run_attacks, run_dirs
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        fail(f"unknown attack {', '.join(unknown) or repr(attacks)}; choose from: {', '.join(ATTACKS)}")
+    if executor not in ("ray", "local"):
+        fail(f"--executor {executor!r} is not allowed; choose ray or local")
+    if batch < 1 or num_cpus <= 0 or num_gpus < 0:
+        fail("--batch must be >= 1, --num-cpus > 0 and --num-gpus >= 0")
+    options = _attack_options(option or [], names)
+    from attacks import get_attack
+
+    for name in names:
+        get_attack(name, **options[name])  # refuse unknown options before any work starts
+    while True:
+        for run_dir in run_dirs(path):
+            run_seed = seed if seed is not None else _run_seed(run_dir)
+            jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch)
+            for item in skipped:
+                console.print(f"[yellow]skipped[/] round {item['round']} client {item['client']}: {item['reason']}")
+            if not jobs:
+                if not watch:
+                    console.print(f"{run_dir}: nothing to attack")
+                continue
+            todo = sum(job.status() != "ok" for job in jobs)
+            if not todo and watch:
+                continue
+            with AttackProgress(console, run_dir.name) as progress:
+                summaries = run_attacks(
+                    jobs,
+                    options,
+                    seed=run_seed,
+                    executor=executor,
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    batch=batch,
+                    on_event=progress.update,
+                )
+            failed = [s for s in summaries if s["status"] != "ok"]
+            console.print(
+                f"{run_dir}: {len(jobs) - todo} already done, {todo - len(failed)} reconstructed, "
+                f"{len(failed)} failed -> {run_dir / 'attacks'}"
+            )
+            for s in failed:
+                console.print(f"[red]failed[/] {s['attack']} round {s['round']} client {s['client']}: {s['reason']}")
+        if not watch:
+            break
+        time.sleep(5)
+
+
+def _run_seed(run_dir: Path) -> int:
+    config_file = run_dir / "config.toml"
+    return FedsimConfig.from_toml(config_file).seed if config_file.exists() else 0
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>)")],
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="open the page in a browser")] = False,
+) -> None:
+    """Score the reconstructions against the truth and write report.html and metrics.json."""
+    from fedsim.report import write_report
+
+    page = write_report(path)
+    console.print(f"report: [bold]{page}[/]")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
 
 
 @app.command()

@@ -62,7 +62,7 @@ def simulate(
             backend_config=backend_config(config),
             verbose_logging=verbose,
         )
-    if not (run_dir / "metrics.json").exists():
+    if not (run_dir / "training.json").exists():
         raise FedsimError(
             f"the simulation stopped before finishing; see the log above. Captures written so far "
             f"are kept in {run_dir / 'captures'}"

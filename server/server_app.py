@@ -65,7 +65,7 @@ def run_server(
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test_x, test_y)
         row = {"round": server_round, **rounds.get(server_round, {}), **metrics, "time": time.time()}
-        append_line(run_dir / "metrics.jsonl", json.dumps(row))
+        append_line(run_dir / "training.jsonl", json.dumps(row))
         if on_round is not None:
             on_round(row)
         return MetricRecord(metrics)
@@ -95,7 +95,7 @@ def run_server(
         if server_round in rounds:
             row["captures"] = rounds[server_round]["captures"]
         summary["rounds"].append(row)
-    atomic_write_json(run_dir / "metrics.json", summary)
+    atomic_write_json(run_dir / "training.json", summary)
     return summary
 
 

@@ -95,7 +95,7 @@ def test_aggregate_equals_fedavg_of_the_captured_updates(fedsgd_run):
 def test_run_folder_has_config_metrics_and_shards(fedsgd_run):
     config, run_dir = fedsgd_run
     assert FedsimConfig.from_toml(run_dir / "config.toml") == config
-    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(0 <= r["test-accuracy"] <= 1 for r in rounds) and rounds[1]["train-loss"] > 0
     shards = json.loads((run_dir / "shards.json").read_text())

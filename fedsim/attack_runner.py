@@ -1,0 +1,319 @@
+"""Fan captured updates out to gradient-inversion attacks, as Ray tasks, writing each result as it finishes.
+
+A job is one (attack, captured update). Results land in `runs/<id>/attacks/<attack>/<capture>/`:
+`result.json` (written last: its presence means done), `reconstruction.safetensors`,
+`reconstruction.png`, `snapshots.safetensors` and `animation.gif`. A re-run skips finished jobs and
+retries failed ones; a crashed or diverged reconstruction is recorded as failed and never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsim.captures import CaptureStore
+from fedsim.errors import FedsimError
+from fedsim.files import atomic_write_bytes, atomic_write_json, save_tensors
+from fedsim.images import gif_bytes, grid, png_bytes
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class AttackJob:
+    """One attack on one captured update."""
+
+    run_dir: Path
+    attack: str
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return f"round-{self.record['round']:04d}-client-{self.record['client']}"
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / "attacks" / self.attack / self.name
+
+    def seed(self, base: int) -> int:
+        """A seed per job that depends only on the run's seed and the capture, never on scheduling order."""
+        return (base * 1_000_003 + zlib.crc32(f"{self.attack}/{self.name}".encode())) % 2**31
+
+    def status(self) -> str | None:
+        path = self.out / "result.json"
+        return json.loads(path.read_text()).get("status") if path.exists() else None
+
+
+def run_dirs(path: Path) -> list[Path]:
+    """`path` itself if it is a run, else every run folder directly inside it."""
+    path = Path(path)
+    if (path / "captures" / "manifest.jsonl").exists():
+        return [path]
+    if not path.is_dir():
+        raise FedsimError(f"{path} does not exist; give a run folder (runs/<run-id>) or a folder of runs")
+    runs = sorted(p for p in path.iterdir() if (p / "captures" / "manifest.jsonl").exists())
+    if not runs:
+        raise FedsimError(f"{path} holds no captures (no captures/manifest.jsonl in it or its sub-folders)")
+    return runs
+
+
+def plan(
+    run_dir: Path,
+    attacks: list[str],
+    rounds: set[int] | None = None,
+    clients: set[int] | None = None,
+    max_batch: int = 64,
+) -> tuple[list[AttackJob], list[dict]]:
+    """The jobs for `attacks` on the run's captured updates, and the captures skipped (with why)."""
+    store = CaptureStore(run_dir / "captures")
+    jobs, skipped = [], []
+    globals_seen = {r["round"] for r in store.records("global")}
+    for record in store.records("update"):
+        if rounds and record["round"] not in rounds:
+            continue
+        if clients and record.get("partition_id") not in clients:
+            continue
+        if record["round"] not in globals_seen:
+            skipped.append({**_ident(record), "reason": "the global model of this round was not captured"})
+            continue
+        if record.get("num_examples", 0) > max_batch:
+            skipped.append(
+                {
+                    **_ident(record),
+                    "reason": f"{record['num_examples']} examples behind the update "
+                    f"(more than --max-batch {max_batch})",
+                }
+            )
+            continue
+        jobs.extend(AttackJob(run_dir, attack, record) for attack in attacks)
+    return jobs, skipped
+
+
+def _ident(record: dict) -> dict:
+    return {"round": record["round"], "client": record["client"], "partition_id": record.get("partition_id")}
+
+
+def load_target(global_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor], record: dict):
+    """What the curious server knows about one update, as the attacks take it (attacks.base.AttackTarget)."""
+    from attacks.base import AttackTarget
+    from fedsim.models import build_model
+
+    model = build_model(record["model"], tuple(record["input_shape"]), record["num_classes"])
+    model.load_state_dict(global_state)
+    model.train()  # clients compute their gradients in training mode (BatchNorm uses batch statistics)
+    trainable = set(record.get("trainable") or [n for n, _ in model.named_parameters()])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    update = [client_state[n].float() - global_state[n].float() for n in names]
+    recipe = dict(record.get("recipe", {}))
+    mode = recipe.pop("recipe", "fedavg")
+    recipe = {**recipe, "mode": mode, "num-examples": int(record["num_examples"])}
+    gradients = [-u / float(recipe["lr"]) for u in update] if mode == "fedsgd" else None
+    return AttackTarget(
+        model=model,
+        gradients=gradients,
+        batch_size=int(record["num_examples"]),
+        input_shape=tuple(record["input_shape"]),
+        num_classes=int(record["num_classes"]),
+        update=update,
+        recipe=recipe,
+    )
+
+
+def execute(
+    payloads: list[dict],
+    attack: str,
+    options: dict,
+    device: str | None,
+    report: Callable[[str, int, float], None] | None = None,
+) -> list[dict]:
+    """Run one attack on one or more captures (several: batched on one device). Never raises."""
+    from attacks import get_attack
+    from attacks.base import reconstruct_many
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.time()
+    try:
+        attacker = get_attack(attack, **options)
+        targets = [load_target(p["global"], p["client"], p["record"]) for p in payloads]
+        if len(targets) == 1:
+            name = payloads[0]["name"]
+            progress = (lambda it, loss: report(name, it, loss)) if report else None
+            results = [attacker.reconstruct(targets[0], seed=payloads[0]["seed"], device=device, progress=progress)]
+        else:
+            results = reconstruct_many(attacker, targets, seed=payloads[0]["seed"], device=device)
+    except Exception as exc:  # a crashed or diverged reconstruction is reported, never fatal to the others
+        return [
+            {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "seconds": time.time() - start}
+            for _ in payloads
+        ]
+    outcomes = []
+    for result in results:
+        outcomes.append(
+            {
+                "status": "ok",
+                "images": result.images.cpu(),
+                "labels": result.labels.cpu(),
+                "loss": float(result.loss),
+                "history": result.history,
+                "info": result.info,
+                "snapshots": [(int(i), s.cpu()) for i, s in result.snapshots],
+                "seconds": time.time() - start,
+                "device": str(device),
+            }
+        )
+    return outcomes
+
+
+def write_result(job: AttackJob, outcome: dict, options: dict) -> dict:
+    """Store one finished job; result.json goes last so a crash never leaves a half-done job marked done."""
+    summary = {
+        "status": outcome["status"],
+        "attack": job.attack,
+        **_ident(job.record),
+        "recipe": job.record.get("recipe"),
+        "num_examples": job.record.get("num_examples"),
+        "options": options,
+        "seconds": round(outcome.get("seconds", 0.0), 3),
+    }
+    if outcome["status"] == "ok":
+        images, snapshots = outcome["images"], outcome["snapshots"]
+        save_tensors(job.out / "reconstruction.safetensors", {"images": images, "labels": outcome["labels"]})
+        atomic_write_bytes(job.out / "reconstruction.png", png_bytes(grid(images)))
+        if snapshots:
+            save_tensors(job.out / "snapshots.safetensors", {f"it{i:06d}": s for i, s in snapshots})
+            atomic_write_bytes(job.out / "animation.gif", gif_bytes([s for _, s in snapshots]))
+        summary.update(
+            loss=outcome["loss"],
+            labels=outcome["labels"].tolist(),
+            info=_jsonable(outcome["info"]),
+            history=_jsonable(outcome["history"]),
+            device=outcome.get("device"),
+        )
+    else:
+        summary["reason"] = outcome["reason"]
+    atomic_write_json(job.out / "result.json", summary)
+    return summary
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
+    return {
+        "name": f"{job.attack}/{job.name}",
+        "record": job.record,
+        "seed": job.seed(seed),
+        "global": store.load(store.global_record(job.record["round"])),
+        "client": store.load(job.record),
+    }
+
+
+def run_attacks(
+    jobs: list[AttackJob],
+    options: dict[str, dict] | None = None,
+    *,
+    seed: int = 0,
+    executor: str = "ray",
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    batch: int = 1,
+    device: str | None = None,
+    on_event: Progress | None = None,
+) -> list[dict]:
+    """Run `jobs` (skipping finished ones), writing each result as it finishes; returns their summaries."""
+    options = options or {}
+    todo = [job for job in jobs if job.status() != "ok"]
+    groups: list[list[AttackJob]] = []
+    for attack in dict.fromkeys(job.attack for job in todo):
+        same = [job for job in todo if job.attack == attack]
+        groups.extend(same[i : i + batch] for i in range(0, len(same), batch))
+    emit = on_event or (lambda event: None)
+    emit({"event": "start", "total": len(jobs), "todo": len(todo)})
+    if executor == "local":
+        return _run_local(groups, options, seed, device, emit)
+    if executor == "ray":
+        return _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit)
+    raise FedsimError(f"executor {executor!r} is not known; choose ray or local")
+
+
+def _finish(group: list[AttackJob], outcomes: list[dict], options: dict, emit: Progress) -> list[dict]:
+    summaries = []
+    for job, outcome in zip(group, outcomes, strict=True):
+        summary = write_result(job, outcome, options.get(job.attack, {}))
+        summaries.append(summary)
+        emit({"event": "done", **summary})
+    return summaries
+
+
+def _run_local(groups, options, seed, device, emit) -> list[dict]:
+    summaries = []
+    for group in groups:
+        store = CaptureStore(group[0].run_dir / "captures")
+        payloads = [_payload(job, store, seed) for job in group]
+        report = lambda name, it, loss: emit({"event": "loss", "job": name, "iteration": it, "loss": loss})  # noqa: E731
+        outcomes = execute(payloads, group[0].attack, options.get(group[0].attack, {}), device, report)
+        summaries += _finish(group, outcomes, options, emit)
+    return summaries
+
+
+def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[dict]:
+    """One Ray task per group: on this machine, or on the cluster RAY_ADDRESS names."""
+    import ray
+    from ray.util.queue import Queue
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, logging_level="error"
+        )
+    try:
+        losses = Queue()
+
+        @ray.remote
+        def task(payloads: list[dict], attack: str, attack_options: dict) -> list[dict]:
+            last = [0.0]
+
+            def report(name: str, it: int, loss: float) -> None:
+                if time.time() - last[0] > 0.5:  # throttled: the queue is an actor
+                    last[0] = time.time()
+                    losses.put_nowait((name, it, loss))
+
+            return execute(payloads, attack, attack_options, device, report)
+
+        pending = {}
+        for group in groups:
+            store = CaptureStore(group[0].run_dir / "captures")
+            payloads = [_payload(job, store, seed) for job in group]
+            ref = task.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+                payloads, group[0].attack, options.get(group[0].attack, {})
+            )
+            pending[ref] = group
+        summaries = []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            while not losses.empty():
+                name, it, loss = losses.get_nowait()
+                emit({"event": "loss", "job": name, "iteration": it, "loss": loss})
+            for ref in done:
+                group = pending.pop(ref)
+                try:
+                    outcomes = ray.get(ref)
+                except Exception as exc:  # the worker itself died (e.g. out of memory)
+                    outcomes = [{"status": "failed", "reason": f"worker failed: {exc}"} for _ in group]
+                summaries += _finish(group, outcomes, options, emit)
+        return summaries
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,50 @@
+"""Images for people: tensors in [0, 1] to PNG grids and GIF animations, as bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
+    """One image [C, H, W] in [0, 1] as a PIL image, enlarged `scale` times without smoothing."""
+    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    pil = Image.fromarray(array)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    return pil
+
+
+def grid(images: torch.Tensor, columns: int | None = None, scale: int | None = None, pad: int = 2) -> Image.Image:
+    """A batch [B, C, H, W] as one image; small images are enlarged so they stay visible."""
+    b, c, h, w = images.shape
+    columns = columns or min(b, 8)
+    rows = math.ceil(b / columns)
+    scale = scale or max(1, 96 // max(h, w))
+    tiles = [to_pil(img, scale) for img in images]
+    th, tw = h * scale, w * scale
+    canvas = Image.new("RGB", (columns * (tw + pad) + pad, rows * (th + pad) + pad), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, columns)
+        canvas.paste(tile.convert("RGB"), (pad + col * (tw + pad), pad + r * (th + pad)))
+    return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes(frames: list[torch.Tensor], duration_ms: int = 120, columns: int | None = None) -> bytes:
+    """An animation of batches [B, C, H, W] (e.g. a reconstruction emerging over the iterations)."""
+    pictures = [grid(frame, columns) for frame in frames]
+    buffer = io.BytesIO()
+    durations = [duration_ms] * (len(pictures) - 1) + [duration_ms * 10]  # rest on the final frame
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return buffer.getvalue()
