@@ -132,7 +132,8 @@ def _curves(result: dict, row: dict) -> bytes | None:
 def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
     title = f"{result['attack']} &middot; round {result['round']} &middot; client {result.get('partition_id')}"
     if result["status"] != "ok":
-        return f'<section class="card failed"><h3>{title}</h3><p>failed: {html.escape(str(result.get("reason")))}</p></section>'
+        reason = html.escape(str(result.get("reason")))
+        return f'<section class="card failed"><h3>{title}</h3><p>failed: {reason}</p></section>'
     rec = load_tensors(job_dir / "reconstruction.safetensors")
     images = rec["images"]
     if "assignment" in row:  # show each reconstruction under the true image it was matched to
