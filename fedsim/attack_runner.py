@@ -219,6 +219,19 @@ def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
     }
 
 
+def _load_group(group: list[AttackJob], seed: int, options: dict, emit: Progress) -> tuple[list, list, list]:
+    """Payloads of the jobs whose captures load; a corrupt capture fails its own job only."""
+    store = CaptureStore(group[0].run_dir / "captures")
+    jobs, payloads, summaries = [], [], []
+    for job in group:
+        try:
+            payloads.append(_payload(job, store, seed))
+            jobs.append(job)
+        except FedsimError as exc:
+            summaries += _finish([job], [{"status": "failed", "reason": str(exc)}], options, emit)
+    return jobs, payloads, summaries
+
+
 def run_attacks(
     jobs: list[AttackJob],
     options: dict[str, dict] | None = None,
@@ -259,8 +272,10 @@ def _finish(group: list[AttackJob], outcomes: list[dict], options: dict, emit: P
 def _run_local(groups, options, seed, device, emit) -> list[dict]:
     summaries = []
     for group in groups:
-        store = CaptureStore(group[0].run_dir / "captures")
-        payloads = [_payload(job, store, seed) for job in group]
+        group, payloads, failed = _load_group(group, seed, options, emit)
+        summaries += failed
+        if not group:
+            continue
         report = lambda name, it, loss: emit({"event": "loss", "job": name, "iteration": it, "loss": loss})  # noqa: E731
         outcomes = execute(payloads, group[0].attack, options.get(group[0].attack, {}), device, report)
         summaries += _finish(group, outcomes, options, emit)
@@ -274,7 +289,9 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
 
     started_here = not ray.is_initialized()
     if started_here:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        from fedsim.simulation import flower_offline
+
+        flower_offline()  # also Ray's quiet settings
         ray.init(
             address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, logging_level="error"
         )
@@ -292,15 +309,16 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
 
             return execute(payloads, attack, attack_options, device, report)
 
-        pending = {}
+        pending, summaries = {}, []
         for group in groups:
-            store = CaptureStore(group[0].run_dir / "captures")
-            payloads = [_payload(job, store, seed) for job in group]
+            group, payloads, failed = _load_group(group, seed, options, emit)
+            summaries += failed
+            if not group:
+                continue
             ref = task.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
                 payloads, group[0].attack, options.get(group[0].attack, {})
             )
             pending[ref] = group
-        summaries = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             while not losses.empty():

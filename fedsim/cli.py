@@ -173,13 +173,17 @@ def attack(
             run_seed = seed if seed is not None else _run_seed(run_dir)
             jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch)
             for item in skipped:
-                console.print(f"[yellow]skipped[/] round {item['round']} client {item['client']}: {item['reason']}")
+                console.print(
+                    f"[yellow]skipped[/] round {item['round']} client {item['partition_id']}: {item['reason']}"
+                )
             if not jobs:
                 if not watch:
                     console.print(f"{run_dir}: nothing to attack")
                 continue
             todo = sum(job.status() != "ok" for job in jobs)
-            if not todo and watch:
+            if not todo:
+                if not watch:
+                    console.print(f"{run_dir}: all {len(jobs)} reconstructions already done -> {run_dir / 'attacks'}")
                 continue
             with AttackProgress(console, run_dir.name) as progress:
                 summaries = run_attacks(
@@ -198,7 +202,9 @@ def attack(
                 f"{len(failed)} failed -> {run_dir / 'attacks'}"
             )
             for s in failed:
-                console.print(f"[red]failed[/] {s['attack']} round {s['round']} client {s['client']}: {s['reason']}")
+                console.print(
+                    f"[red]failed[/] {s['attack']} round {s['round']} client {s['partition_id']}: {s['reason']}"
+                )
         if not watch:
             break
         time.sleep(5)

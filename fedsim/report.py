@@ -136,8 +136,8 @@ def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
         return f'<section class="card failed"><h3>{title}</h3><p>failed: {reason}</p></section>'
     rec = load_tensors(job_dir / "reconstruction.safetensors")
     images = rec["images"]
-    if "assignment" in row:  # show each reconstruction under the true image it was matched to
-        images = images[torch.as_tensor(row["assignment"])]
+    if "order" in row:  # show each reconstruction under the true image it was matched to
+        images = images[torch.as_tensor(row["order"])]
     figures = []
     if truth is not None:
         true_images = truth["images"].float()
