@@ -45,7 +45,9 @@ class AttackJob:
 
     def seed(self, base: int) -> int:
         """A seed per job that depends only on the run's seed and the capture, never on scheduling order."""
-        return (base * 1_000_003 + zlib.crc32(f"{self.attack}/{self.name}".encode())) % 2**31
+        # Flower draws node ids at random; the partition id and the round are what a re-run shares.
+        who = self.record.get("partition_id", self.record["client"])
+        return (base * 1_000_003 + zlib.crc32(f"{self.attack}/{self.record['round']}/{who}".encode())) % 2**31
 
     def status(self) -> str | None:
         path = self.out / "result.json"

@@ -228,7 +228,54 @@ def report(
     if open_browser:
         import webbrowser
 
-        webbrowser.open(page.resolve().as_uri())
+        if _has_display():
+            webbrowser.open(page.resolve().as_uri())
+
+
+@app.command()
+def demo(
+    scenario: Annotated[str, typer.Argument(help="scenario name (see --list) or path of a scenario .toml")] = "dlg",
+    list_: Annotated[bool, typer.Option("--list", help="list the scenarios and exit")] = False,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="where the demo's runs and page go")] = Path("runs/demos"),
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--data-dir",
+            help="your own photos: one sub-folder per class (runs the scenario on them as dataset imagefolder)",
+        ),
+    ] = None,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="open the page in a browser")] = True,
+    executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
+) -> None:
+    """A classroom demo, offline: a small federation trains, the server reconstructs, a page shows it."""
+    from fedsim.demo import Scenario, run_demo, scenario_names
+
+    if list_:
+        table = Table("scenario", "what it shows")
+        for name in scenario_names():
+            table.add_row(name, Scenario.load(name).summary)
+        console.print(table)
+        return
+    loaded = Scenario.load(scenario)
+    if data_dir is not None:
+        loaded.run.update({"dataset": "imagefolder", "data-dir": data_dir})
+        loaded.run.setdefault("image-size", 32)
+    page = run_demo(loaded, out_dir / loaded.name, console, executor=executor)
+    console.print(f"demo page: [bold]{page.resolve()}[/]")
+    if open_browser and _has_display():
+        import webbrowser
+
+        try:
+            webbrowser.open(page.resolve().as_uri())
+        except webbrowser.Error:
+            pass  # no browser here: the path above is the way in
+
+
+def _has_display() -> bool:
+    """A graphical browser can open (never a text browser taking over the terminal of a headless machine)."""
+    import os
+
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 @app.command()

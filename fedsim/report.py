@@ -70,31 +70,45 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Score every attack result of the run; write metrics.json and report.html into the run folder."""
+def score_run(run_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
+    """Score every attack result of the run and write metrics.json: (summary per attack, rows, HTML cards)."""
     run_dir = Path(run_dir)
     if not (run_dir / "captures").is_dir():
         raise FedsimError(f"{run_dir} is not a run folder (no captures/ in it); give runs/<run-id>")
-    results = collect(run_dir)
     rows, cards = [], []
-    for job_dir, result in results:
+    for job_dir, result in collect(run_dir):
         truth = truth_for(run_dir, result)
-        row = (
-            {"status": result["status"], **score_job(job_dir, result, truth)}
-            if result["status"] == "ok"
-            else {
+        if result["status"] == "ok":
+            row = {"status": "ok", **score_job(job_dir, result, truth)}
+        else:
+            row = {
                 "status": result["status"],
                 "reason": result.get("reason"),
                 **{k: result.get(k) for k in ("attack", "round", "client", "partition_id")},
             }
-        )
         rows.append(row)
         cards.append(_card(job_dir, result, row, truth))
     summary = summarise(rows)
     atomic_write_json(run_dir / "metrics.json", {"summary": summary, "reconstructions": rows})
+    return summary, rows, cards
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Score every attack result of the run; write metrics.json and report.html into the run folder."""
+    run_dir = Path(run_dir)
+    summary, rows, cards = score_run(run_dir)
     page = run_dir / "report.html"
-    atomic_write_text(page, _page(run_dir, summary, cards, any(r.get("psnr_mean") is not None for r in rows)))
+    body = run_section(run_dir, summary, cards, any(r.get("psnr_mean") is not None for r in rows))
+    atomic_write_text(
+        page, html_page(f"fedsim report: {run_dir.name}", "What the curious server reconstructed", "", [body])
+    )
     return page
+
+
+def final_accuracy(run_dir: Path) -> float | None:
+    """The global model's test accuracy after the last round."""
+    rows = [r for r in read_jsonl(run_dir / "training.jsonl") if "test-accuracy" in r]
+    return max(rows, key=lambda r: r["round"])["test-accuracy"] if rows else None
 
 
 # --- HTML ----------------------------------------------------------------------------------
@@ -176,7 +190,8 @@ def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
     )
 
 
-def _page(run_dir: Path, summary: dict, cards: list[str], scored: bool) -> str:
+def run_section(run_dir: Path, summary: dict, cards: list[str], scored: bool, heading: str = "") -> str:
+    """One run's part of a page: accuracy, the summary table per attack, a card per reconstruction."""
     rows = "".join(
         f"<tr><td>{html.escape(a)}</td><td>{s['reconstructions']}</td><td>{s['failed']}</td>"
         f"<td>{s.get('median_psnr_mean', float('nan')):.1f}</td><td>{s.get('median_ssim_mean', float('nan')):.3f}</td>"
@@ -193,10 +208,22 @@ def _page(run_dir: Path, summary: dict, cards: list[str], scored: bool) -> str:
             "<code>save-truth = true</code>), so reconstructions are shown without scores.</p>"
         )
     )
+    title = f"<h2>{html.escape(heading)}</h2>" if heading else ""
+    empty = "<p>No attack results yet: run <code>fedsim attack</code> on this run first.</p>"
+    return f"""<section class="run">{title}
+<p>Run <code>{html.escape(run_dir.name)}</code>. Global test accuracy: {html.escape(accuracy) or "n/a"}.</p>
+{note}
+<table><tr><th>attack</th><th>reconstructions</th><th>failed</th><th>median PSNR (dB)</th><th>median SSIM</th>
+<th>median label accuracy</th><th>median seconds</th></tr>{rows}</table>
+{"".join(cards) or empty}</section>"""
+
+
+def html_page(title: str, heading: str, intro: str, sections: list[str]) -> str:
+    """A self-contained page: inline style, images embedded, nothing fetched from the network."""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>fedsim report: {html.escape(run_dir.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; font-size: 1.1rem; }}
 h1 {{ margin-bottom: 0.2rem; }} table {{ border-collapse: collapse; margin: 1rem 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: right; }}
 .card {{ background: white; border: 1px solid #ddd; border-radius: 8px; padding: 1rem; margin: 1rem 0; }}
@@ -204,12 +231,10 @@ td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: right; }}
 figure {{ margin: 0; }} figcaption {{ font-size: 0.9rem; color: #555; text-align: center; }}
 img {{ image-rendering: pixelated; max-width: 100%; }} .metrics {{ font-size: 1.05rem; }}
 .note {{ background: #fff7d6; padding: 0.6rem; border-radius: 6px; }}
+.explain {{ max-width: 60rem; line-height: 1.5; }} section.run {{ margin-top: 2rem; }}
 </style></head><body>
-<h1>What the curious server reconstructed</h1>
-<p>Run <code>{html.escape(run_dir.name)}</code>. Global test accuracy: {html.escape(accuracy) or "n/a"}.</p>
-{note}
-<table><tr><th>attack</th><th>reconstructions</th><th>failed</th><th>median PSNR (dB)</th><th>median SSIM</th>
-<th>median label accuracy</th><th>median seconds</th></tr>{rows}</table>
-{"".join(cards) or "<p>No attack results yet: run <code>fedsim attack</code> on this run first.</p>"}
+<h1>{html.escape(heading)}</h1>
+{intro}
+{"".join(sections)}
 </body></html>
 """

@@ -1,0 +1,229 @@
+"""Classroom demos: a scenario file runs a small federation, attacks it and builds one page to show.
+
+A scenario is a TOML file in fedsim/scenarios/ (copy one to change it and pass its path):
+
+    title, summary, explanation     what the page and `fedsim demo --list` say
+    [run]                           fedsim config keys of the federation
+    [attack]                        attacks = [...], clients = [...], rounds = [...], [attack.options.<name>]
+    [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
+      name, [variants.run]          a variant's own run keys (over [run])
+      [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsim.config import FedsimConfig
+from fedsim.errors import FedsimError
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+
+@dataclass
+class Variant:
+    name: str
+    run: dict
+    accuracy: dict | None = None
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    summary: str
+    explanation: str
+    run: dict
+    attacks: list[str]
+    clients: set[int] | None
+    rounds: set[int] | None
+    options: dict[str, dict]
+    variants: list[Variant] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Scenario:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = SCENARIO_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise FedsimError(
+                f"no scenario {name_or_path!r}; choose one of: {', '.join(scenario_names())}, "
+                "or give the path of a scenario .toml file"
+            )
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise FedsimError(f"scenario {path} is not valid TOML: {exc}") from None
+        attack = data.get("attack", {})
+        variants = [
+            Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"))
+            for i, v in enumerate(data.get("variants", []))
+        ] or [Variant("", {})]
+        scenario = cls(
+            path.stem,
+            data.get("title", path.stem),
+            data.get("summary", ""),
+            data.get("explanation", ""),
+            data.get("run", {}),
+            list(attack.get("attacks", ["dlg"])),
+            set(attack["clients"]) if "clients" in attack else None,
+            set(attack["rounds"]) if "rounds" in attack else None,
+            attack.get("options", {}),
+            variants,
+        )
+        for variant in scenario.variants:  # refuse a bad key before anything runs
+            scenario.config(variant, "check", Path("."))
+            if variant.accuracy is not None:
+                scenario.config(variant, "check", Path("."), accuracy=True)
+        from attacks import ATTACKS
+
+        unknown = [a for a in scenario.attacks if a not in ATTACKS]
+        if unknown:
+            raise FedsimError(f"scenario {path}: unknown attack {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+        return scenario
+
+    def config(self, variant: Variant, name: str, out_dir: Path, accuracy: bool = False) -> FedsimConfig:
+        keys = {**self.run, **variant.run, **((variant.accuracy or {}) if accuracy else {})}
+        keys.update({"out-dir": str(out_dir), "run-name": name})
+        if not accuracy:
+            keys["save-truth"] = True  # the demo scores what the server recovers against the truth
+        try:
+            return FedsimConfig.from_mapping(keys)
+        except FedsimError as exc:
+            raise FedsimError(f"scenario {self.name}{' / ' + variant.name if variant.name else ''}: {exc}") from None
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "run"
+
+
+def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") -> Path:
+    """Run every variant of the scenario (federation, attack, scoring) and write the demo page."""
+    from fedsim.attack_progress import AttackProgress
+    from fedsim.attack_runner import plan, run_attacks
+    from fedsim.progress import RoundProgress
+    from fedsim.report import final_accuracy, run_section, score_run
+    from fedsim.simulation import simulate
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a demo is re-run from scratch: old runs would be refused as existing
+    started = time.time()
+    results = []
+    for variant in scenario.variants:
+        label = variant.name or scenario.title
+        run_name = slug(variant.name) if variant.name else "run"
+        config = scenario.config(variant, run_name, out_dir)
+        console.print(
+            f"[bold]{label}[/]: {config.num_clients} clients train ({config.recipe}, batch "
+            f"{config.batch_size}) on {config.dataset}; the server captures their updates"
+        )
+        with RoundProgress(config.num_rounds, console) as progress:
+            simulate(config, out_dir / run_name, on_round=progress.update)
+        accuracy = final_accuracy(out_dir / run_name)
+        if variant.accuracy is not None:
+            acc_config = scenario.config(variant, f"{run_name}-accuracy", out_dir, accuracy=True)
+            console.print(
+                f"  accuracy run: {acc_config.num_rounds} rounds of {acc_config.recipe} with the same defenses"
+            )
+            with RoundProgress(acc_config.num_rounds, console) as progress:
+                simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
+            accuracy = final_accuracy(out_dir / acc_config.run_name)
+        jobs, _ = plan(out_dir / run_name, scenario.attacks, scenario.rounds, scenario.clients)
+        console.print(f"  the server attacks {len(jobs)} captured update(s) with {', '.join(scenario.attacks)}")
+        with AttackProgress(console, "attack") as progress:
+            run_attacks(jobs, scenario.options, seed=config.seed, executor=executor, on_event=progress.update)
+        summary, rows, cards = score_run(out_dir / run_name)
+        results.append(
+            {
+                "variant": label,
+                "run_dir": out_dir / run_name,
+                "summary": summary,
+                "rows": rows,
+                "cards": cards,
+                "accuracy": accuracy,
+                "defenses": getattr(config, "defenses", ""),
+            }
+        )
+    page = out_dir / "report.html"
+    from fedsim.files import atomic_write_text
+    from fedsim.report import html_page
+
+    sections = [
+        run_section(r["run_dir"], r["summary"], r["cards"], True, heading=r["variant"] if len(results) > 1 else "")
+        for r in results
+    ]
+    intro = _intro(scenario, results, time.time() - started)
+    atomic_write_text(page, html_page(f"fedsim demo: {scenario.title}", scenario.title, intro, sections))
+    return page
+
+
+def _intro(scenario: Scenario, results: list[dict], seconds: float) -> str:
+    paragraphs = "".join(f"<p>{html.escape(p.strip())}</p>" for p in scenario.explanation.split("\n\n") if p.strip())
+    parts = [f'<div class="explain">{paragraphs}</div>']
+    if len(results) > 1:
+        parts.append(_tradeoff_table(results))
+        plot = _tradeoff_plot(results)
+        if plot:
+            from fedsim.report import _img
+
+            parts.append(
+                f"<figure class='plot'>{_img(plot, 'image/png', 'attack PSNR against model accuracy')}"
+                "<figcaption>each defense: what the attack recovers (PSNR) against what the model "
+                "learns (accuracy)</figcaption></figure>"
+            )
+    parts.append(f"<p class='metrics'>Whole demo: {seconds:.0f} s on this machine.</p>")
+    return "\n".join(parts)
+
+
+def _best_psnr(result: dict) -> float | None:
+    values = [r["psnr_mean"] for r in result["rows"] if r.get("psnr_mean") is not None]
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def _tradeoff_table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        psnr, acc = _best_psnr(r), r["accuracy"]
+        verdict = "" if psnr is None else ("image recovered" if psnr >= 25 else "reconstruction fails")
+        rows.append(
+            f"<tr><td>{html.escape(r['variant'])}</td><td>{'' if psnr is None else f'{psnr:.1f}'}</td>"
+            f"<td>{html.escape(verdict)}</td><td>{'' if acc is None else f'{acc:.1%}'}</td></tr>"
+        )
+    return (
+        "<table><tr><th>client's defense</th><th>attack PSNR (dB)</th><th></th><th>model accuracy</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _tradeoff_plot(results: list[dict]) -> bytes | None:
+    points = [(r["variant"], _best_psnr(r), r["accuracy"]) for r in results]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, psnr, acc in points:
+        ax.scatter(acc * 100, psnr, s=80)
+        ax.annotate(name, (acc * 100, psnr), textcoords="offset points", xytext=(6, 4))
+    ax.axhline(25, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="global model accuracy (%)", ylabel="attack PSNR (dB)", title="privacy against utility")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
