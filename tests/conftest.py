@@ -28,10 +28,27 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+FLOWER_AND_RAY = (
+    "raylet",
+    "gcs_server",
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-simulation",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
+
+
 def stray_processes() -> list[str]:
     """Ray and Flower processes still alive (excluding ones that existed before the test)."""
     out = subprocess.run(
-        ["pgrep", "-a", "-f", "raylet|gcs_server|flower-superlink|flower-supernode|flwr-simulation"],
+        [
+            "pgrep",
+            "-a",
+            "-f",
+            "raylet|gcs_server|flower-superlink|flower-supernode|flower-superexec|flwr-simulation|flwr-serverapp|flwr-clientapp",
+        ],
         capture_output=True,
         text=True,
     ).stdout
