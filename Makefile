@@ -5,13 +5,16 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install demo run test test-fast lint format bench clean
 
 install:            ## a virtual environment with fedsim, its tests' tools and CPU-or-GPU torch
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[test]"
+
+demo:               ## the classroom demo (fedsim demo dlg): offline, pictures at the end
+	$(PY) -m fedsim.cli demo dlg
 
 run:                ## the default federated run on the shipped MNIST sample, offline
 	$(PY) -m fedsim.cli run

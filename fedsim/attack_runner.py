@@ -213,7 +213,7 @@ def _jsonable(value: Any) -> Any:
 
 def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
     return {
-        "name": f"{job.attack}/{job.name}",
+        "name": f"{job.attack} round {job.record['round']} client {job.record.get('partition_id')}",
         "record": job.record,
         "seed": job.seed(seed),
         "global": store.load(store.global_record(job.record["round"])),

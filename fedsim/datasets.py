@@ -356,6 +356,7 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
 LOADERS: dict[str, Callable[[Path, bool], ImageDataset]] = {
     "sample-mnist": lambda _d, _dl: _load_sample("sample-mnist", "sample_mnist.npz"),
     "sample-cifar10": lambda _d, _dl: _load_sample("sample-cifar10", "sample_cifar10.npz"),
+    "sample-fashion-mnist": lambda _d, _dl: _load_sample("sample-fashion-mnist", "sample_fashion_mnist.npz"),
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
@@ -369,6 +370,7 @@ LOADERS: dict[str, Callable[[Path, bool], ImageDataset]] = {
 DESCRIPTIONS = {
     "sample-mnist": "3,000 real MNIST digits shipped with fedsim (offline default)",
     "sample-cifar10": "200 lossless CIFAR-10 training images + 500 test images, shipped (offline)",
+    "sample-fashion-mnist": "1,000 real Fashion-MNIST images shipped with fedsim (offline; public data for TL-DMI)",
     "mnist": "MNIST (torchvision layout, or the raw idx files)",
     "fashion-mnist": "Fashion-MNIST (torchvision layout, or the raw idx files)",
     "cifar10": "CIFAR-10 (torchvision layout, or the offline .npz copies)",

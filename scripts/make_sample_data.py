@@ -32,6 +32,14 @@ np.savez_compressed(
     class_names=np.array([str(i) for i in range(10)]),
 )
 
+# Fashion-MNIST: the first 1,000 test images (800 / 200): public data for transfer learning (TL-DMI)
+# next to the MNIST sample, and a second offline dataset for teaching.
+images = idx(shared / "fashion_mnist" / "t10k-images-idx3-ubyte.gz")[:1000]
+labels = idx(shared / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")[:1000]
+fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+np.savez_compressed(out / "sample_fashion_mnist.npz", train_x=images[:800], train_y=labels[:800],
+                    test_x=images[800:], test_y=labels[800:], class_names=np.array(fashion))
+
 # CIFAR-10: the 200 lossless training images (exact pixels: what the attacks are scored on)
 # and the first 500 test images (JPEG q75, only used to measure accuracy).
 train = np.load(shared / "cifar10" / "cifar10_train_first200_kaggle_png.npz", allow_pickle=False)
