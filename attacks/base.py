@@ -35,6 +35,12 @@ class AttackTarget:
     labels: torch.Tensor | None = None
     update: list[torch.Tensor] | None = None
     recipe: dict = field(default_factory=dict)
+    # What a defense-aware attacker adds (fedsim.attack_runner.load_target fills these from the
+    # client's declared defenses): the entries of the observed signal to match, 1, and those a
+    # defense erased, 0 (pruning); and whether to match the direction only, because the update
+    # was clipped to a norm that says nothing about the data.
+    mask: list[torch.Tensor] | None = None
+    rescale: bool = False
 
 
 @dataclass
@@ -107,9 +113,39 @@ def gradient_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> t
     return sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True))
 
 
-def gradients_from_update(
-    update: Sequence[torch.Tensor], lr: float, local_steps: int = 1
-) -> list[torch.Tensor]:
+def knowledge(target: AttackTarget, observed: Sequence[torch.Tensor]) -> tuple[list, list, torch.Tensor]:
+    """(observed, mask, rescale flag) of one target, the form `matched_distance` takes (stackable per problem)."""
+    observed = [o.detach() for o in observed]
+    mask = target.mask if target.mask is not None else [torch.ones_like(o) for o in observed]
+    if [m.shape for m in mask] != [o.shape for o in observed]:
+        raise FedsimError("the attack target's mask does not match the shapes of its observed gradient")
+    return (
+        observed,
+        [m.detach().to(o.dtype) for m, o in zip(mask, observed, strict=True)],
+        torch.tensor(float(target.rescale)),
+    )
+
+
+def informed(targets: Sequence[AttackTarget]) -> bool:
+    """Whether any target carries defense knowledge (a mask or a rescale); if none does, the plain objective runs."""
+    return any(t.mask is not None or t.rescale for t in targets)
+
+
+def matched_distance(simulated: Sequence[torch.Tensor], known: Sequence[Any]) -> torch.Tensor:
+    """The gradient distance a defense-aware attacker minimises.
+
+    Entries the defense erased (mask 0) are not matched; with the rescale flag the simulated signal
+    is scaled to the observed norm first, so only its direction must match (a clipped update).
+    """
+    observed, mask, rescale = known
+    simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
+    norm_s = torch.sqrt(sum((s**2).sum() for s in simulated) + 1e-30)
+    norm_o = torch.sqrt(sum((o**2).sum() for o in observed))
+    factor = rescale * (norm_o / norm_s) + (1 - rescale)
+    return gradient_distance([s * factor for s in simulated], observed)
+
+
+def gradients_from_update(update: Sequence[torch.Tensor], lr: float, local_steps: int = 1) -> list[torch.Tensor]:
     """The pseudo-gradient -Δ/(lr·steps) of a FedAvg update: the client's mean gradient over its local steps.
 
     Exactly the gradient when the client took one SGD step; an approximation otherwise.
@@ -210,25 +246,46 @@ def stack_problems(tensors: Sequence[Any], repeats: int, device: torch.device) -
     return torch.stack([t.detach().to(device) for t in tensors for _ in range(repeats)])
 
 
-def value_and_grad(fn: Callable[..., torch.Tensor], k: int, in_dims: tuple, argnum: int) -> Callable:
+def value_and_grad(fn: Callable[..., Any], k: int, in_dims: tuple, argnum: int, *, has_aux: bool = False) -> Callable:
     """Map a scalar per-problem loss over K stacked problems: returns (d loss/d args[argnum], loss), both [K, ...].
 
-    K > 1: torch.func.vmap(grad_and_value(fn)), one batched evaluation. K == 1: plain autograd
-    on the squeezed problem, which avoids functorch's per-op overhead.
+    With has_aux, fn returns (loss, aux) and the result is (grads, (loss, aux)). K > 1:
+    torch.func.vmap(grad_and_value(fn)), one batched evaluation. K == 1: plain autograd on the
+    squeezed problem, which avoids functorch's per-op overhead.
     """
     if k > 1:
-        return torch.func.vmap(grad_and_value(fn, argnums=argnum), in_dims=in_dims, randomness="different")
+        return torch.func.vmap(
+            grad_and_value(fn, argnums=argnum, has_aux=has_aux), in_dims=in_dims, randomness="different"
+        )
 
-    def single(*args: Any) -> tuple[Any, torch.Tensor]:
+    def single(*args: Any) -> tuple[Any, Any]:
         args = [a if d is None else tree_map(lambda t: t[0], a) for a, d in zip(args, in_dims, strict=True)]
         leaves, spec = tree_flatten(args[argnum])
         leaves = [t.detach().requires_grad_() for t in leaves]
         args[argnum] = tree_unflatten(leaves, spec)
-        value = fn(*args)
-        grads = torch.autograd.grad(value, leaves)
-        return tree_map(lambda t: t.unsqueeze(0), tree_unflatten(list(grads), spec)), value.detach().unsqueeze(0)
+        out = fn(*args)
+        value = out[0] if has_aux else out
+        grads = tree_unflatten(list(torch.autograd.grad(value, leaves)), spec)
+        out = tree_map(lambda t: t.detach().unsqueeze(0), out)
+        return tree_map(lambda t: t.unsqueeze(0), grads), out
 
     return single
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` intra-op CPU threads (None: leave torch's setting), restoring the previous count.
+
+    The attacks' tensors are small, so per-op overhead dominates; on a busy 2-core machine two
+    OpenMP threads made DLG 10-40x slower than one (measured), so attacks default to one.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -259,7 +316,14 @@ class Attack(ABC):
     name: ClassVar[str]
     batchable: ClassVar[bool] = True  # whether reconstruct_many can solve several targets in one vmap
 
-    def __init__(self, *, restarts: int = 1, tolerance: float = 1e-9, snapshot_every: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        restarts: int = 1,
+        tolerance: float = 1e-9,
+        snapshot_every: int | None = None,
+        cpu_threads: int | None = 1,
+    ) -> None:
         if restarts < 1:
             raise FedsimError(f"{self.name}: restarts must be >= 1, got {restarts}")
         if tolerance < 0:
@@ -267,16 +331,19 @@ class Attack(ABC):
         self.restarts = restarts
         self.tolerance = tolerance
         self.snapshot_every = snapshot_every
+        self.cpu_threads = cpu_threads
 
     @classmethod
     def options(cls) -> dict[str, Any]:
         """The attack's options and their defaults (constructor keywords, base class included)."""
         out: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            if "__init__" in vars(klass) and klass is not object:
-                for name, par in inspect.signature(klass.__init__).parameters.items():
-                    if par.kind is par.KEYWORD_ONLY:
-                        out[name] = par.default
+        for klass in cls.__mro__:  # follow __init__s that forward **options to their parent
+            if "__init__" not in vars(klass):
+                continue
+            params = inspect.signature(klass.__init__).parameters.values()
+            out.update({p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in out})
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
         return out
 
     def reconstruct(
@@ -300,7 +367,7 @@ class Attack(ABC):
         raise_on_divergence: bool = True,
     ) -> list[Reconstruction | AttackDiverged]:
         start = time.perf_counter()
-        with flush_denormals():
+        with flush_denormals(), cpu_threads(self.cpu_threads if device.type == "cpu" else None):
             runs, info = self._solve(targets, seed=seed, device=device, progress=progress)
         seconds = time.perf_counter() - start
         results: list[Reconstruction | AttackDiverged] = []

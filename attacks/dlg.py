@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
 from attacks.base import (
     Attack,
     AttackTarget,
@@ -14,6 +15,9 @@ from attacks.base import (
     divergence,
     functional_gradient,
     gradient_distance,
+    informed,
+    knowledge,
+    matched_distance,
     model_state,
     observed_signal,
     problem_generator,
@@ -156,8 +160,9 @@ class DLG(Attack):
         restarts: int = 1,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
+        cpu_threads: int | None = 1,
     ) -> None:
-        super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every)
+        super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
         if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
             raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
         if image_param not in ("raw", "sigmoid"):
@@ -172,6 +177,13 @@ class DLG(Attack):
         """Labels held fixed during the optimisation (none for DLG, which optimises soft labels)."""
         return None, "dlg-optimised"
 
+    def _initial(self, gen: torch.Generator, numel: int, label_numel: int, restart: int) -> torch.Tensor:
+        """One restart's initial variables: images (and DLG's label logits) drawn from N(0, 1), as in the paper."""
+        parts = [torch.randn(numel, generator=gen)]
+        if self.optimise_labels:
+            parts.append(torch.randn(label_numel, generator=gen))
+        return torch.cat(parts)
+
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Run]], list[dict]]:
@@ -185,7 +197,9 @@ class DLG(Attack):
         states = [model_state(attack_copy(t.model, device)) for t in targets]
         params = stack_problems([s[0] for s in states], r, device)
         consts = stack_problems([s[1] for s in states], r, device)
-        observed = stack_problems([s[1] for s in signals], r, device)
+        aware = informed(targets)  # defense knowledge: masks and rescaling (attacks.base.matched_distance)
+        known = [knowledge(t, s[1]) if aware else s[1] for t, s in zip(targets, signals, strict=True)]
+        observed = stack_problems(known, r, device)
         labels = stack_problems([f[0] for f in fixed], r, device) if fixed[0][0] is not None else None
         numel = n * shape[1] * shape[2] * shape[3]
         k = len(targets) * r
@@ -195,23 +209,20 @@ class DLG(Attack):
             x = self._images(z[:numel].view(shape))
             if y is None:  # DLG: the label is a free soft distribution, softmax of learnable logits
                 y = torch.softmax(z[numel:].view(n, classes), dim=-1)
-            return gradient_distance(signal(p, c, x, y), obs)
+            return matched_distance(signal(p, c, x, y), obs) if aware else gradient_distance(signal(p, c, x, y), obs)
 
         fn = value_and_grad(matching_loss, k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
-        inits = []
-        for _ in targets:
-            for restart in range(r):
-                gen = problem_generator(seed, restart)
-                parts = [torch.randn(numel, generator=gen)]
-                if self.optimise_labels:
-                    parts.append(torch.randn(n * classes, generator=gen))
-                inits.append(torch.cat(parts))
+        inits = [self._initial(problem_generator(seed, i), numel, n * classes, i) for _ in targets for i in range(r)]
         z = torch.stack(inits).to(device)
         opt = BatchedLBFGS(
-            z, lambda z_: fn(params, consts, z_, labels, observed), lr=self.lr, max_iter=self.max_iter,
+            z,
+            lambda z_: fn(params, consts, z_, labels, observed),
+            lr=self.lr,
+            max_iter=self.max_iter,
             history_size=self.history_size,
         )
-        scale = torch.stack([sum((o[i] ** 2).sum() for o in observed) for i in range(k)])
+        plain = observed[0] if aware else observed
+        scale = torch.stack([sum((o[i] ** 2).sum() for o in plain) for i in range(k)])
         runs = self._optimise(opt, k, shape, numel, scale, progress)
         per_target = [runs[i * r : (i + 1) * r] for i in range(len(targets))]
         for j, target_runs in enumerate(per_target):
@@ -241,6 +252,7 @@ class DLG(Attack):
                 if it % every == 0:
                     runs[i].snapshots.append((it, x[i].clamp(0, 1).float().cpu()))
 
+        opt._evaluate(~opt.frozen)  # the initial loss, so that history starts where the optimisation does
         record(0, range(k))
         for it in range(1, self.iterations + 1):
             opt.step()

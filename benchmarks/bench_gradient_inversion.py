@@ -1,0 +1,367 @@
+"""Benchmark of the gradient-inversion attacks on real CIFAR-10 images (not run in CI; CPU runs take long).
+
+Parts (run one at a time with --part, results in benchmarks/results/<part>.json):
+  dlg       DLG and iDLG on 20 lossless 32x32 images, DLG's LeNet, FedSGD, batch 1: PSNR, SSIM,
+            label accuracy, gradient evaluations to reach 30 dB.
+  grnn      GRNN vs DLG on LeNet-5 (re-initialised U(-0.5, 0.5) as GRNN's code does), batch sizes 1..64.
+  analytic  the closed-form attack on the MLP: PSNR and seconds, batch 1 and small batches.
+  timing    seconds per reconstruction per attack, and reconstructions/minute with and without
+            batching several targets on one device (reconstruct_many).
+Example: python benchmarks/bench_gradient_inversion.py --part dlg --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attacks import AttackDiverged, AttackTarget, get_attack, infer_labels, model_gradients, reconstruct_many  # noqa: E402
+from fedsim.models import build_model  # noqa: E402
+from fedsim.scoring import pairwise_psnr, score  # noqa: E402
+
+DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+console = Console(width=150)
+
+
+def cifar(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lossless first CIFAR-10 training images: exact pixels, so PSNR is against the true originals."""
+    data = np.load(DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz", allow_pickle=False)
+    x = torch.tensor(data["x"][offset : offset + n]).permute(0, 3, 1, 2).float() / 255
+    return x, torch.tensor(data["y"][offset : offset + n]).long()
+
+
+def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarget:
+    return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), 10)
+
+
+def grnn_lenet(seed: int) -> torch.nn.Module:
+    """LeNet-5 with GRNN's weights_init: every weight and bias from U(-0.5, 0.5)."""
+    model = build_model("lenet5", (3, 32, 32), 10, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5, generator=gen)
+    return model
+
+
+def evaluations_to(result, truth: torch.Tensor, threshold: float = 30.0) -> int | None:
+    """Gradient evaluations until a snapshot first reaches `threshold` dB (None if never)."""
+    evals = {h["iteration"]: h["evaluations"] for h in result.history}
+    for iteration, images in result.snapshots:
+        if pairwise_psnr(images, truth).diagonal().min() >= threshold:
+            return evals.get(iteration)
+    return None
+
+
+def summarise(results: list, truths: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    scores, diverged = [], 0
+    for result, (x, y) in zip(results, truths, strict=True):
+        if isinstance(result, AttackDiverged):
+            diverged += 1
+            grey = torch.full_like(x, 0.5)  # a diverged attack recovers nothing: score it as a grey guess
+            scores.append(score(grey, torch.full_like(y, -1), x, y))
+        else:
+            scores.append(score(result.images, result.labels, x, y))
+    psnr = [p for s in scores for p in s["psnr"]]
+    ssim = [v for s in scores for v in s["ssim"]]
+    return {
+        "psnr_median": float(np.median(psnr)),
+        "psnr_mean": float(np.mean(psnr)),
+        "ssim_median": float(np.median(ssim)),
+        "ssim_mean": float(np.mean(ssim)),
+        "label_accuracy": float(np.mean([s["label_accuracy"] for s in scores])),
+        "diverged": diverged,
+        "psnr": psnr,
+    }
+
+
+def part_dlg(args: argparse.Namespace) -> dict:
+    n = 5 if args.quick else 20
+    x, y = cifar(n)
+    model = build_model("lenet-dlg", (3, 32, 32), 10, seed=args.seed)
+    targets = [target_for(model, x[i : i + 1], y[i : i + 1]) for i in range(n)]
+    truths = [(x[i : i + 1], y[i : i + 1]) for i in range(n)]
+    # iDLG's step 1 alone: label inference from the last layer, independent of the optimisation.
+    inferred = [infer_labels(model, t.gradients, 1, 10, (3, 32, 32)).labels for t in targets]
+    out = {
+        "label_inference": {"accuracy": float(np.mean([int(a) == int(b) for a, b in zip(inferred, y, strict=True)]))}
+    }
+    for name in ("idlg", "dlg"):
+        options = {"snapshot_every": 1, **({"iterations": 100} if args.quick else {})}
+        attack = get_attack(name, **options)
+        console.print(f"[bold]{name}[/]: {n} images, {attack.iterations} L-BFGS steps, batched {args.group} at a time")
+        start = time.perf_counter()
+        results = []
+        for i in range(0, n, args.group):
+            results += reconstruct_many(attack, targets[i : i + args.group], seed=args.seed, raise_on_divergence=False)
+            console.print(f"  {len(results)}/{n} done, {time.perf_counter() - start:.0f}s")
+        summary = summarise(results, truths)
+        reach = [
+            None if isinstance(r, AttackDiverged) else evaluations_to(r, t[0])
+            for r, t in zip(results, truths, strict=True)
+        ]
+        hits = [e for e in reach if e is not None]
+        summary.update(
+            seconds=time.perf_counter() - start,
+            evaluations_to_30db_median=float(np.median(hits)) if hits else None,
+            reached_30db=len(hits),
+            evaluations=[None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results],
+            images=n,
+        )
+        out[name] = summary
+    table = Table(title="DLG / iDLG, LeNet (DLG), CIFAR-10 32x32, FedSGD batch 1")
+    for col in (
+        "attack",
+        "images",
+        "PSNR median",
+        "PSNR mean",
+        "SSIM median",
+        "label acc",
+        "diverged",
+        "≥30 dB",
+        "evals to 30 dB (median)",
+        "seconds",
+    ):
+        table.add_column(col)
+    for name, s in out.items():
+        if name == "label_inference":
+            continue
+        table.add_row(
+            name,
+            str(s["images"]),
+            f"{s['psnr_median']:.1f}",
+            f"{s['psnr_mean']:.1f}",
+            f"{s['ssim_median']:.3f}",
+            f"{s['label_accuracy']:.0%}",
+            str(s["diverged"]),
+            f"{s['reached_30db']}/{s['images']}",
+            str(s["evaluations_to_30db_median"]),
+            f"{s['seconds']:.0f}",
+        )
+    console.print(table)
+    console.print(f"iDLG label inference alone: {out['label_inference']['accuracy']:.0%} of {n} labels")
+    return out
+
+
+def part_grnn(args: argparse.Namespace) -> dict:
+    out = {}
+    for batch in args.batches:
+        x, y = cifar(batch * args.trials)
+        model = grnn_lenet(args.seed)
+        targets = [
+            target_for(model, x[t * batch : (t + 1) * batch], y[t * batch : (t + 1) * batch])
+            for t in range(args.trials)
+        ]
+        truths = [(x[t * batch : (t + 1) * batch], y[t * batch : (t + 1) * batch]) for t in range(args.trials)]
+        for name in args.attacks:
+            options = {"iterations": {"grnn": 200, "dlg": 60}[name]} if args.quick else {}
+            attack = get_attack(name, **options)
+            start = time.perf_counter()
+            results = reconstruct_many(attack, targets, seed=args.seed, raise_on_divergence=False)
+            summary = summarise(results, truths)
+            summary.update(seconds=time.perf_counter() - start, iterations=attack.iterations, trials=args.trials)
+            out[f"{name}-b{batch}"] = summary
+            console.print(
+                f"{name} batch {batch}: PSNR mean {summary['psnr_mean']:.1f} dB, "
+                f"SSIM {summary['ssim_mean']:.3f}, {summary['seconds']:.0f}s"
+            )
+            save(args, "grnn", out)  # keep partial results of this long part
+    table = Table(title="GRNN vs DLG, LeNet-5 (U(-0.5, 0.5) init), CIFAR-10 32x32, FedSGD")
+    for col in (
+        "attack",
+        "batch",
+        "trials",
+        "iterations",
+        "PSNR mean",
+        "PSNR median",
+        "SSIM mean",
+        "label acc",
+        "diverged",
+        "seconds",
+    ):
+        table.add_column(col)
+    for key, s in out.items():
+        name, batch = key.rsplit("-b", 1)
+        table.add_row(
+            name,
+            batch,
+            str(s["trials"]),
+            str(s["iterations"]),
+            f"{s['psnr_mean']:.1f}",
+            f"{s['psnr_median']:.1f}",
+            f"{s['ssim_mean']:.3f}",
+            f"{s['label_accuracy']:.0%}",
+            str(s["diverged"]),
+            f"{s['seconds']:.0f}",
+        )
+    console.print(table)
+    return out
+
+
+def part_analytic(args: argparse.Namespace) -> dict:
+    out = {}
+    x, y = cifar(40)
+    model = build_model("mlp", (3, 32, 32), 10, seed=args.seed)
+    attack = get_attack("analytic")
+    for batch in (1, 2, 4, 8):
+        psnr, seconds, recovered, labels = [], [], 0, []
+        for t in range(5 if args.quick else 20 // batch * (1 if batch == 1 else 2)):
+            xs, ys = x[t * batch : (t + 1) * batch], y[t * batch : (t + 1) * batch]
+            start = time.perf_counter()
+            result = attack.reconstruct(target_for(model, xs, ys))
+            seconds.append(time.perf_counter() - start)
+            s = score(result.images, result.labels, xs, ys)
+            psnr += s["psnr"]
+            labels.append(s["label_accuracy"])
+            recovered += result.info["recovered"]
+        out[f"b{batch}"] = {
+            "psnr_median": float(np.median(psnr)),
+            "psnr_min": float(np.min(psnr)),
+            "share_over_100db": float(np.mean(np.array(psnr) >= 100)),
+            "label_accuracy": float(np.mean(labels)),
+            "seconds_median": float(np.median(seconds)),
+            "seconds_max": float(np.max(seconds)),
+            "recovered": recovered,
+            "examples": len(psnr),
+        }
+    table = Table(title="Analytic attack, MLP (first layer linear with bias), CIFAR-10 32x32, FedSGD")
+    for col in (
+        "batch",
+        "examples",
+        "recovered",
+        "PSNR median",
+        "PSNR min",
+        "≥100 dB",
+        "label acc",
+        "s median",
+        "s max",
+    ):
+        table.add_column(col)
+    for key, s in out.items():
+        table.add_row(
+            key[1:],
+            str(s["examples"]),
+            str(s["recovered"]),
+            f"{s['psnr_median']:.1f}",
+            f"{s['psnr_min']:.1f}",
+            f"{s['share_over_100db']:.0%}",
+            f"{s['label_accuracy']:.0%}",
+            f"{s['seconds_median']:.4f}",
+            f"{s['seconds_max']:.4f}",
+        )
+    console.print(table)
+    return out
+
+
+def part_timing(args: argparse.Namespace) -> dict:
+    """Equal work for both modes: fixed iteration budgets and tolerance 0 (no early stop)."""
+    out = {}
+    n = args.timing_targets
+    x, y = cifar(n)
+    setups = {
+        "dlg": ("lenet-dlg", {"iterations": args.timing_iterations, "tolerance": 0.0}),
+        "idlg": ("lenet-dlg", {"iterations": args.timing_iterations, "tolerance": 0.0}),
+        "grnn": ("lenet5", {"iterations": args.timing_iterations * 10, "tolerance": 0.0}),
+        "analytic": ("mlp", {}),
+    }
+    for name, (model_name, options) in setups.items():
+        model = (
+            grnn_lenet(args.seed)
+            if model_name == "lenet5"
+            else build_model(model_name, (3, 32, 32), 10, seed=args.seed)
+        )
+        targets = [target_for(model, x[i : i + 1], y[i : i + 1]) for i in range(n)]
+        attack = get_attack(name, **options)
+        start = time.perf_counter()
+        for t in targets:
+            try:
+                attack.reconstruct(t, seed=args.seed)
+            except AttackDiverged:
+                pass
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        reconstruct_many(attack, targets, seed=args.seed, raise_on_divergence=False)
+        batched = time.perf_counter() - start
+        out[name] = {
+            "options": options,
+            "targets": n,
+            "seconds_per_reconstruction": sequential / n,
+            "per_minute_sequential": 60 * n / sequential,
+            "per_minute_batched": 60 * n / batched,
+            "speedup": sequential / batched,
+            "threads": torch.get_num_threads(),
+        }
+        console.print(f"{name}: {sequential / n:.2f}s each sequentially, batching x{sequential / batched:.1f}")
+    table = Table(title=f"Throughput on {torch.get_num_threads()} CPU threads, {n} targets (CIFAR 32x32, batch 1)")
+    for col in (
+        "attack",
+        "options",
+        "s / reconstruction",
+        "per minute (one by one)",
+        "per minute (batched)",
+        "speed-up",
+    ):
+        table.add_column(col)
+    for name, s in out.items():
+        table.add_row(
+            name,
+            json.dumps(s["options"]),
+            f"{s['seconds_per_reconstruction']:.2f}",
+            f"{s['per_minute_sequential']:.1f}",
+            f"{s['per_minute_batched']:.1f}",
+            f"x{s['speedup']:.1f}",
+        )
+    console.print(table)
+    return out
+
+
+def save(args: argparse.Namespace, part: str, result: dict) -> Path:
+    folder = ROOT / "benchmarks" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{part}{'-' + args.tag if args.tag else ''}{'-quick' if args.quick else ''}.json"
+    meta = {
+        "part": part,
+        "args": {k: v for k, v in vars(args).items() if k != "part"},
+        "quick": args.quick,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path.write_text(json.dumps({"meta": meta, "results": result}, indent=2))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["dlg", "grnn", "analytic", "timing", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="fewer images and iterations (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group", type=int, default=10, help="targets batched together in the dlg part")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="grnn part: batch sizes")
+    parser.add_argument("--attacks", nargs="+", default=["grnn", "dlg"], choices=["grnn", "dlg"])
+    parser.add_argument("--trials", type=int, default=1, help="grnn part: batches per batch size")
+    parser.add_argument("--tag", default="", help="suffix of the results file, to keep runs done in pieces")
+    parser.add_argument("--timing-targets", type=int, default=8)
+    parser.add_argument("--timing-iterations", type=int, default=20)
+    args = parser.parse_args()
+    parts = ["analytic", "dlg", "timing", "grnn"] if args.part == "all" else [args.part]
+    for part in parts:
+        result = {"dlg": part_dlg, "grnn": part_grnn, "analytic": part_analytic, "timing": part_timing}[part](args)
+        console.print(f"saved {save(args, part, result)}")
+
+
+if __name__ == "__main__":
+    main()
