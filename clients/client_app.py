@@ -9,9 +9,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.defenses import defense_mods
 from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
 from fedsim.config import FedsimConfig
-from fedsim.federation import Federation, device
+from fedsim.federation import Federation, device, freeze_for_tldmi
 from fedsim.files import save_tensors
 
 
@@ -47,6 +48,8 @@ def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message
 
     model = fed.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if config.defends(partition_id, "tldmi"):  # TL-DMI: train only the last k layers (clients/defenses.py)
+        freeze_for_tldmi(model, config.tldmi_layers)
     model.to(dev)
     x, y, indices = fed.shard(partition_id)
     rng = round_generator(config.seed, server_round, partition_id)
@@ -78,10 +81,13 @@ def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message
 
 
 def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `config`, or reading the Flower run config when None (`flwr run`)."""
+    """A ClientApp bound to `config`, or reading the Flower run config when None (`flwr run`).
+
+    Every defense mod is installed; each acts only when the run's config turns it on for this client.
+    """
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=defense_mods(config))
     def train(msg: Message, context: Context) -> Message:
         return local_train(msg, context, config or FedsimConfig.from_run_config(context.run_config))
 

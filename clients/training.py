@@ -12,6 +12,14 @@ def round_generator(seed: int, server_round: int, partition_id: int) -> np.rando
     return np.random.default_rng([seed, server_round, partition_id])
 
 
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except that modules TL-DMI froze stay in eval mode (a frozen BatchNorm keeps its statistics)."""
+    model.train()
+    for module in model.modules():
+        if getattr(module, "fedsim_frozen", False):
+            module.eval()
+
+
 def fedsgd_batch(num_examples: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """Positions in the shard of the B examples whose gradient the client sends."""
     return np.sort(rng.choice(num_examples, size=batch_size, replace=False))
@@ -19,7 +27,7 @@ def fedsgd_batch(num_examples: int, batch_size: int, rng: np.random.Generator) -
 
 def train_fedsgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
     """One SGD step on the mean cross-entropy of (x, y): the update is -lr times its gradient."""
-    model.train()
+    train_mode(model)
     loss = nn.functional.cross_entropy(model(x), y)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
@@ -40,7 +48,7 @@ def train_fedavg(
     proximal_mu: float = 0.0,
 ) -> float:
     """E epochs of minibatch SGD over the shard (FedProx's proximal term when mu > 0); returns the mean loss."""
-    model.train()
+    train_mode(model)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr)

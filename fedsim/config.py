@@ -14,6 +14,8 @@ from fedsim.errors import FedsimError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "krum")
 RECIPES = ("fedavg", "fedsgd")
 PARTITIONS = ("iid", "dirichlet")
+DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")  # client-side defenses (clients/defenses.py)
+NOISE_TYPES = ("gaussian", "laplace")
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -70,6 +72,40 @@ class FedsimConfig:
     # Attacks the run ends with (`fedsim attack` does the same on a finished run)
     attacks: str = field(
         default="", metadata={"help": "comma-separated gradient-inversion attacks to run on the captures at the end"}
+    )
+    # Client-side defenses (clients/defenses.py; README "Defenses")
+    defenses: str = field(
+        default="",
+        metadata={"help": "comma-separated client defenses: noise, clip, ldp, prune, tldmi ('' = none)"},
+    )
+    defense_clients: str = field(
+        default="", metadata={"help": "comma-separated partition ids that apply the defenses ('' = every client)"}
+    )
+    noise_type: str = field(
+        default="gaussian", metadata={"help": "distribution of the update noise", **_choice(*NOISE_TYPES)}
+    )
+    noise_scale: float = field(
+        default=0.01,
+        metadata={"help": "noise on the update: Gaussian std sigma or Laplace scale b (DLG's variance = (sigma/lr)^2)"},
+    )
+    clip_norm: float = field(default=1.0, metadata={"help": "L2 bound of the update (client - global weights)"})
+    ldp_epsilon: float = field(default=1.0, metadata={"help": "local DP epsilon (Flower's LocalDpMod)"})
+    ldp_delta: float = field(default=1e-5, metadata={"help": "local DP delta, in (0, 1)"})
+    ldp_clip_norm: float = field(
+        default=1.0, metadata={"help": "local DP clipping norm of the update (also its L2 sensitivity)"}
+    )
+    prune_percent: float = field(
+        default=20.0, metadata={"help": "per tensor, zero this % of the update's smallest-magnitude entries"}
+    )
+    tldmi_layers: int = field(
+        default=1,
+        metadata={"help": "TL-DMI: number of layers (modules with parameters) clients train, from the output"},
+    )
+    tldmi_public: str = field(
+        default="", metadata={"help": "TL-DMI: public dataset name or checkpoint path that pre-trains the early layers"}
+    )
+    tldmi_pretrain_epochs: int = field(
+        default=3, metadata={"help": "TL-DMI: server epochs of pre-training on the public dataset"}
     )
     # Resources
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor"})
@@ -148,6 +184,88 @@ class FedsimConfig:
             raise FedsimError(f"client-num-cpus = {self.client_num_cpus} must be > 0")
         if self.server_lr <= 0:
             raise FedsimError(f"server-lr = {self.server_lr} must be > 0")
+        self._validate_defenses()
+
+    # --- defenses ------------------------------------------------------------------------
+    def defense_list(self) -> list[str]:
+        """The defenses named by `defenses`, in the order written."""
+        return [name.strip() for name in self.defenses.split(",") if name.strip()]
+
+    def defense_partitions(self) -> list[int] | None:
+        """The partition ids listed in `defense-clients`; None when every client defends itself."""
+        if not self.defense_clients.strip():
+            return None
+        return [int(part) for part in self.defense_clients.split(",") if part.strip()]
+
+    def defends(self, partition_id: int, defense: str | None = None) -> bool:
+        """Whether client `partition_id` applies `defense` (any defense when None)."""
+        names = self.defense_list()
+        if not names or (defense is not None and defense not in names):
+            return False
+        chosen = self.defense_partitions()
+        return chosen is None or partition_id in chosen
+
+    def _validate_defenses(self) -> None:
+        names = self.defense_list()
+        for name in names:
+            if name not in DEFENSES:
+                raise FedsimError(f"defenses: unknown defense {name!r}; choose from: {', '.join(DEFENSES)}")
+        if len(set(names)) != len(names):
+            raise FedsimError(f"defenses = {self.defenses!r} names a defense twice")
+        try:
+            chosen = self.defense_partitions()
+        except ValueError:
+            raise FedsimError(
+                f"defense-clients = {self.defense_clients!r} must be comma-separated partition ids, e.g. '0,2'"
+            ) from None
+        for pid in chosen or []:
+            if not 0 <= pid < self.num_clients:
+                raise FedsimError(
+                    f"defense-clients: partition id {pid} is outside 0..{self.num_clients - 1} "
+                    f"(num-clients = {self.num_clients})"
+                )
+        if self.noise_scale < 0:
+            raise FedsimError(f"noise-scale = {self.noise_scale} must be >= 0 (Gaussian std or Laplace scale)")
+        if not 0 <= self.prune_percent < 100:
+            raise FedsimError(f"prune-percent = {self.prune_percent} must be in [0, 100)")
+        if self.ldp_epsilon <= 0:
+            raise FedsimError(f"ldp-epsilon = {self.ldp_epsilon} must be > 0")
+        if not 0 < self.ldp_delta < 1:
+            raise FedsimError(f"ldp-delta = {self.ldp_delta} must be in (0, 1)")
+        for key, value in {"clip-norm": self.clip_norm, "ldp-clip-norm": self.ldp_clip_norm}.items():
+            if value <= 0:
+                raise FedsimError(f"{key} = {value} must be > 0")
+        if self.tldmi_layers < 1:
+            raise FedsimError(f"tldmi-layers = {self.tldmi_layers} must be at least 1 (layers trained from the output)")
+        if self.tldmi_pretrain_epochs < 0:
+            raise FedsimError(f"tldmi-pretrain-epochs = {self.tldmi_pretrain_epochs} must be >= 0")
+        if "tldmi" in names:
+            self._validate_tldmi_public()
+
+    def _validate_tldmi_public(self) -> None:
+        from fedsim.datasets import LOADERS
+
+        public = self.tldmi_public.strip()
+        if not public:
+            raise FedsimError(
+                "defenses = tldmi needs tldmi-public: a public dataset name (one of: "
+                f"{', '.join(LOADERS)}) or a checkpoint path, disjoint from the clients' data"
+            )
+        if public in LOADERS:
+            if public.removeprefix("sample-") == self.dataset.removeprefix("sample-"):
+                raise FedsimError(
+                    f"tldmi-public = {public!r} overlaps the clients' private dataset {self.dataset!r}; "
+                    "the public data must be disjoint from it (e.g. fashion-mnist for mnist clients)"
+                )
+            if public == "imagefolder":
+                raise FedsimError(
+                    "tldmi-public = 'imagefolder' is not supported: it would read data-dir, the clients' own data"
+                )
+        elif not Path(public).expanduser().exists():
+            raise FedsimError(
+                f"tldmi-public = {public!r} is neither a dataset (one of: {', '.join(LOADERS)}) "
+                "nor an existing checkpoint path"
+            )
 
     # --- files ---------------------------------------------------------------------------
     @classmethod
@@ -216,5 +334,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if key == "defense-clients":  # `--set defense-clients=1` reads as an integer, `[0, 2]` as a list
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+            if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return ",".join(str(v) for v in value)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     raise FedsimError(f"{key} = {value!r} must be {names[kind]}")

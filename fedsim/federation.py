@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from fedsim.config import FedsimConfig
-from fedsim.datasets import ImageDataset, load_dataset, to_float
+from fedsim.datasets import LOADERS, ImageDataset, load_dataset, to_float
+from fedsim.errors import FedsimError
 from fedsim.models import build_model, load_pretrained
 from fedsim.shards import check_batch_size, partition, summary
 
@@ -29,14 +30,88 @@ class Federation:
             data.train_y, config.num_clients, config.partition, config.alpha, config.seed, config.examples_per_client
         )
         check_batch_size(shards, config.batch_size)
-        return cls(config, data, shards)
+        fed = cls(config, data, shards)
+        if "tldmi" in config.defense_list() and config.tldmi_public in LOADERS:
+            fed.public_data()  # a missing public dataset is refused here, before any training
+        return fed
 
     def build_model(self) -> nn.Module:
         """The initial global model: seeded, optionally loaded from a checkpoint."""
         model = build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=self.config.seed)
         if self.config.pretrained:
             load_pretrained(model, self.config.pretrained)
+        if "tldmi" in self.config.defense_list():
+            tldmi_layers(model, self.config.tldmi_layers)  # refuses a k deeper than the model
         return model
+
+    # --- TL-DMI: the public data and the server's pre-training of the early layers -----------
+    def public_data(self) -> ImageDataset:
+        """TL-DMI's public dataset, resized and converted to the private data's channels."""
+        cfg = self.config
+        c, h, w = self.data.input_shape
+        public = load_dataset(cfg.tldmi_public, cfg.data_dir, cfg.download, h if h == w else 0)
+        if public.input_shape[1:] != (h, w):
+            raise FedsimError(
+                f"tldmi-public = {cfg.tldmi_public!r} has images of {public.input_shape[1]}x{public.input_shape[2]}; "
+                f"the clients' are {h}x{w} (set image-size to a common side length)"
+            )
+        return ImageDataset(
+            public.name,
+            _to_channels(public.train_x, c),
+            public.train_y,
+            _to_channels(public.test_x, c),
+            public.test_y,
+            public.classes,
+            public.notes,
+        )
+
+    def pretrain_public(self, model: nn.Module) -> dict[str, float]:
+        """TL-DMI (Ho et al., CVPR 2024), server side: pre-train `model` on the public data, in place.
+
+        A model of the same architecture with the public dataset's class count is trained (all layers,
+        Adam 1e-3, batch 64, seeded) for `tldmi-pretrain-epochs` epochs; with a checkpoint path as
+        `tldmi-public` it is loaded instead. Then the tensors of the early layers, the ones the clients
+        keep frozen, are copied into `model`; the last `tldmi-layers` keep the run's own initialisation.
+        Returns the public training loss and test accuracy.
+        """
+        cfg = self.config
+        early = set(model.state_dict()) - set(tldmi_trainable_keys(model, cfg.tldmi_layers))
+        if cfg.tldmi_public not in LOADERS:
+            source = build_model(cfg.model, self.data.input_shape, self.data.num_classes, seed=cfg.seed)
+            missing = set(load_pretrained(source, cfg.tldmi_public))
+            model.load_state_dict(
+                {k: v for k, v in source.state_dict().items() if k in early and k not in missing}, strict=False
+            )
+            return {}
+        public = self.public_data()
+        dev = device()
+        source = build_model(cfg.model, public.input_shape, public.num_classes, seed=cfg.seed).to(dev)
+        source.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if source.state_dict()[k].shape == v.shape}, strict=False
+        )
+        x, y = to_float(public.train_x), public.train_y
+        rng = np.random.default_rng([cfg.seed, 0x7D41])
+        optimizer = torch.optim.Adam(source.parameters(), lr=1e-3)
+        loss_sum, seen = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            source.train()
+            for _ in range(cfg.tldmi_pretrain_epochs):
+                order = torch.from_numpy(rng.permutation(len(x)))
+                for start in range(0, len(x), 64):
+                    idx = order[start : start + 64]
+                    loss = nn.functional.cross_entropy(source(x[idx].to(dev)), y[idx].to(dev))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    loss_sum, seen = loss_sum + loss.item() * len(idx), seen + len(idx)
+        own = model.state_dict()
+        model.load_state_dict(
+            {k: v.cpu() for k, v in source.state_dict().items() if k in early and own[k].shape == v.shape},
+            strict=False,
+        )
+        metrics = evaluate(source, to_float(public.test_x), public.test_y)
+        return {"public-train-loss": loss_sum / max(seen, 1), "public-test-accuracy": metrics["test-accuracy"]}
 
     def shard(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Client `partition_id`'s private images (float, [0, 1]), labels and dataset indices."""
@@ -51,6 +126,56 @@ class Federation:
 
     def summary(self) -> list[dict]:
         return summary(self.shards, self.data.train_y, self.data.num_classes)
+
+
+def tldmi_layers(model: nn.Module, k: int | None = None) -> list[str]:
+    """The model's layers, or with `k` the names of the last k (the layers TL-DMI's clients train).
+
+    A layer is a module that owns parameters directly (Conv2d, Linear, BatchNorm, ...), in the order
+    the model registers its modules, which for every model in the zoo is the forward order.
+    """
+    names = [name for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    if k is None:
+        return names
+    if not 1 <= k <= len(names):
+        raise FedsimError(
+            f"tldmi-layers = {k} must be in 1..{len(names)}: {type(model).__name__} has {len(names)} layers "
+            f"(modules with parameters), the last being {', '.join(reversed(names[-3:]))}"
+        )
+    return names[-k:]
+
+
+def tldmi_trainable_keys(model: nn.Module, k: int) -> list[str]:
+    """State-dict keys (parameters and buffers) of the last k layers, in state-dict order."""
+    layers = set(tldmi_layers(model, k))
+    return [key for key in model.state_dict() if key.rpartition(".")[0] in layers]
+
+
+def freeze_for_tldmi(model: nn.Module, k: int) -> list[str]:
+    """Freeze every layer but the last k (requires_grad False); returns the trainable parameter names.
+
+    Frozen modules are marked so that training keeps them in eval mode: a frozen BatchNorm does
+    not move its running statistics either, so a frozen layer comes back exactly as it was sent.
+    """
+    trainable = set(tldmi_layers(model, k))
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and name not in trainable:
+            for p in own:
+                p.requires_grad_(False)
+            module.fedsim_frozen = True
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images with `channels` channels: grey repeated to RGB, RGB averaged to grey."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.repeat(1, channels, 1, 1)
+    if channels == 1:
+        return x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    raise FedsimError(f"cannot convert {x.shape[1]}-channel public images to {channels} channels")
 
 
 def device() -> torch.device:

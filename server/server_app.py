@@ -9,10 +9,11 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
-from fedsim.federation import Federation, evaluate
+from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
 from server.curious import CuriousStrategy
 from server.strategies import make_strategy
@@ -24,6 +25,19 @@ def run_dir_for(config: FedsimConfig) -> Path:
     """runs/<run-id>/: the run name, or a time stamp with dataset, model and seed."""
     name = config.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}-s{config.seed}"
     return Path(config.out_dir) / name
+
+
+def trainable_names(config: FedsimConfig, model: nn.Module) -> list[str]:
+    """The parameters the clients train, for the capture records' "trainable".
+
+    Under TL-DMI on every client, the last `tldmi-layers` layers only. With `defense-clients` set,
+    every parameter: the TL-DMI clients declare their own "trainable" list in their "declared".
+    """
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    if "tldmi" in config.defense_list() and config.defense_partitions() is None:
+        last = set(tldmi_layers(model, config.tldmi_layers))
+        names = [name for name in names if name.rpartition(".")[0] in last]
+    return names
 
 
 def run_server(
@@ -39,6 +53,10 @@ def run_server(
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
+    if "tldmi" in config.defense_list():
+        # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
+        pretrain = fed.pretrain_public(model)
+        atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": config.tldmi_public, **pretrain})
     test_x, test_y = fed.test_split()
     describe = {
         "run": run_dir.name,
@@ -46,7 +64,7 @@ def run_server(
         "dataset": config.dataset,
         "input_shape": list(fed.data.input_shape),
         "num_classes": fed.data.num_classes,
-        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+        "trainable": trainable_names(config, model),
     }
     store = CaptureStore(run_dir / "captures") if config.capture else None
     rounds: dict[int, dict] = {}
