@@ -149,6 +149,14 @@ def attack(
     max_batch: Annotated[int, typer.Option("--max-batch", help="skip updates of more examples than this")] = 64,
     seed: Annotated[int | None, typer.Option(help="attack seed (default: the run's seed)")] = None,
     watch: Annotated[bool, typer.Option(help="keep attacking new captures as they arrive (Ctrl-C stops)")] = False,
+    aware: Annotated[
+        bool,
+        typer.Option(
+            "--defense-aware/--defense-unaware",
+            help="use the defenses clients declared (frozen layers, pruned entries, clipping); "
+            "unaware results go to attacks/<attack>-unaware",
+        ),
+    ] = True,
 ) -> None:
     """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
     from attacks import ATTACKS
@@ -171,7 +179,7 @@ def attack(
     while True:
         for run_dir in run_dirs(path):
             run_seed = seed if seed is not None else _run_seed(run_dir)
-            jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch)
+            jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch, aware)
             for item in skipped:
                 console.print(
                     f"[yellow]skipped[/] round {item['round']} client {item['partition_id']}: {item['reason']}"
@@ -309,6 +317,13 @@ def show_config() -> None:
     for f, line in zip(fields(FedsimConfig), lines, strict=True):
         print(f"# {f.metadata.get('help', '')}")
         print(line)
+
+
+# Model-level attacks on a finished run (SeqMIA, Ensemble Inversion) live in their own module.
+from fedsim.cli_model_attacks import invert, membership  # noqa: E402
+
+app.command()(membership)
+app.command()(invert)
 
 
 def main() -> None:

@@ -1,0 +1,262 @@
+"""Ensemble Inversion (Wang & Kurz, WACV 2022): a generator trained against an ensemble of frozen models.
+
+A class-conditional generator G(z, c) is trained so that every model of the ensemble assigns its images to
+class c (the one-hot loss) with a high maximum output activation (the activation loss); an auxiliary dataset
+can act as a prior through a discriminator. Farthest model sampling (FMS) picks a diverse subset of candidate
+models, and generated samples with low activations are filtered out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.errors import FedsimError
+
+StateDict = dict[str, torch.Tensor]
+Progress = Callable[[int, int, dict], None]  # (step, total, losses)
+
+
+class ConditionalGenerator(nn.Module):
+    """DCGAN-style generator (Radford et al. 2016, as DAFL uses) conditioned on a one-hot class: a linear layer
+    to a (4w, H/4, W/4) map, two stride-2 transposed convolutions, a sigmoid: images in [0, 1]."""
+
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, latent_dim: int = 100, width: int = 16
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.input_shape, self.num_classes, self.latent_dim = (c, h, w), num_classes, latent_dim
+        self.h0, self.w0, self.width = math.ceil(h / 4), math.ceil(w / 4), width
+        self.fc = nn.Linear(latent_dim + num_classes, 4 * width * self.h0 * self.w0)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(2 * width, c, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(labels, self.num_classes).to(z.dtype)
+        x = self.fc(torch.cat([z, onehot], dim=1)).view(-1, 4 * self.width, self.h0, self.w0)
+        x = torch.sigmoid(self.body(x))
+        return x[:, :, : self.input_shape[1], : self.input_shape[2]]
+
+
+class Discriminator(nn.Module):
+    """A small convolutional discriminator: real auxiliary images against generated ones (the optional prior)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(32, 64, 4, stride=2, padding=1),
+            nn.BatchNorm2d(64),
+            nn.LeakyReLU(0.2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+def ensemble_logits(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Logits of every model [M, B, K]."""
+    return torch.stack([model(x) for model in models])
+
+
+def inversion_losses(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The paper's two losses on ensemble logits [M, B, K] for target classes [B]:
+
+    one-hot: the cross-entropy of each model's prediction against the target class, averaged over models;
+    activation: minus the maximum output activation (largest logit) of each model, averaged over models.
+    """
+    m, b, k = logits.shape
+    onehot = F.cross_entropy(logits.reshape(m * b, k), labels.repeat(m))
+    activation = -logits.max(dim=2).values.mean()
+    return {"one-hot": onehot, "activation": activation}
+
+
+@dataclass
+class InversionConfig:
+    """Hyper-parameters of one inversion (the same for ensemble and single-model inversion)."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    latent_dim: int = 100
+    width: int = 16  # generator channels: 4w, 2w
+    lambda_activation: float = 0.1
+    lambda_prior: float = 0.1  # weight of the discriminator term when auxiliary data is given
+    seed: int = 0
+
+
+def train_generator(
+    models: Sequence[nn.Module],
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    config: InversionConfig | None = None,
+    aux: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> ConditionalGenerator:
+    """Train a class-conditional generator against the frozen `models` (an ensemble, or one model).
+
+    Each step draws a class-balanced batch of targets and latent codes; the loss is one-hot +
+    lambda_activation * activation (+ lambda_prior * the non-saturating GAN loss against `aux` images).
+    """
+    if not models:
+        raise FedsimError("ensemble inversion needs at least one model")
+    cfg = config or InversionConfig()
+    for model in models:
+        model.eval()
+        model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        generator = ConditionalGenerator(input_shape, num_classes, cfg.latent_dim, cfg.width)
+        disc = Discriminator(input_shape[0]) if aux is not None else None
+    g_opt = torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.999)) if disc is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    generator.train()
+    for step in range(cfg.steps):
+        labels = (torch.arange(cfg.batch_size) + step * cfg.batch_size) % num_classes
+        z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen)
+        images = generator(z, labels)
+        parts = inversion_losses(ensemble_logits(models, images), labels)
+        loss = parts["one-hot"] + cfg.lambda_activation * parts["activation"]
+        if disc is not None and d_opt is not None and aux is not None:
+            real = aux[torch.randint(len(aux), (cfg.batch_size,), generator=gen)]
+            d_loss = F.softplus(-disc(real)).mean() + F.softplus(disc(images.detach())).mean()
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            parts["prior"] = F.softplus(-disc(images)).mean()
+            loss = loss + cfg.lambda_prior * parts["prior"]
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g_opt.step()
+        if progress is not None:
+            progress(step + 1, cfg.steps, {k: float(v.detach()) for k, v in parts.items()})
+    generator.eval()
+    return generator
+
+
+@torch.no_grad()
+def generate(
+    generator: ConditionalGenerator,
+    models: Sequence[nn.Module],
+    classes: Sequence[int],
+    per_class: int,
+    keep: float = 0.5,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`per_class` samples of each class, filtered to the `keep` share with the highest activations.
+
+    A sample's activation is the ensemble's mean output activation (logit) of its target class.
+    Returns (images, labels, activations) of the kept samples, class by class.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
+    z = torch.randn(len(labels), generator.latent_dim, generator=gen)
+    images = torch.cat([generator(z[s : s + 256], labels[s : s + 256]) for s in range(0, len(labels), 256)])
+    activations = target_activation(models, images, labels)
+    kept = filter_top_activations(activations, labels, keep)
+    return images[kept], labels[kept], activations[kept]
+
+
+@torch.no_grad()
+def target_activation(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the ensemble of the target-class logit of each image."""
+    rows = torch.arange(len(labels))
+    logits = torch.cat([ensemble_logits(models, images[s : s + 256]) for s in range(0, len(images), 256)], dim=1)
+    return logits[:, rows, labels].mean(dim=0)
+
+
+def filter_top_activations(activations: torch.Tensor, labels: torch.Tensor, keep: float) -> torch.Tensor:
+    """Indices of the samples kept: per class, the ceil(keep * n) with the highest activations (ties: first)."""
+    if not 0 < keep <= 1:
+        raise FedsimError(f"keep = {keep} must be in (0, 1]: the share of generated samples kept per class")
+    kept = []
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero().flatten()
+        n = math.ceil(keep * len(idx))
+        order = torch.sort(activations[idx], descending=True, stable=True).indices
+        kept.append(idx[order[:n]])
+    return torch.cat(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Farthest model sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def weight_distances(states: Sequence[StateDict]) -> np.ndarray:
+    """Pairwise L2 distances [M, M] between models' flattened floating-point parameters (float64)."""
+    flat = torch.stack(
+        [torch.cat([v.detach().double().flatten() for v in s.values() if v.is_floating_point()]) for s in states]
+    )
+    return torch.cdist(flat, flat).numpy()
+
+
+@torch.no_grad()
+def output_distances(models: Sequence[nn.Module], probe: torch.Tensor) -> np.ndarray:
+    """Pairwise distances [M, M]: mean L2 distance between models' softmax outputs on the probe images."""
+    probs = torch.stack([F.softmax(m(probe).double(), dim=1) for m in models])  # [M, N, K]
+    diff = probs.unsqueeze(0) - probs.unsqueeze(1)
+    return diff.norm(dim=3).mean(dim=2).numpy()
+
+
+def farthest_model_sampling(distances: np.ndarray, k: int, first: int | None = None) -> list[int]:
+    """Greedy farthest-point sampling: start at `first` (default: the last, most recent model), then repeatedly
+    add the model whose distance to its nearest already-chosen model is largest (ties: the lowest index)."""
+    d = np.asarray(distances, dtype=np.float64)
+    m = len(d)
+    if d.shape != (m, m):
+        raise FedsimError(f"FMS needs a square distance matrix; got {d.shape}")
+    if not 1 <= k <= m:
+        raise FedsimError(f"FMS cannot pick {k} of {m} models; choose 1 <= k <= {m}")
+    chosen = [m - 1 if first is None else first]
+    nearest = d[chosen[0]].copy()
+    while len(chosen) < k:
+        nearest[chosen] = -np.inf
+        nxt = int(np.argmax(nearest))
+        chosen.append(nxt)
+        nearest = np.minimum(nearest, d[nxt])
+    return chosen
+
+
+def fms_distances(
+    kind: str, states: Sequence[StateDict], models: Sequence[nn.Module], probe: torch.Tensor
+) -> np.ndarray:
+    """FMS distances between candidate models: "weights" (L2 between parameters) or "outputs" (softmax outputs on
+    the probe images)."""
+    if kind == "weights":
+        return weight_distances(states)
+    if kind != "outputs":
+        raise FedsimError(f"unknown FMS distance {kind!r}; choose weights or outputs")
+    return output_distances(models, probe[:256])
+
+
+def auxiliary_images(name: str, data_dir: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A public dataset as the generator's prior: its training images in [0, 1], resized and re-channelled."""
+    from fedsim.datasets import LOADERS, load_dataset, to_float
+
+    if name not in LOADERS:
+        raise FedsimError(f"unknown auxiliary dataset {name!r}; choose one of: {', '.join(LOADERS)}")
+    x = to_float(load_dataset(name, data_dir).train_x)
+    if x.shape[1] != shape[0]:
+        x = x.mean(dim=1, keepdim=True).expand(-1, shape[0], -1, -1).contiguous()
+    if tuple(x.shape[2:]) != tuple(shape[1:]):
+        x = F.interpolate(x, size=tuple(shape[1:]), mode="bilinear", antialias=True)
+    return x
