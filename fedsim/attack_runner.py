@@ -34,14 +34,20 @@ class AttackJob:
     run_dir: Path
     attack: str
     record: dict
+    aware: bool = True  # a defense-aware attacker uses what the client declared (see load_target)
 
     @property
     def name(self) -> str:
         return f"round-{self.record['round']:04d}-client-{self.record['client']}"
 
     @property
+    def label(self) -> str:
+        """The attack's name in results and reports: `dlg`, or `dlg-unaware` for the defense-unaware attacker."""
+        return self.attack if self.aware else f"{self.attack}-unaware"
+
+    @property
     def out(self) -> Path:
-        return self.run_dir / "attacks" / self.attack / self.name
+        return self.run_dir / "attacks" / self.label / self.name
 
     def seed(self, base: int) -> int:
         """A seed per job that depends only on the run's seed and the capture, never on scheduling order."""
@@ -73,6 +79,7 @@ def plan(
     rounds: set[int] | None = None,
     clients: set[int] | None = None,
     max_batch: int = 64,
+    aware: bool = True,
 ) -> tuple[list[AttackJob], list[dict]]:
     """The jobs for `attacks` on the run's captured updates, and the captures skipped (with why)."""
     store = CaptureStore(run_dir / "captures")
@@ -95,7 +102,7 @@ def plan(
                 }
             )
             continue
-        jobs.extend(AttackJob(run_dir, attack, record) for attack in attacks)
+        jobs.extend(AttackJob(run_dir, attack, record, aware) for attack in attacks)
     return jobs, skipped
 
 
@@ -103,15 +110,31 @@ def _ident(record: dict) -> dict:
     return {"round": record["round"], "client": record["client"], "partition_id": record.get("partition_id")}
 
 
-def load_target(global_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor], record: dict):
-    """What the curious server knows about one update, as the attacks take it (attacks.base.AttackTarget)."""
+def declared_defenses(record: dict) -> list[str]:
+    """The defenses a client declared in its reply (the capture record's "declared"), in the order applied."""
+    return [d for d in str((record.get("declared") or {}).get("defenses", "")).split(",") if d]
+
+
+def load_target(
+    global_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor], record: dict, aware: bool = True
+):
+    """What the curious server knows about one update, as the attacks take it (attacks.base.AttackTarget).
+
+    The defense-aware attacker (`aware`, the default) uses what the client declared: under TL-DMI it
+    matches only the layers the client trained; under pruning only the entries that were not zeroed;
+    under clipping (without noise after it) only the direction of the update. Against noise and local
+    DP it changes nothing: for Gaussian noise the squared distance already is the likelihood's. The
+    unaware attacker takes every update as a plain gradient of every parameter.
+    """
     from attacks.base import AttackTarget
     from fedsim.models import build_model
 
     model = build_model(record["model"], tuple(record["input_shape"]), record["num_classes"])
     model.load_state_dict(global_state)
     model.train()  # clients compute their gradients in training mode (BatchNorm uses batch statistics)
-    trainable = set(record.get("trainable") or [n for n, _ in model.named_parameters()])
+    declared, defenses = record.get("declared") or {}, declared_defenses(record)
+    every = [n for n, _ in model.named_parameters()]
+    trainable = set((declared.get("trainable") or record.get("trainable") or every) if aware else every)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -120,7 +143,11 @@ def load_target(global_state: dict[str, torch.Tensor], client_state: dict[str, t
     mode = recipe.pop("recipe", "fedavg")
     recipe = {**recipe, "mode": mode, "num-examples": int(record["num_examples"])}
     gradients = [-u / float(recipe["lr"]) for u in update] if mode == "fedsgd" else None
+    mask = [(u != 0).float() for u in update] if aware and "prune" in defenses else None
+    rescale = aware and "clip" in defenses and not {"noise", "ldp"} & set(defenses)
     return AttackTarget(
+        mask=mask,
+        rescale=rescale,
         model=model,
         gradients=gradients,
         batch_size=int(record["num_examples"]),
@@ -146,7 +173,7 @@ def execute(
     start = time.time()
     try:
         attacker = get_attack(attack, **options)
-        targets = [load_target(p["global"], p["client"], p["record"]) for p in payloads]
+        targets = [load_target(p["global"], p["client"], p["record"], p.get("aware", True)) for p in payloads]
         if len(targets) == 1:
             name = payloads[0]["name"]
             progress = (lambda it, loss: report(name, it, loss)) if report else None
@@ -180,7 +207,10 @@ def write_result(job: AttackJob, outcome: dict, options: dict) -> dict:
     """Store one finished job; result.json goes last so a crash never leaves a half-done job marked done."""
     summary = {
         "status": outcome["status"],
-        "attack": job.attack,
+        "attack": job.label,
+        "method": job.attack,
+        "defense_aware": job.aware,
+        "declared": declared_defenses(job.record),
         **_ident(job.record),
         "recipe": job.record.get("recipe"),
         "num_examples": job.record.get("num_examples"),
@@ -213,9 +243,10 @@ def _jsonable(value: Any) -> Any:
 
 def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
     return {
-        "name": f"{job.attack} round {job.record['round']} client {job.record.get('partition_id')}",
+        "name": f"{job.label} round {job.record['round']} client {job.record.get('partition_id')}",
         "record": job.record,
         "seed": job.seed(seed),
+        "aware": job.aware,
         "global": store.load(store.global_record(job.record["round"])),
         "client": store.load(job.record),
     }
@@ -250,8 +281,8 @@ def run_attacks(
     options = options or {}
     todo = [job for job in jobs if job.status() != "ok"]
     groups: list[list[AttackJob]] = []
-    for attack in dict.fromkeys(job.attack for job in todo):
-        same = [job for job in todo if job.attack == attack]
+    for label in dict.fromkeys(job.label for job in todo):
+        same = [job for job in todo if job.label == label]
         groups.extend(same[i : i + batch] for i in range(0, len(same), batch))
     emit = on_event or (lambda event: None)
     emit({"event": "start", "total": len(jobs), "todo": len(todo)})
