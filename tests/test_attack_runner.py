@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clients.training import train_fedsgd
+from fedsim.attack_runner import load_target
 from fedsim.captures import CaptureStore
 from fedsim.datasets import load_dataset, to_float
 from fedsim.federation import device
@@ -113,3 +114,28 @@ def test_attack_cli_mistakes(tmp_path, args, expected):
     result = run_cli(*[a.replace("{run}", str(run_dir)) for a in args])
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
+
+
+def test_load_target_uses_declared_defenses_only_when_aware():
+
+    model = build_model("lenet-dlg", (1, 16, 16), 10, seed=0)
+    global_state = model.state_dict()
+    client_state = {k: v + 0.01 for k, v in global_state.items()}
+    client_state["fc.bias"] = global_state["fc.bias"].clone()  # pruned to exactly zero update
+    base = {"model": "lenet-dlg", "input_shape": [1, 16, 16], "num_classes": 10, "num_examples": 1}
+    base["recipe"] = {"recipe": "fedsgd", "lr": 0.1, "batch-size": 1}
+    every = [n for n, _ in model.named_parameters()]
+    record = {
+        **base,
+        "trainable": every,
+        "declared": {"defenses": "tldmi,clip,prune", "trainable": ["fc.weight", "fc.bias"]},
+    }
+
+    aware = load_target(global_state, client_state, record)
+    assert [n for n, p in aware.model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert aware.rescale and len(aware.mask) == 2 and float(aware.mask[1].sum()) == 0 and bool(aware.mask[0].all())
+    unaware = load_target(global_state, client_state, record, aware=False)
+    assert len(unaware.gradients) == len(every) and unaware.mask is None and not unaware.rescale
+
+    noisy = load_target(global_state, client_state, {**record, "declared": {"defenses": "clip,noise"}})
+    assert not noisy.rescale and noisy.mask is None and len(noisy.gradients) == len(every)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from attacks import ATTACKS, AttackDiverged, AttackTarget, get_attack, gradients_from_update, reconstruct_many
-from attacks.base import model_gradients
+from attacks.base import knowledge, matched_distance, model_gradients
 from attacks.dlg import DLG, BatchedLBFGS
 from attacks.grnn import GRNN, Generator
 from fedsim.errors import FedsimError
@@ -267,3 +268,37 @@ def test_attacks_do_not_import_flower_or_ray() -> None:
     root = Path(__file__).resolve().parents[1] / "attacks"
     for path in root.glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+(flwr|ray)\b", path.read_text(), re.M), path
+
+
+def prune_smallest(gradients: list[torch.Tensor], percent: float) -> list[torch.Tensor]:
+    """The DLG paper's pruning: per tensor, the `percent` % smallest-magnitude entries set to 0."""
+    out = []
+    for g in gradients:
+        k = round(percent / 100 * g.numel())
+        threshold = g.abs().flatten().kthvalue(k).values
+        out.append(torch.where(g.abs() <= threshold, torch.zeros_like(g), g))
+    return out
+
+
+def test_matched_distance_ignores_masked_entries_and_rescales() -> None:
+    g = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([[0.5, 0.25]])]
+    o = [torch.tensor([1.0, 0.0, 3.0]), torch.tensor([[0.0, 0.25]])]
+    plain = AttackTarget(nn.Linear(1, 1), o, 1, (1, 1, 1), 2)
+    masked = AttackTarget(nn.Linear(1, 1), o, 1, (1, 1, 1), 2, mask=[(t != 0).float() for t in o])
+    assert float(matched_distance(g, knowledge(plain, o))) == pytest.approx(4.0 + 0.25)
+    assert float(matched_distance(g, knowledge(masked, o))) == 0.0
+    scaled = AttackTarget(nn.Linear(1, 1), [0.01 * t for t in g], 1, (1, 1, 1), 2, rescale=True)
+    assert float(matched_distance(g, knowledge(scaled, scaled.gradients))) == pytest.approx(0.0, abs=1e-12)
+    assert float(matched_distance(g, knowledge(plain, [0.01 * t for t in g]))) > 10
+
+
+def test_a_pruning_aware_attacker_recovers_what_the_unaware_one_cannot(cifar) -> None:
+    x, y = tiny(cifar[0][1:2], 16), cifar[1][1:2]
+    target = fedsgd_target("lenet-dlg", x, y)
+    pruned = prune_smallest(target.gradients, 70)
+    assert sum(int((p == 0).sum()) for p in pruned) >= 0.69 * sum(p.numel() for p in pruned)
+    unaware = AttackTarget(target.model, pruned, 1, target.input_shape, 10)
+    aware = AttackTarget(target.model, pruned, 1, target.input_shape, 10, mask=[(p != 0).float() for p in pruned])
+    dlg = get_attack("dlg", restarts=2)
+    assert psnr(dlg.reconstruct(aware).images, x, y)[0] > 30
+    assert psnr(dlg.reconstruct(unaware).images, x, y)[0] < 15
