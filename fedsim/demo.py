@@ -5,6 +5,7 @@ A scenario is a TOML file in fedsim/scenarios/ (copy one to change it and pass i
     title, summary, explanation     what the page and `fedsim demo --list` say
     [run]                           fedsim config keys of the federation
     [attack]                        attacks = [...], clients = [...], rounds = [...], [attack.options.<name>]
+    [membership]                    optional: SeqMIA on the run (modes, shadows, epochs, max-nonmembers)
     [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
       name, [variants.run]          a variant's own run keys (over [run])
       [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
@@ -24,6 +25,7 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+MEMBERSHIP_KEYS = {"modes": "modes", "shadows": "num_shadows", "epochs": "epochs", "max-nonmembers": "max_nonmembers"}
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Scenario:
     rounds: set[int] | None
     options: dict[str, dict]
     variants: list[Variant] = field(default_factory=list)
+    membership: dict | None = None
 
     @classmethod
     def load(cls, name_or_path: str) -> Scenario:
@@ -71,12 +74,19 @@ class Scenario:
             data.get("summary", ""),
             data.get("explanation", ""),
             data.get("run", {}),
-            list(attack.get("attacks", ["dlg"])),
+            list(attack.get("attacks", ["dlg"] if "membership" not in data else [])),
             set(attack["clients"]) if "clients" in attack else None,
             set(attack["rounds"]) if "rounds" in attack else None,
             attack.get("options", {}),
             variants,
+            data.get("membership"),
         )
+        unknown_keys = set(scenario.membership or {}) - set(MEMBERSHIP_KEYS)
+        if unknown_keys:
+            raise FedsimError(
+                f"scenario {path}: unknown [membership] key {', '.join(sorted(unknown_keys))}; "
+                f"choose from {', '.join(MEMBERSHIP_KEYS)}"
+            )
         for variant in scenario.variants:  # refuse a bad key before anything runs
             scenario.config(variant, "check", Path("."))
             if variant.accuracy is not None:
@@ -138,11 +148,15 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             with RoundProgress(acc_config.num_rounds, console) as progress:
                 simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
             accuracy = final_accuracy(out_dir / acc_config.run_name)
-        jobs, _ = plan(out_dir / run_name, scenario.attacks, scenario.rounds, scenario.clients)
-        console.print(f"  the server attacks {len(jobs)} captured update(s) with {', '.join(scenario.attacks)}")
-        with AttackProgress(console, "attack") as progress:
-            run_attacks(jobs, scenario.options, seed=config.seed, executor=executor, on_event=progress.update)
-        summary, rows, cards = score_run(out_dir / run_name)
+        summary, rows, cards, membership = {}, [], [], ""
+        if scenario.attacks:
+            jobs, _ = plan(out_dir / run_name, scenario.attacks, scenario.rounds, scenario.clients)
+            console.print(f"  the server attacks {len(jobs)} captured update(s) with {', '.join(scenario.attacks)}")
+            with AttackProgress(console, "attack") as progress:
+                run_attacks(jobs, scenario.options, seed=config.seed, executor=executor, on_event=progress.update)
+            summary, rows, cards = score_run(out_dir / run_name)
+        if scenario.membership is not None:
+            membership = membership_section(out_dir / run_name, scenario.membership, console)
         results.append(
             {
                 "variant": label,
@@ -150,6 +164,7 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "summary": summary,
                 "rows": rows,
                 "cards": cards,
+                "membership": membership,
                 "accuracy": accuracy,
                 "defenses": getattr(config, "defenses", ""),
             }
@@ -159,7 +174,12 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     from fedsim.report import html_page
 
     sections = [
-        run_section(r["run_dir"], r["summary"], r["cards"], True, heading=r["variant"] if len(results) > 1 else "")
+        r["membership"]
+        + (
+            run_section(r["run_dir"], r["summary"], r["cards"], True, heading=r["variant"] if len(results) > 1 else "")
+            if scenario.attacks
+            else f"<p class='metrics'>Global test accuracy at the end: {r['accuracy']:.1%}</p>"
+        )
         for r in results
     ]
     intro = _intro(scenario, results, time.time() - started)
@@ -222,6 +242,100 @@ def _tradeoff_plot(results: list[dict]) -> bytes | None:
         ax.annotate(name, (acc * 100, psnr), textcoords="offset points", xytext=(6, 4))
     ax.axhline(25, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="global model accuracy (%)", ylabel="attack PSNR (dB)", title="privacy against utility")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+QUESTIONS = {
+    "fl/client": "in client k's shard? (its uploads)",
+    "fl/global": "in anyone's data? (the global models)",
+    "blackbox/client": "in client k's shard? (black-box)",
+    "blackbox/global": "in anyone's data? (black-box)",
+}
+
+
+def membership_section(run_dir: Path, keys: dict, console) -> str:
+    """SeqMIA on the demo's run, shown as the loss gap over the rounds, a table and the ROC curves."""
+    from fedsim.cli_model_attacks import _Bars
+    from fedsim.model_attacks import run_membership
+    from fedsim.report import _img
+
+    options = {MEMBERSHIP_KEYS[k]: (tuple(v) if k == "modes" else v) for k, v in keys.items()}
+    console.print("  the server asks, for each client's images and hundreds of others: was it in the client's shard?")
+    with _Bars() as bars:
+        results = run_membership(run_dir, progress=bars, **options)
+    rows = []
+    names = {"seqmia": "SeqMIA (whole trajectory)", "loss-final": "loss on the last model", "loss-mean": "mean loss"}
+    for key, attacks in results["results"].items():
+        for name, r in attacks.items():
+            rows.append(
+                f"<tr><td>{html.escape(QUESTIONS.get(key, key))}</td><td>{html.escape(names.get(name, name))}</td>"
+                f"<td>{r['auc']:.2f}</td>"
+                f"<td>{r['tpr@1%fpr']:.1%}</td><td>{r['members']}</td><td>{r['non-members']}</td></tr>"
+            )
+    table = (
+        "<table><tr><th>question</th><th>attack</th><th>AUC</th><th>members caught at 1 % false alarms</th>"
+        "<th>members</th><th>non-members</th></tr>" + "".join(rows) + "</table>"
+    )
+    figures = []
+    gap = _loss_gap_plot(run_dir)
+    if gap:
+        figures.append(
+            f"<figure>{_img(gap, 'image/png', 'loss on members and non-members over the rounds')}"
+            "<figcaption>client 0's uploaded models: loss on its own images against images it never saw</figcaption>"
+            "</figure>"
+        )
+    for png in sorted((run_dir / "membership").glob("roc-*.png")):
+        figures.append(
+            f"<figure class='plot'>{_img(png.read_bytes(), 'image/png', f'ROC curve {png.stem}')}"
+            f"<figcaption>{html.escape(png.stem)}: true against false positive rate, log-log</figcaption></figure>"
+        )
+    return (
+        "<section><h2>Membership inference</h2>"
+        "<p>AUC 0.5 is guessing, 1.0 is perfect. The column that matters for privacy is how many members are "
+        "caught while almost no outsiders are accused (1 % false alarms).</p>"
+        f"{table}<div class='row'>{''.join(figures)}</div></section>"
+    )
+
+
+def _loss_gap_plot(run_dir: Path) -> bytes | None:
+    """Mean loss of client 0's uploaded model per round on its shard and on unseen test images."""
+    import matplotlib
+    import torch
+
+    from fedsim.captures import CaptureStore
+    from fedsim.federation import Federation
+    from fedsim.models import build_model
+
+    config = FedsimConfig.from_toml(run_dir / "config.toml")
+    fed = Federation.from_config(config)
+    store = CaptureStore(run_dir / "captures")
+    records = sorted((r for r in store.records("update") if r.get("partition_id") == 0), key=lambda r: r["round"])
+    if not records:
+        return None
+    members_x, members_y, _ = fed.shard(0)
+    test_x, test_y = fed.test_split()
+    test_x, test_y = test_x[: len(members_x)], test_y[: len(members_y)]
+    model = build_model(config.model, fed.data.input_shape, fed.data.num_classes)
+    model.eval()
+    curves: dict[str, list[float]] = {"client 0's own images (members)": [], "images it never saw": []}
+    with torch.no_grad():
+        for record in records:
+            model.load_state_dict(store.load(record))
+            for name, (x, y) in zip(curves, [(members_x, members_y), (test_x, test_y)], strict=True):
+                curves[name].append(float(torch.nn.functional.cross_entropy(model(x), y)))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    rounds = [r["round"] for r in records]
+    for name, values in curves.items():
+        ax.plot(rounds, values, marker="o", label=name)
+    ax.set(xlabel="round", ylabel="mean loss", title="the model remembers its training images")
+    ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

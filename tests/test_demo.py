@@ -13,10 +13,11 @@ from tests.conftest import run_cli
 
 def test_every_shipped_scenario_loads():
     names = scenario_names()
-    assert {"dlg", "grnn-batch"} <= set(names)
+    assert {"dlg", "grnn-batch", "defenses", "membership"} <= set(names)
     for name in names:
         scenario = Scenario.load(name)
-        assert scenario.title and scenario.summary and scenario.explanation and scenario.attacks
+        assert scenario.title and scenario.summary and scenario.explanation
+        assert scenario.attacks or scenario.membership is not None
 
 
 def test_a_bad_scenario_is_refused_with_its_problem(tmp_path):
@@ -33,20 +34,11 @@ def test_demo_list():
     assert result.returncode == 0 and "dlg" in result.stdout and "grnn-batch" in result.stdout
 
 
-@pytest.mark.slow
-def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
+def open_page(page, tmp_path) -> tuple[list, list, str]:
+    """Open `page` in headless Chromium: (every image's [alt, complete, width, height], console errors, text)."""
     chromedriver = shutil.which("chromedriver")
     if chromedriver is None:
         pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
-    scenario = tmp_path / "quick.toml"
-    from fedsim.demo import SCENARIO_DIR
-
-    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 150", "iterations = 40"))
-    result = run_cli("demo", str(scenario), "--no-open", "--out-dir", str(tmp_path / "demos"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    page = tmp_path / "demos" / "quick" / "report.html"
-    assert page.exists()
-
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -71,12 +63,48 @@ def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
         sizes = driver.execute_script(
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);"
         )
-        assert len(sizes) >= 4
-        assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
-        alts = [alt for alt, *_ in sizes]
-        assert "loss and PSNR curves" in alts and "reconstruction emerging" in alts and "private images" in alts
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        assert not errors, errors
-        assert "Deep Leakage from Gradients" in driver.title + driver.page_source
+        return sizes, errors, driver.title + driver.page_source
     finally:
         driver.quit()
+
+
+def quick_demo(tmp_path, name: str, replace: tuple[str, str]):
+    """Run scenario `name` (made quicker by one text replacement) through the CLI; the page's path."""
+    if shutil.which("chromedriver") is None:
+        pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
+    from fedsim.demo import SCENARIO_DIR
+
+    scenario = tmp_path / "quick.toml"
+    text = (SCENARIO_DIR / f"{name}.toml").read_text()
+    assert replace[0] in text
+    scenario.write_text(text.replace(*replace))
+    result = run_cli("demo", str(scenario), "--no-open", "--out-dir", str(tmp_path / "demos"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = tmp_path / "demos" / "quick" / "report.html"
+    assert page.exists() and str(page.resolve()) in result.stdout.replace("\n", "")
+    return page
+
+
+@pytest.mark.slow
+def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
+    page = quick_demo(tmp_path, "dlg", ("iterations = 150", "iterations = 40"))
+    sizes, errors, text = open_page(page, tmp_path)
+    assert len(sizes) >= 4
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    alts = [alt for alt, *_ in sizes]
+    assert "loss and PSNR curves" in alts and "reconstruction emerging" in alts and "private images" in alts
+    assert not errors, errors
+    assert "Deep Leakage from Gradients" in text
+
+
+@pytest.mark.slow
+def test_membership_demo_page_shows_the_loss_gap_and_roc_curves(tmp_path, no_strays):
+    page = quick_demo(tmp_path, "membership", ("epochs = 60", "epochs = 20"))
+    sizes, errors, text = open_page(page, tmp_path)
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    alts = [alt for alt, *_ in sizes]
+    assert "loss on members and non-members over the rounds" in alts
+    assert {"ROC curve roc-fl-client", "ROC curve roc-fl-global"} <= set(alts)
+    assert not errors, errors
+    assert "SeqMIA" in text and "No attack results" not in text

@@ -149,7 +149,7 @@ def test_cli_refuses_mistakes_with_a_clear_message(tmp_path):
 def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
     from fedsim.config import FedsimConfig
     from fedsim.files import load_tensors
-    from fedsim.model_attacks import run_inversion, run_membership
+    from fedsim.model_attacks import run_membership
     from fedsim.simulation import simulate
 
     config = FedsimConfig.from_mapping(
