@@ -35,6 +35,14 @@ def partition_of(context: Context, config: FedsimConfig) -> int:
         raise ValueError(
             f"partition-id {partition_id} is outside 0..{config.num_clients - 1} (num-clients = {config.num_clients})"
         )
+    partitions = context.node_config.get("num-partitions")
+    if partitions is not None and int(partitions) != config.num_clients:
+        # The shards are cut for num-clients clients: another count would give this node someone else's data.
+        raise ValueError(
+            f"this SuperNode's node config says num-partitions={partitions} but the run has num-clients = "
+            f"{config.num_clients}: start the SuperNodes with num-partitions={config.num_clients} "
+            f"or run with --run-config 'num-clients={partitions}'"
+        )
     return partition_id
 
 

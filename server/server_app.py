@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,13 @@ def run_server(
     if "tldmi" in config.defense_list():
         # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
         pretrain = fed.pretrain_public(model)
+        accuracy = pretrain.get("public-test-accuracy")
+        if accuracy is not None and accuracy < 2 / max(fed.data.num_classes, 2):
+            pretrain["warning"] = (
+                f"the public pre-training reached only {accuracy:.1%} test accuracy (near chance): the frozen "
+                "layers are barely trained; raise tldmi-pretrain-epochs"
+            )
+            logging.getLogger("fedsim").warning("TL-DMI: %s", pretrain["warning"])
         atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": config.tldmi_public, **pretrain})
     test_x, test_y = fed.test_split()
     describe = {

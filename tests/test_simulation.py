@@ -164,3 +164,20 @@ def test_sigkill_keeps_every_capture_written_before(tmp_path, no_strays):
     assert len(records) >= 9
     for record in records:
         assert all(torch.isfinite(t.float()).all() for t in store.load(record).values())
+
+
+def test_a_supernode_whose_partition_count_differs_from_the_run_is_refused():
+    from flwr.app import Context, RecordDict
+
+    from clients.client_app import partition_of
+
+    config = FedsimConfig.from_mapping({"num-clients": 3})
+
+    def context(node_config: dict) -> Context:
+        return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+    assert partition_of(context({"partition-id": 2, "num-partitions": 3}), config) == 2
+    with pytest.raises(ValueError, match="num-partitions=2 but the run has num-clients = 3"):
+        partition_of(context({"partition-id": 0, "num-partitions": 2}), config)
+    with pytest.raises(ValueError, match="partition-id 3 is outside 0..2"):
+        partition_of(context({"partition-id": 3, "num-partitions": 3}), config)
