@@ -108,3 +108,27 @@ def test_membership_demo_page_shows_the_loss_gap_and_roc_curves(tmp_path, no_str
     assert {"ROC curve roc-fl-client", "ROC curve roc-fl-global"} <= set(alts)
     assert not errors, errors
     assert "SeqMIA" in text and "No attack results" not in text
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_a_teachers_own_photos(tmp_path, shared_data, no_strays):
+    """`fedsim demo dlg --data-dir photos/`: real photos (lossless CIFAR-10 PNGs), one sub-folder per class."""
+    import numpy as np
+    from PIL import Image
+
+    data = np.load(shared_data / "cifar10" / "cifar10_train_first200_kaggle_png.npz", allow_pickle=False)
+    photos = tmp_path / "photos"
+    for i, (image, label) in enumerate(zip(data["x"][:60], data["y"][:60], strict=True)):
+        folder = photos / f"class-{int(label)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    scenario = tmp_path / "photos.toml"
+    from fedsim.demo import SCENARIO_DIR
+
+    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 150", "iterations = 20"))
+    result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "d" / "photos" / "run"
+    assert 'dataset = "imagefolder"' in (run / "config.toml").read_text()
+    assert list((run / "attacks").glob("*/*/reconstruction.png"))
+    assert (tmp_path / "d" / "photos" / "report.html").stat().st_size > 10_000
