@@ -1,8 +1,8 @@
-"""Privacy-utility of the client defenses: global accuracy after R FedAvg rounds vs DLG on FedSGD captures.
+"""Privacy-utility of the client defenses: accuracy after R FedAvg rounds vs DLG, iDLG and GRNN on FedSGD captures.
 
     nice -n 10 python benchmarks/bench_defenses.py [--data-dir ../shared/data] [--rounds 5] [--images 3]
-        [--iterations 40] [--restarts 4] [--only noise,prune,ldp,tldmi,clip] [--skip-attack] [--skip-accuracy]
-        [--quick]
+        [--attacks dlg,idlg,grnn] [--iterations 40] [--restarts 4] [--grnn-iterations 300] [--unaware dlg]
+        [--only noise,prune,ldp,clip,tldmi] [--skip-attack] [--skip-accuracy] [--quick]
 
 For each defense and strength (the `none` baseline is every curve's zero point):
 
@@ -11,17 +11,24 @@ For each defense and strength (the `none` baseline is every curve's zero point):
     prune   prune-percent p in {10, 20, 50, 90}
     ldp     Flower's LocalDpMod, ldp-epsilon in {1e4, 1e3, 1e2} (ldp-clip-norm 1, δ 1e-5: noise std
             4.84/ε, i.e. DLG variance (48.4/ε)² = 2.3e-5, 2.3e-3, 0.23)
-    clip    clip-norm C in {1, 0.1, 0.01} (only with --only ...,clip: not in the default sweep)
+    clip    clip-norm C in {1, 0.1, 0.01}
     tldmi   tldmi-layers k in {1, 2, all = 4}, early layers pre-trained on Fashion-MNIST (3 epochs)
 
 these are measured on real MNIST (the offline test set: its first 80 % are the clients' data):
 
 * utility: global test accuracy after `--rounds` rounds of FedAvg (3 clients of `--examples` images,
   1 local epoch, batch 32, lr 0.1) of the DLG paper's LeNet (`lenet-dlg`);
-* privacy: DLG (attacks.get_attack("dlg"), `--restarts` restarts of `--iterations` L-BFGS steps) on
-  FedSGD captures of batch 1 from `--images` clients at round 1, scored with fedsim.scoring.score
-  (PSNR, SSIM, label accuracy against the image the client really used), and the relative error of
-  the last layer's input features recovered in closed form from its gradient (what TL-DMI still sends).
+* privacy: DLG and iDLG (`--restarts` restarts of `--iterations` L-BFGS steps each) and GRNN (1 restart
+  of `--grnn-iterations` RMSprop steps; the paper uses 1000) on FedSGD captures of batch 1 from
+  `--images` clients at round 1, scored with fedsim.scoring.score (PSNR, SSIM, label accuracy against
+  the image the client really used), and the relative error of the last layer's input features
+  recovered in closed form from its gradient (what TL-DMI still sends).
+
+Every attack runs as the defense-aware attacker (fedsim.attack_runner.load_target with aware=True: it
+reads what the client declared: under pruning it matches only the entries sent, under clipping only
+the direction, under TL-DMI only the layers trained). The attacks in `--unaware` (DLG) run a second
+time defense-unaware (`<attack>-unaware` in the results) where that changes the objective: pruning,
+clipping and TL-DMI with frozen layers (k < all); against noise and LDP the two attackers are the same.
 
 Both halves call the real ClientApp code in-process: `clients.client_app.local_train` wrapped in
 `clients.defenses.defense_mods` (exactly the train function and mods the ClientApp registers), on
@@ -169,11 +176,64 @@ def last_layer_features(model: torch.nn.Module, state: dict, client_state: dict,
     return float((recovered - true).norm() / true.norm())
 
 
-def attack_half(base: dict, overrides: dict, images: int, iterations: int, restarts: int) -> dict:
-    """DLG on batch-1 FedSGD captures of `images` clients at round 1, scored against what they trained on."""
+ATTACK_NAMES = {"dlg": "DLG", "idlg": "iDLG", "grnn": "GRNN"}
+
+
+def attack_options(args: argparse.Namespace) -> dict[str, dict]:
+    """Each chosen attack's registry options: DLG and iDLG as `--iterations`/`--restarts`, GRNN its own."""
+    dlg = {"iterations": args.iterations, "restarts": args.restarts}
+    options = {"dlg": dlg, "idlg": dict(dlg), "grnn": {"iterations": args.grnn_iterations, "restarts": 1}}
+    chosen = [a for a in args.attacks.split(",") if a]
+    unknown = sorted(set(chosen) - set(options))
+    if unknown:
+        raise SystemExit(f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(options)}")
+    return {a: options[a] for a in chosen}
+
+
+def summarise(results: list, truths: list[dict], seconds: float) -> dict:
+    """PSNR, SSIM and label accuracy of one attack's reconstructions (a failed image scores 0 dB, 0 SSIM)."""
+    from fedsim.scoring import score
+
+    per_image = []
+    for result, truth in zip(results, truths, strict=True):
+        if not hasattr(result, "images"):  # every restart diverged: nothing reconstructed
+            per_image.append({"psnr": None, "ssim": None, "label_accuracy": 0.0, "failed": str(result)})
+            continue
+        s = score(result.images, result.labels, truth["images"], truth["labels"])
+        per_image.append({"psnr": s["psnr_mean"], "ssim": s["ssim_mean"], "label_accuracy": s["label_accuracy"],
+                          "loss": result.loss})  # fmt: skip
+    psnr = [r["psnr"] if r["psnr"] is not None else 0.0 for r in per_image]
+    ssim = [r["ssim"] if r["ssim"] is not None else 0.0 for r in per_image]
+    return {
+        "psnr_mean": statistics.fmean(psnr),
+        "psnr_median": statistics.median(psnr),
+        "ssim_mean": statistics.fmean(ssim),
+        "label_accuracy": statistics.fmean(r["label_accuracy"] for r in per_image),
+        "recognisable": sum(1 for r in per_image if (r["ssim"] or 0) >= 0.5) / len(per_image),
+        "failed": sum(1 for r in per_image if "failed" in r),
+        "per_image": per_image,
+        "seconds": seconds,
+    }
+
+
+def awareness_matters(aware, unaware) -> bool:
+    """Whether the defense-aware target differs from the unaware one (frozen layers, pruning mask, clipping)."""
+
+    def trained(t):
+        return [n for n, p in t.model.named_parameters() if p.requires_grad]
+
+    return aware.mask is not None or bool(aware.rescale) or trained(aware) != trained(unaware)
+
+
+def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dict], unaware: set[str]) -> dict:
+    """The attacks on batch-1 FedSGD captures of `images` clients at round 1, scored against what they trained on.
+
+    Every attack runs as the defense-aware attacker (fedsim.attack_runner.load_target, aware=True: it uses
+    what the client declared); the attacks in `unaware` also run defense-unaware, where that changes the
+    objective (pruning, clipping, TL-DMI with frozen layers), under the label `<attack>-unaware`.
+    """
     from attacks import get_attack, reconstruct_many
     from fedsim.attack_runner import load_target
-    from fedsim.scoring import score
     from server.server_app import trainable_names
 
     config = FedsimConfig.from_mapping(
@@ -183,7 +243,7 @@ def attack_half(base: dict, overrides: dict, images: int, iterations: int, resta
     model = initial_model(config, fed)
     state = model.state_dict()
     app = client_app(config)
-    targets, truths, declared, features = [], [], [], []
+    targets, blind, truths, declared, features = [], [], [], [], []
     with tempfile.TemporaryDirectory() as truth_dir:
         recipe = {"recipe": "fedsgd", "lr": config.lr, "batch-size": 1, "local-epochs": config.local_epochs,
                   "truth-dir": truth_dir}  # fmt: skip
@@ -191,77 +251,94 @@ def attack_half(base: dict, overrides: dict, images: int, iterations: int, resta
             reply = app(train_message(state, recipe, 1), context(p))
             client_state = reply.content["arrays"].to_torch_state_dict()
             said = dict(reply.content["fedsim"])
-            record = {  # what the curious server writes in the capture manifest
+            said.pop("partition-id", None)
+            record = {  # what the curious server writes in the capture manifest (server.curious)
                 "model": config.model,
                 "input_shape": list(fed.data.input_shape),
                 "num_classes": fed.data.num_classes,
-                "trainable": said.get("trainable") or trainable_names(config, model),
+                "trainable": trainable_names(config, model),  # the server's view; the aware attacker reads "declared"
                 "recipe": {k: v for k, v in recipe.items() if k != "truth-dir"},
                 "num_examples": int(reply.content["metrics"]["num-examples"]),
+                "declared": said,
             }
-            targets.append(load_target(state, client_state, record))
+            targets.append(load_target(state, client_state, record, aware=True))
+            blind.append(load_target(state, client_state, record, aware=False))
             truths.append(load_tensors(Path(truth_dir) / "round-0001" / f"client-{100 + p}.safetensors"))
             features.append(last_layer_features(model, state, client_state, truths[-1]["images"], config.lr))
             declared.append(said.get("defenses", ""))
-    start = time.perf_counter()
-    attack = get_attack("dlg", iterations=iterations, restarts=restarts)
-    results = reconstruct_many(attack, targets, seed=config.seed, raise_on_divergence=False)
-    seconds = time.perf_counter() - start
-    per_image = []
-    for result, truth, feature_error in zip(results, truths, features, strict=True):
-        if not hasattr(result, "images"):  # every restart diverged: nothing reconstructed
-            per_image.append({"psnr": None, "ssim": None, "label_accuracy": 0.0, "failed": str(result),
-                              "feature_error": feature_error})  # fmt: skip
-            continue
-        s = score(result.images, result.labels, truth["images"], truth["labels"])
-        per_image.append({"psnr": s["psnr_mean"], "ssim": s["ssim_mean"], "label_accuracy": s["label_accuracy"],
-                          "loss": result.loss, "feature_error": feature_error})  # fmt: skip
-    psnr = [r["psnr"] if r["psnr"] is not None else 0.0 for r in per_image]
-    ssim = [r["ssim"] if r["ssim"] is not None else 0.0 for r in per_image]
-    return {
-        "psnr_mean": statistics.fmean(psnr),
-        "psnr_median": statistics.median(psnr),
-        "ssim_mean": statistics.fmean(ssim),
-        "label_accuracy": statistics.fmean(r["label_accuracy"] for r in per_image),
-        "recognisable": sum(1 for r in per_image if (r["ssim"] or 0) >= 0.5) / len(per_image),
-        "feature_error_median": statistics.median(features),
-        "per_image": per_image,
-        "declared": declared[0],
-        "seconds": seconds,
-    }
+    matters = any(awareness_matters(a, u) for a, u in zip(targets, blind, strict=True))
+    out: dict[str, dict] = {}
+    runs = [(name, name, targets) for name in attacks]
+    runs += [(name, f"{name}-unaware", blind) for name in attacks if name in unaware and matters]
+    for name, label, chosen in runs:
+        start = time.perf_counter()
+        attack = get_attack(name, **attacks[name])
+        results = reconstruct_many(attack, chosen, seed=config.seed, raise_on_divergence=False)
+        out[label] = summarise(results, truths, time.perf_counter() - start)
+    capture = {"declared": declared[0], "aware_differs": matters, "feature_error_median": statistics.median(features),
+               "feature_errors": features}  # fmt: skip
+    return {"attack": out, "capture": capture}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, attacks: list[str]) -> None:
+    """Attack PSNR against accuracy, one curve per defense, one panel per attack; unaware DLG hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "attack" in r and "utility" in r]
     baseline = next((r for r in rows if r["defense"] == "none"), None)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.2 * len(attacks), 5), sharey=True, squeeze=False)
     markers = {"noise": "o", "prune": "s", "ldp": "^", "clip": "D", "tldmi": "v"}
-    for defense, marker in markers.items():
-        points = [r for r in rows if r["defense"] == defense and "attack" in r and "utility" in r]
-        if not points:
-            continue
-        if baseline and "attack" in baseline and "utility" in baseline and defense != "tldmi":
-            points = [baseline, *points]
-        xs = [100 * r["utility"]["accuracy"] for r in points]
-        ys = [r["attack"]["psnr_mean"] for r in points]
-        ax.plot(xs, ys, marker=marker, label=defense)
-        for r, x, y in zip(points, xs, ys, strict=True):
-            if r["defense"] == "none" and defense != "noise":
-                continue  # the shared baseline, labelled once
-            offset = (4, -10) if defense == "tldmi" else (4, 4)
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=offset, fontsize=7)
-    ax.set_xlabel("global test accuracy after FedAvg (%)")
-    ax.set_ylabel("DLG reconstruction PSNR (dB, mean over images)")
-    ax.set_title("Client defenses on MNIST / DLG's LeNet: privacy vs utility")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    colours = {d: f"C{i}" for i, d in enumerate(markers)}
+    for ax, name in zip(axes[0], attacks, strict=True):
+        for defense, marker in markers.items():
+            points = [r for r in rows if r["defense"] == defense and name in r["attack"]]
+            if not points:
+                continue
+            if baseline and name in baseline["attack"] and defense != "tldmi":
+                points = [baseline, *points]
+            xs = [100 * r["utility"]["accuracy"] for r in points]
+            ys = [r["attack"][name]["psnr_mean"] for r in points]
+            ax.plot(xs, ys, marker=marker, color=colours[defense], label=defense)
+            for r, x, y in zip(points, xs, ys, strict=True):
+                if r["defense"] == "none" and defense != "noise":
+                    continue  # the shared baseline, labelled once
+                offset = (4, -10) if defense == "tldmi" else (4, 4)
+                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=offset, fontsize=6)
+            blind = [r for r in points if f"{name}-unaware" in r["attack"]]
+            if blind:
+                ax.plot([100 * r["utility"]["accuracy"] for r in blind],
+                        [r["attack"][f"{name}-unaware"]["psnr_mean"] for r in blind], marker=marker,
+                        color=colours[defense], markerfacecolor="none", linestyle=":",
+                        label=f"{defense} (unaware)")  # fmt: skip
+        ax.set_title(f"{ATTACK_NAMES.get(name, name)}")
+        ax.set_xlabel("global test accuracy after FedAvg (%)")
+        ax.grid(alpha=0.3)
+        if ax is axes[0][0] or any(f"{name}-unaware" in r["attack"] for r in rows):
+            ax.legend(fontsize=7)  # the same defenses in every panel: a legend where it adds something
+    axes[0][0].set_ylabel("reconstruction PSNR (dB, mean over images)")
+    fig.suptitle("Client defenses on MNIST / DLG's LeNet: privacy vs utility (hollow: defense-unaware attacker)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def line(row: dict, attacks: list[str]) -> str:
+    """One compact table line: accuracy, then PSNR/SSIM/labels per attack, then the unaware attacks' PSNR."""
+    acc = f"{100 * row['utility']['accuracy']:.1f}%" if "utility" in row else "-"
+    parts = [f"{row['defense']:>6} {row['label']:>9}  acc {acc:>6}"]
+    done = row.get("attack", {})
+    for name in attacks:
+        a = done.get(name)
+        parts.append(f"{name} {a['psnr_mean']:5.1f} {a['ssim_mean']:.2f} {a['label_accuracy']:.2f}" if a else
+                     f"{name} {'-':>5} {'-':>4} {'-':>4}")  # fmt: skip
+    blind = [k for k in done if k.endswith("-unaware")]
+    parts += [f"{k} {done[k]['psnr_mean']:5.1f}" for k in blind]
+    if "capture" in row:
+        parts.append(f"feat-err {row['capture']['feature_error_median']:.0e}")
+    return "  ".join(parts)
 
 
 def main() -> None:
@@ -272,19 +349,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--examples", type=int, default=1000, help="examples per client in the accuracy half")
     parser.add_argument("--images", type=int, default=3, help="clients (one image each) attacked per setting")
-    parser.add_argument("--iterations", type=int, default=40, help="DLG L-BFGS steps (x20 inner iterations)")
-    parser.add_argument("--restarts", type=int, default=4, help="DLG restarts (the best by loss is kept)")
+    parser.add_argument("--attacks", default="dlg,idlg,grnn", help="comma-separated attacks (dlg, idlg, grnn)")
+    parser.add_argument("--iterations", type=int, default=40, help="DLG/iDLG L-BFGS steps (x20 inner iterations)")
+    parser.add_argument("--restarts", type=int, default=4, help="DLG/iDLG restarts (the best by loss is kept)")
+    parser.add_argument("--grnn-iterations", type=int, default=300, help="GRNN RMSprop steps (1 restart)")
     parser.add_argument(
-        "--only", default="noise,prune,ldp,tldmi", help="comma-separated defenses to run (the baseline always)"
+        "--unaware", default="dlg", help="attacks also run defense-unaware where awareness matters ('' for none)"
+    )
+    parser.add_argument(
+        "--only", default="noise,prune,ldp,clip,tldmi", help="comma-separated defenses to run (the baseline always)"
     )
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 images, 5 DLG steps")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 images, 5 DLG / 20 GRNN steps")
     parser.add_argument("--out", default=str(RESULTS / "defenses.json"))
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no INFO line per aggregation or LocalDpMod call
     if args.quick:
         args.rounds, args.images, args.iterations, args.restarts, args.examples = 1, 2, 5, 1, 200
+        args.grnn_iterations = 20
+    attacks = attack_options(args)
+    unaware = {a for a in args.unaware.split(",") if a} & set(attacks)
     base = {
         "dataset": args.dataset,
         "data-dir": args.data_dir,
@@ -302,30 +387,23 @@ def main() -> None:
     report = {
         "benchmark": "bench_defenses",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "setup": {**vars(args), "base": base, "lr": LR},
+        "setup": {**vars(args), "base": base, "lr": LR, "attack_options": attacks},
         "rows": [],
     }
+    started = time.perf_counter()
     for setting in chosen:
         row = {k: setting[k] for k in ("defense", "strength", "label")} | {"overrides": setting["overrides"]}
         if not args.skip_accuracy:
             row["utility"] = accuracy_half(base, setting["overrides"], args.rounds)
         if not args.skip_attack:
-            row["attack"] = attack_half(base, setting["overrides"], args.images, args.iterations, args.restarts)
+            row |= attack_half(base, setting["overrides"], args.images, attacks, unaware)
         report["rows"].append(row)
+        report["seconds"] = time.perf_counter() - started
         atomic_write_json(out, report)
-        acc = f"{100 * row['utility']['accuracy']:.1f}%" if "utility" in row else "-"
-        att = row.get("attack", {})
-        nan = float("nan")
-        print(
-            f"{setting['defense']:>6} {setting['label']:>10}  accuracy {acc:>6}  "
-            f"PSNR {att.get('psnr_mean', nan):6.2f} dB  SSIM {att.get('ssim_mean', nan):.3f}  "
-            f"labels {att.get('label_accuracy', nan):.2f}  recognisable {att.get('recognisable', nan):.2f}  "
-            f"last-layer feature error {att.get('feature_error_median', nan):.1e}",
-            flush=True,
-        )
+        print(line(row, list(attacks)), flush=True)
     if not args.skip_accuracy and not args.skip_attack:
-        plot(report["rows"], out.with_suffix(".png"))
-    print(f"results in {out}")
+        plot(report["rows"], out.with_suffix(".png"), list(attacks))
+    print(f"results in {out} ({report['seconds'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":
