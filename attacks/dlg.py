@@ -36,6 +36,11 @@ class BatchedLBFGS:
     Every problem keeps its own history, step size and stopping state, so solving K problems at
     once gives each the trajectory it would have alone; one closure call evaluates all of them
     (a vmap), which is what makes batching pay. `frozen` problems (converged, diverged) stop moving.
+
+    Without a line search, torch's L-BFGS can get stuck for good: once its memory yields a direction
+    that is not a descent direction, every later step computes the same direction and stops at once.
+    With `reset_stalled`, such a problem's memory is cleared instead (`reset`), so its next step
+    starts again from steepest descent; `resets` counts them. Off, the optimiser is torch's.
     """
 
     def __init__(
@@ -49,9 +54,11 @@ class BatchedLBFGS:
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         history_size: int = 100,
+        reset_stalled: bool = False,
     ) -> None:
         k, d = z.shape
-        self.z, self.closure, self.lr = z, closure, lr
+        self.z, self.closure, self.reset_stalled = z, closure, reset_stalled
+        self.lr = z.new_full((k,), lr)  # per problem: a rescued problem continues with a smaller step
         self.max_iter, self.max_eval = max_iter, max_eval or max_iter * 5 // 4
         self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
         self.m = history_size
@@ -65,6 +72,12 @@ class BatchedLBFGS:
         self.frozen = torch.zeros(k, dtype=torch.bool, device=z.device)
         self.evaluations = torch.zeros(k, dtype=torch.long, device=z.device)
         self.loss = new(k).fill_(float("inf"))  # loss at the last evaluated point
+        self.resets = torch.zeros(k, dtype=torch.long, device=z.device)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Forget the L-BFGS memory of problems `rows` (a bool mask): their next step is steepest descent."""
+        self.count[rows], self.head[rows], self.n_iter[rows] = 0, 0, 0
+        self.h_diag[rows] = 1.0
 
     def _evaluate(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
@@ -119,8 +132,12 @@ class BatchedLBFGS:
             self.prev_g = torch.where(run[:, None], g, self.prev_g)
             self.prev_loss = torch.where(run, loss, self.prev_loss)
             first_t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
-            self.t = torch.where(run, torch.where(first, first_t, torch.full_like(first_t, self.lr)), self.t)
-            run = run & ~((g * self.d).sum(1) > -self.tol_change)  # not a descent direction
+            self.t = torch.where(run, torch.where(first, first_t, self.lr), self.t)
+            stalled = run & ((g * self.d).sum(1) > -self.tol_change)  # not a descent direction
+            if self.reset_stalled and bool((stalled & ~first).any()):
+                self.reset(stalled & ~first)
+                self.resets += (stalled & ~first).long()
+            run = run & ~stalled
             self.z += torch.where(run[:, None], self.t[:, None] * self.d, torch.zeros_like(self.d))
             opt_cond = torch.zeros_like(run)
             if n_iter != self.max_iter:
@@ -142,6 +159,12 @@ class DLG(Attack):
     Defaults are the paper's code (mit-han-lab/dlg): L-BFGS lr 1 with torch's default 20 inner
     iterations per step, 300 steps, images and label logits initialised from N(0, 1), images
     unconstrained during the optimisation and clamped to [0, 1] at the end.
+
+    `rescues` (0 = the paper's optimiser) makes a restart survive the two ways L-BFGS without a line
+    search fails: when a step blows the images up (or the loss becomes non-finite), the restart goes
+    back to where that step began, forgets its L-BFGS memory and halves its step size, up to `rescues`
+    times before it is dropped; when its memory stops giving a descent direction (it would stay stuck
+    for good), the memory is cleared. The result's info counts both per restart.
     """
 
     name = "dlg"
@@ -157,6 +180,7 @@ class DLG(Attack):
         image_param: str = "raw",
         unroll: bool = True,
         image_limit: float = 1e3,
+        rescues: int = 0,
         restarts: int = 1,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
@@ -165,10 +189,13 @@ class DLG(Attack):
         super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
         if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
             raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
+        if rescues < 0:
+            raise FedsimError(f"{self.name}: rescues must be 0 or more, got {rescues}")
         if image_param not in ("raw", "sigmoid"):
             raise FedsimError(f"{self.name}: image_param must be 'raw' or 'sigmoid', got {image_param!r}")
         self.iterations, self.lr, self.max_iter, self.history_size = iterations, lr, max_iter, history_size
         self.image_param, self.unroll, self.image_limit = image_param, unroll, image_limit
+        self.rescues = rescues
 
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(z) if self.image_param == "sigmoid" else z
@@ -220,6 +247,7 @@ class DLG(Attack):
             lr=self.lr,
             max_iter=self.max_iter,
             history_size=self.history_size,
+            reset_stalled=self.rescues > 0,
         )
         plain = observed[0] if aware else observed
         scale = torch.stack([sum((o[i] ** 2).sum() for o in plain) for i in range(k)])
@@ -230,6 +258,10 @@ class DLG(Attack):
                 if fixed[j][0] is not None and run.labels is None and run.images is not None:
                     run.labels = fixed[j][0]
         info = [{"objective": objective, "label_method": f[1], "attack": self.name} for f in fixed]
+        if self.rescues:  # per restart: blow-ups rescued, and stalls whose L-BFGS memory was reset
+            for j, entry in enumerate(info):
+                entry["rescued"] = [int(v) for v in opt.rescued[j * r : (j + 1) * r]]
+                entry["stall_resets"] = [int(v) for v in opt.resets[j * r : (j + 1) * r]]
         return per_target, info
 
     def _optimise(
@@ -254,11 +286,19 @@ class DLG(Attack):
 
         opt._evaluate(~opt.frozen)  # the initial loss, so that history starts where the optimisation does
         record(0, range(k))
+        opt.rescued = torch.zeros(k, dtype=torch.long)
         for it in range(1, self.iterations + 1):
+            before = (opt.z.clone(), opt.loss.clone()) if self.rescues else None
             opt.step()
             live = [i for i in range(k) if not opt.frozen[i]]
             for i, reason in enumerate(divergence(opt.loss, images(), self.image_limit)):
-                if reason and i in live:
+                if reason and i in live and before is not None and opt.rescued[i] < self.rescues:
+                    # Rescue: back to where this step started, memory cleared, half the step size.
+                    opt.z[i], opt.loss[i] = before[0][i], before[1][i]
+                    opt.reset(torch.arange(k, device=opt.z.device) == i)
+                    opt.lr[i] *= 0.5
+                    opt.rescued[i] += 1
+                elif reason and i in live:
                     runs[i].dropped, opt.frozen[i] = f"{reason} at iteration {it}", True
             live = [i for i in live if not runs[i].dropped]
             record(it, live)

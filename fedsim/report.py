@@ -145,13 +145,6 @@ def _curves(result: dict, row: dict) -> bytes | None:
 
 def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
     title = f"{result['attack']} &middot; round {result['round']} &middot; client {result.get('partition_id')}"
-    if result["status"] != "ok":
-        reason = html.escape(str(result.get("reason")))
-        return f'<section class="card failed"><h3>{title}</h3><p>failed: {reason}</p></section>'
-    rec = load_tensors(job_dir / "reconstruction.safetensors")
-    images = rec["images"]
-    if "order" in row:  # show each reconstruction under the true image it was matched to
-        images = images[torch.as_tensor(row["order"])]
     figures = []
     if truth is not None:
         true_images = truth["images"].float()
@@ -160,6 +153,16 @@ def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
             f"<figure>{_img(png_bytes(grid(true_images)), 'image/png', 'private images')}"
             "<figcaption>private (client's truth)</figcaption></figure>"
         )
+    if result["status"] != "ok":  # still show what the attack was after, and why it came back empty-handed
+        reason = html.escape(str(result.get("reason")))
+        return (
+            f'<section class="card failed"><h3>{title}</h3><div class="row">{"".join(figures)}</div>'
+            f"<p>reconstruction failed: {reason}</p></section>"
+        )
+    rec = load_tensors(job_dir / "reconstruction.safetensors")
+    images = rec["images"]
+    if "order" in row:  # show each reconstruction under the true image it was matched to
+        images = images[torch.as_tensor(row["order"])]
     figures.append(
         f"<figure>{_img(png_bytes(grid(images)), 'image/png', 'reconstruction')}"
         "<figcaption>reconstruction</figcaption></figure>"
