@@ -148,27 +148,36 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             with RoundProgress(acc_config.num_rounds, console) as progress:
                 simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
             accuracy = final_accuracy(out_dir / acc_config.run_name)
-        summary, rows, cards, membership = {}, [], [], ""
-        if scenario.attacks:
-            jobs, _ = plan(out_dir / run_name, scenario.attacks, scenario.rounds, scenario.clients)
-            console.print(f"  the server attacks {len(jobs)} captured update(s) with {', '.join(scenario.attacks)}")
-            with AttackProgress(console, "attack") as progress:
-                run_attacks(jobs, scenario.options, seed=config.seed, executor=executor, on_event=progress.update)
-            summary, rows, cards = score_run(out_dir / run_name)
-        if scenario.membership is not None:
-            membership = membership_section(out_dir / run_name, scenario.membership, console)
         results.append(
             {
                 "variant": label,
                 "run_dir": out_dir / run_name,
-                "summary": summary,
-                "rows": rows,
-                "cards": cards,
-                "membership": membership,
+                "summary": {},
+                "rows": [],
+                "cards": [],
+                "membership": "",
                 "accuracy": accuracy,
+                "seed": config.seed,
                 "defenses": getattr(config, "defenses", ""),
             }
         )
+    if scenario.attacks:
+        # Every variant's captures in one batch of jobs: they share one Ray and every core.
+        by_seed: dict[int, list] = {}
+        for r in results:
+            jobs = plan(r["run_dir"], scenario.attacks, scenario.rounds, scenario.clients)[0]
+            by_seed.setdefault(r["seed"], []).extend(jobs)
+        total = sum(len(jobs) for jobs in by_seed.values())
+        where = f" in {len(results)} federations" if len(results) > 1 else ""
+        console.print(f"the server attacks {total} captured update(s){where} with {', '.join(scenario.attacks)}")
+        for seed, jobs in by_seed.items():  # the seed of each job is its own run's (a variant may change it)
+            with AttackProgress(console, "attack") as progress:
+                run_attacks(jobs, scenario.options, seed=seed, executor=executor, on_event=progress.update)
+    for r in results:
+        if scenario.attacks:
+            r["summary"], r["rows"], r["cards"] = score_run(r["run_dir"])
+        if scenario.membership is not None:
+            r["membership"] = membership_section(r["run_dir"], scenario.membership, console)
     page = out_dir / "report.html"
     from fedsim.files import atomic_write_text
     from fedsim.report import html_page

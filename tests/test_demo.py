@@ -69,15 +69,16 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
         driver.quit()
 
 
-def quick_demo(tmp_path, name: str, replace: tuple[str, str]):
-    """Run scenario `name` (made quicker by one text replacement) through the CLI; the page's path."""
+def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = None):
+    """Run scenario `name` (made quicker by one text replacement, and cut before `cut`) through the CLI."""
     if shutil.which("chromedriver") is None:
         pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
     from fedsim.demo import SCENARIO_DIR
 
     scenario = tmp_path / "quick.toml"
     text = (SCENARIO_DIR / f"{name}.toml").read_text()
-    assert replace[0] in text
+    assert replace[0] in text and (cut is None or cut in text)
+    text = text if cut is None else text[: text.index(cut)]
     scenario.write_text(text.replace(*replace))
     result = run_cli("demo", str(scenario), "--no-open", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -96,6 +97,18 @@ def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
     assert "loss and PSNR curves" in alts and "reconstruction emerging" in alts and "private images" in alts
     assert not errors, errors
     assert "Deep Leakage from Gradients" in text
+
+
+@pytest.mark.slow
+def test_defenses_demo_page_shows_the_tradeoff(tmp_path, no_strays):
+    """Two of the scenario's defenses (none, noise): the trade-off table and plot, and every image renders."""
+    page = quick_demo(tmp_path, "defenses", ("iterations = 80", "iterations = 30"), cut='[[variants]]\nname = "pruning')
+    sizes, errors, text = open_page(page, tmp_path)
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    alts = [alt for alt, *_ in sizes]
+    assert "attack PSNR against model accuracy" in alts and alts.count("private images") == 2
+    assert not errors, errors
+    assert "no defense" in text and "noise, variance 1e-2" in text and "model accuracy" in text
 
 
 @pytest.mark.slow
