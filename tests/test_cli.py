@@ -47,3 +47,22 @@ def test_config_command_prints_a_valid_config(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(result.stdout)
     assert FedsimConfig.from_toml(path) == FedsimConfig()
+
+
+@pytest.mark.slow
+def test_a_run_that_lists_attacks_ends_with_reconstructions_and_a_report(tmp_path, no_strays):
+    """`fedsim run --set attacks=analytic`: the run, then every capture attacked and scored, in one command."""
+    import json
+
+    result = run_cli(
+        "run", "--out-dir", str(tmp_path), "--name", "leak", "--dataset", "sample-mnist", "--model", "mlp",
+        "--recipe", "fedsgd", "--clients", "2", "--rounds", "1", "--set", "batch-size=1",
+        "--set", "save-truth=true", "--set", "attacks=analytic",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "leak"
+    assert len(list((run / "attacks" / "analytic").glob("round-0001-client-*/result.json"))) == 2
+    assert (run / "report.html").exists() and "report:" in result.stdout
+    summary = json.loads((run / "metrics.json").read_text())["summary"]["analytic"]
+    assert summary["reconstructions"] == 2 and summary["failed"] == 0
+    assert summary["median_psnr_mean"] > 100 and summary["median_label_accuracy"] == 1.0  # the MLP's input, exactly

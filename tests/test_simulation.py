@@ -125,6 +125,47 @@ def test_the_curious_wrapper_keeps_any_strategy_exact_fedmedian(tmp_path, no_str
         torch.testing.assert_close(final[name].double(), median, atol=1e-6, rtol=1e-6)
 
 
+def krum_choice(states: list[dict[str, torch.Tensor]], num_malicious: int) -> int:
+    """Krum (Blanchard et al. 2017), independently of Flower: the update closest to its n - f - 2 nearest."""
+    flat = torch.stack([torch.cat([s[k].double().flatten() for k in sorted(s)]) for s in states])
+    distances = torch.cdist(flat, flat) ** 2
+    nearest = len(states) - num_malicious - 2
+    n = len(states)
+    scores = [float(distances[i][torch.arange(n) != i].sort().values[:nearest].sum()) for i in range(n)]
+    return min(range(n), key=scores.__getitem__)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "krum"])
+def test_the_curious_wrapper_keeps_fedprox_and_krum_exact(strategy, tmp_path, no_strays):
+    """FedProx aggregates as FedAvg (its mu goes to the clients' recipe); Krum keeps exactly one client's model."""
+    config = FedsimConfig.from_mapping(
+        {
+            "dataset": "sample-mnist",
+            "model": "mlp",
+            "num-clients": 4,
+            "num-rounds": 1,
+            "strategy": strategy,
+            "proximal-mu": 0.5,
+            "examples-per-client": 48,
+            "local-epochs": 1,
+            "out-dir": str(tmp_path),
+            "run-name": strategy,
+        }
+    )
+    simulate(config, tmp_path / strategy)
+    store = CaptureStore(tmp_path / strategy / "captures")
+    records = store.records("update")
+    states = [store.load(r) for r in records]
+    final = load_tensors(tmp_path / strategy / "model.safetensors")
+    if strategy == "fedprox":
+        assert all(r["recipe"]["proximal-mu"] == 0.5 for r in records)
+        expected = weighted_average(states, [r["num_examples"] for r in records])
+    else:
+        expected = {k: v.double() for k, v in states[krum_choice(states, config.num_malicious)].items()}
+    for name in final:
+        torch.testing.assert_close(final[name].double(), expected[name], atol=1e-6, rtol=1e-6)
+
+
 def test_sigkill_keeps_every_capture_written_before(tmp_path, no_strays):
     import os
     import signal
