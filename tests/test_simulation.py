@@ -222,3 +222,55 @@ def test_a_supernode_whose_partition_count_differs_from_the_run_is_refused():
         partition_of(context({"partition-id": 0, "num-partitions": 2}), config)
     with pytest.raises(ValueError, match="partition-id 3 is outside 0..2"):
         partition_of(context({"partition-id": 3, "num-partitions": 3}), config)
+
+
+def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_path, no_strays):
+    """A real ClientApp that raises for partition 1: its error reply is captured, the others are aggregated."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import local_train
+    from fedsim.simulation import backend_config, flower_offline
+    from server.server_app import make_server_app
+
+    config = FedsimConfig.from_mapping(
+        {
+            "dataset": "sample-mnist",
+            "model": "mlp",
+            "num-clients": 3,
+            "num-rounds": 2,
+            "examples-per-client": 48,
+            "local-epochs": 1,
+            "out-dir": str(tmp_path),
+            "run-name": "crash",
+        }
+    )
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 1:
+            raise RuntimeError("out of memory on this client's device")
+        return local_train(msg, context, config)
+
+    flower_offline()
+    run_dir = tmp_path / "crash"
+    run_simulation(
+        server_app=make_server_app(config, run_dir, None, True),
+        client_app=app,
+        num_supernodes=3,
+        backend_config=backend_config(config),
+    )
+    store = CaptureStore(run_dir / "captures")
+    failures = store.records("failure")
+    assert [f["round"] for f in failures] == [1, 2]
+    assert all("out of memory" in f["reason"] for f in failures)
+    last = [r for r in store.records("update") if r["round"] == 2]
+    assert sorted(r["partition_id"] for r in last) == [0, 2]
+    rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    final = load_tensors(run_dir / "model.safetensors")
+    expected = weighted_average([store.load(r) for r in last], [r["num_examples"] for r in last])
+    for name in final:
+        torch.testing.assert_close(final[name].double(), expected[name], atol=1e-6, rtol=1e-6)
