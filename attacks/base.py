@@ -62,7 +62,8 @@ class AttackDiverged(FedsimError):
         self.reasons = list(reasons)
         super().__init__(
             f"{attack}: all {len(self.reasons)} restart(s) diverged ({'; '.join(self.reasons)}); "
-            "try more restarts, a smaller lr or another seed"
+            "try more restarts (--option restarts=3), a smaller lr, another seed"
+            + (" or rescues (--option rescues=5)" if attack in ("dlg", "idlg") else "")
         )
 
 

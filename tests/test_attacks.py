@@ -55,7 +55,8 @@ def psnr(images: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor) -> lis
 
 def test_dlg_recovers_a_16px_image_and_its_label(cifar) -> None:
     x, y = tiny(cifar[0][:1], 16), cifar[1][:1]
-    result = get_attack("dlg").reconstruct(fedsgd_target("lenet-dlg", x, y))
+    # rescues guard against a blow-up that depends on the CPU's rounding (attacks/README.md, L-BFGS)
+    result = get_attack("dlg", rescues=5).reconstruct(fedsgd_target("lenet-dlg", x, y))
     assert psnr(result.images, x, y)[0] > 30
     assert result.labels.tolist() == y.tolist()
     assert result.info["objective"] == "gradient" and result.info["label_method"] == "dlg-optimised"
@@ -68,7 +69,7 @@ def test_dlg_recovers_a_16px_image_and_its_label(cifar) -> None:
 
 def test_idlg_recovers_a_16px_image_with_the_inferred_label(cifar) -> None:
     x, y = tiny(cifar[0][1:2], 16), cifar[1][1:2]
-    result = get_attack("idlg").reconstruct(fedsgd_target("lenet-dlg", x, y))
+    result = get_attack("idlg", rescues=5).reconstruct(fedsgd_target("lenet-dlg", x, y))
     assert psnr(result.images, x, y)[0] > 30
     assert result.labels.tolist() == y.tolist() and result.info["label_method"] == "bias"
 
@@ -171,7 +172,7 @@ def _fedavg_target(x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> AttackT
 def test_fedavg_unrolled_and_pseudo_gradient_objectives(cifar) -> None:
     x, y = tiny(cifar[0][:2], 8), cifar[1][:2]
     target = _fedavg_target(x, y)
-    unrolled = get_attack("idlg").reconstruct(target)
+    unrolled = get_attack("idlg", rescues=5).reconstruct(target)
     assert unrolled.info["objective"] == "unrolled"
     assert min(psnr(unrolled.images, x, y)) > 30
     assert sorted(unrolled.labels.tolist()) == sorted(y.tolist())
