@@ -98,8 +98,8 @@ def part_dlg(args: argparse.Namespace) -> dict:
     out = {
         "label_inference": {"accuracy": float(np.mean([int(a) == int(b) for a, b in zip(inferred, y, strict=True)]))}
     }
-    for name in ("idlg", "dlg"):
-        options = {"snapshot_every": 1, **({"iterations": 100} if args.quick else {})}
+    for name in args.dlg_attacks:
+        options = {"snapshot_every": 1, "rescues": args.rescues, **({"iterations": 100} if args.quick else {})}
         attack = get_attack(name, **options)
         console.print(f"[bold]{name}[/]: {n} images, {attack.iterations} L-BFGS steps, batched {args.group} at a time")
         start = time.perf_counter()
@@ -117,6 +117,9 @@ def part_dlg(args: argparse.Namespace) -> dict:
             seconds=time.perf_counter() - start,
             evaluations_to_30db_median=float(np.median(hits)) if hits else None,
             reached_30db=len(hits),
+            rescued_images=sum(
+                1 for r in results if not isinstance(r, AttackDiverged) and any(r.info.get("rescued", [0]))
+            ),
             evaluations=[None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results],
             images=n,
         )
@@ -353,6 +356,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="grnn part: batch sizes")
     parser.add_argument("--attacks", nargs="+", default=["grnn", "dlg"], choices=["grnn", "dlg"])
     parser.add_argument("--trials", type=int, default=1, help="grnn part: batches per batch size")
+    parser.add_argument("--dlg-attacks", nargs="+", default=["idlg", "dlg"], choices=["idlg", "dlg"],
+                        help="dlg part: which attacks")  # fmt: skip
+    parser.add_argument("--rescues", type=int, default=0, help="dlg part: DLG/iDLG rescues (0: the paper's L-BFGS)")
     parser.add_argument("--tag", default="", help="suffix of the results file, to keep runs done in pieces")
     parser.add_argument("--timing-targets", type=int, default=8)
     parser.add_argument("--timing-iterations", type=int, default=20)
