@@ -72,12 +72,20 @@ class BatchedLBFGS:
         self.frozen = torch.zeros(k, dtype=torch.bool, device=z.device)
         self.evaluations = torch.zeros(k, dtype=torch.long, device=z.device)
         self.loss = new(k).fill_(float("inf"))  # loss at the last evaluated point
-        self.resets = torch.zeros(k, dtype=torch.long, device=z.device)
+        self.resets = torch.zeros(k, dtype=torch.long, device=z.device)  # stalls whose memory was cleared
+        self.rescued = torch.zeros(k, dtype=torch.long, device=z.device)  # steps taken back (`back_off`)
 
     def reset(self, rows: torch.Tensor) -> None:
         """Forget the L-BFGS memory of problems `rows` (a bool mask): their next step is steepest descent."""
         self.count[rows], self.head[rows], self.n_iter[rows] = 0, 0, 0
         self.h_diag[rows] = 1.0
+
+    def back_off(self, i: int, z: torch.Tensor, loss: torch.Tensor) -> None:
+        """Problem `i` returns to `z` (with its `loss`), forgets its memory and continues with half the step."""
+        self.z[i], self.loss[i] = z, loss
+        self.reset(torch.arange(self.z.shape[0], device=self.z.device) == i)
+        self.lr[i] *= 0.5
+        self.rescued[i] += 1
 
     def _evaluate(self, run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
@@ -134,9 +142,10 @@ class BatchedLBFGS:
             first_t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
             self.t = torch.where(run, torch.where(first, first_t, self.lr), self.t)
             stalled = run & ((g * self.d).sum(1) > -self.tol_change)  # not a descent direction
-            if self.reset_stalled and bool((stalled & ~first).any()):
-                self.reset(stalled & ~first)
-                self.resets += (stalled & ~first).long()
+            stuck = stalled & ~first  # steepest descent itself is never "stuck", only converged
+            if self.reset_stalled and bool(stuck.any()):
+                self.reset(stuck)
+                self.resets += stuck.long()
             run = run & ~stalled
             self.z += torch.where(run[:, None], self.t[:, None] * self.d, torch.zeros_like(self.d))
             opt_cond = torch.zeros_like(run)
@@ -286,18 +295,13 @@ class DLG(Attack):
 
         opt._evaluate(~opt.frozen)  # the initial loss, so that history starts where the optimisation does
         record(0, range(k))
-        opt.rescued = torch.zeros(k, dtype=torch.long)
         for it in range(1, self.iterations + 1):
             before = (opt.z.clone(), opt.loss.clone()) if self.rescues else None
             opt.step()
             live = [i for i in range(k) if not opt.frozen[i]]
             for i, reason in enumerate(divergence(opt.loss, images(), self.image_limit)):
                 if reason and i in live and before is not None and opt.rescued[i] < self.rescues:
-                    # Rescue: back to where this step started, memory cleared, half the step size.
-                    opt.z[i], opt.loss[i] = before[0][i], before[1][i]
-                    opt.reset(torch.arange(k, device=opt.z.device) == i)
-                    opt.lr[i] *= 0.5
-                    opt.rescued[i] += 1
+                    opt.back_off(i, before[0][i], before[1][i])  # rescue: back to where this step started
                 elif reason and i in live:
                     runs[i].dropped, opt.frozen[i] = f"{reason} at iteration {it}", True
             live = [i for i in live if not runs[i].dropped]

@@ -219,6 +219,9 @@ def _best_psnr(result: dict) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
+RECOGNISABLE_DB = 25.0  # attack PSNR above which the page calls the image recovered
+
+
 def _tradeoff_table(results: list[dict]) -> str:
     rows = []
     for r in results:
@@ -233,9 +236,6 @@ def _tradeoff_table(results: list[dict]) -> str:
         + "".join(rows)
         + "</table>"
     )
-
-
-RECOGNISABLE_DB = 25.0  # attack PSNR above which the page calls the image recovered
 
 
 def _tradeoff_plot(results: list[dict]) -> bytes | None:
