@@ -102,24 +102,25 @@ def test_run_folder_has_config_metrics_and_shards(fedsgd_run):
     assert sum(s["size"] for s in shards) == 200
 
 
+def mlp_config(tmp_path, name: str, **keys) -> FedsimConfig:
+    """A small run of the MLP on the shipped MNIST sample (one local epoch), written to tmp_path / name."""
+    base = {"dataset": "sample-mnist", "model": "mlp", "local-epochs": 1, "out-dir": str(tmp_path), "run-name": name}
+    return FedsimConfig.from_mapping({**base, **{k.replace("_", "-"): v for k, v in keys.items()}})
+
+
+def captured_updates(run_dir) -> tuple[CaptureStore, list[dict], dict[str, torch.Tensor]]:
+    """The capture store of a finished run, the client states of its last round, and its final model."""
+    store = CaptureStore(run_dir / "captures")
+    updates = store.records("update")
+    last = [r for r in updates if r["round"] == max(u["round"] for u in updates)]
+    return store, last, load_tensors(run_dir / "model.safetensors")
+
+
 def test_the_curious_wrapper_keeps_any_strategy_exact_fedmedian(tmp_path, no_strays):
-    config = FedsimConfig.from_mapping(
-        {
-            "dataset": "sample-mnist",
-            "model": "mlp",
-            "num-clients": 3,
-            "num-rounds": 1,
-            "strategy": "fedmedian",
-            "examples-per-client": 64,
-            "local-epochs": 1,
-            "out-dir": str(tmp_path),
-            "run-name": "median",
-        }
-    )
+    config = mlp_config(tmp_path, "median", num_clients=3, num_rounds=1, strategy="fedmedian", examples_per_client=64)
     simulate(config, tmp_path / "median")
-    store = CaptureStore(tmp_path / "median" / "captures")
-    states = [store.load(r) for r in store.records("update")]
-    final = load_tensors(tmp_path / "median" / "model.safetensors")
+    store, records, final = captured_updates(tmp_path / "median")
+    states = [store.load(r) for r in records]
     for name in final:
         median = torch.stack([s[name].double() for s in states]).median(dim=0).values
         torch.testing.assert_close(final[name].double(), median, atol=1e-6, rtol=1e-6)
@@ -138,25 +139,12 @@ def krum_choice(states: list[dict[str, torch.Tensor]], num_malicious: int) -> in
 @pytest.mark.parametrize("strategy", ["fedprox", "krum"])
 def test_the_curious_wrapper_keeps_fedprox_and_krum_exact(strategy, tmp_path, no_strays):
     """FedProx aggregates as FedAvg (its mu goes to the clients' recipe); Krum keeps exactly one client's model."""
-    config = FedsimConfig.from_mapping(
-        {
-            "dataset": "sample-mnist",
-            "model": "mlp",
-            "num-clients": 4,
-            "num-rounds": 1,
-            "strategy": strategy,
-            "proximal-mu": 0.5,
-            "examples-per-client": 48,
-            "local-epochs": 1,
-            "out-dir": str(tmp_path),
-            "run-name": strategy,
-        }
+    config = mlp_config(
+        tmp_path, strategy, num_clients=4, num_rounds=1, strategy=strategy, proximal_mu=0.5, examples_per_client=48
     )
     simulate(config, tmp_path / strategy)
-    store = CaptureStore(tmp_path / strategy / "captures")
-    records = store.records("update")
+    store, records, final = captured_updates(tmp_path / strategy)
     states = [store.load(r) for r in records]
-    final = load_tensors(tmp_path / strategy / "model.safetensors")
     if strategy == "fedprox":
         assert all(r["recipe"]["proximal-mu"] == 0.5 for r in records)
         expected = weighted_average(states, [r["num_examples"] for r in records])
@@ -234,18 +222,7 @@ def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_pa
     from fedsim.simulation import backend_config, flower_offline
     from server.server_app import make_server_app
 
-    config = FedsimConfig.from_mapping(
-        {
-            "dataset": "sample-mnist",
-            "model": "mlp",
-            "num-clients": 3,
-            "num-rounds": 2,
-            "examples-per-client": 48,
-            "local-epochs": 1,
-            "out-dir": str(tmp_path),
-            "run-name": "crash",
-        }
-    )
+    config = mlp_config(tmp_path, "crash", num_clients=3, num_rounds=2, examples_per_client=48)
     app = ClientApp()
 
     @app.train()
@@ -262,15 +239,13 @@ def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_pa
         num_supernodes=3,
         backend_config=backend_config(config),
     )
-    store = CaptureStore(run_dir / "captures")
+    store, last, final = captured_updates(run_dir)
     failures = store.records("failure")
     assert [f["round"] for f in failures] == [1, 2]
     assert all("out of memory" in f["reason"] for f in failures)
-    last = [r for r in store.records("update") if r["round"] == 2]
-    assert sorted(r["partition_id"] for r in last) == [0, 2]
+    assert [r["round"] for r in last] == [2, 2] and sorted(r["partition_id"] for r in last) == [0, 2]
     rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    final = load_tensors(run_dir / "model.safetensors")
     expected = weighted_average([store.load(r) for r in last], [r["num_examples"] for r in last])
     for name in final:
         torch.testing.assert_close(final[name].double(), expected[name], atol=1e-6, rtol=1e-6)
