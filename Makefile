@@ -14,10 +14,10 @@ install:            ## a virtual environment with fedsim, its tests' tools and C
 	$(PY) -m pip install -e ".[test]"
 
 demo:               ## the classroom demo (fedsim demo dlg): offline, pictures at the end
-	$(PY) -m fedsim.cli demo dlg
+	$(PY) -m fedsim demo dlg
 
 run:                ## the default federated run on the shipped MNIST sample, offline
-	$(PY) -m fedsim.cli run
+	$(PY) -m fedsim run
 
 test:               ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q

@@ -35,7 +35,7 @@ class AttackTarget:
     labels: torch.Tensor | None = None
     update: list[torch.Tensor] | None = None
     recipe: dict = field(default_factory=dict)
-    # What a defense-aware attacker adds (fedsim.attack_runner.load_target fills these from the
+    # What a defense-aware attacker adds (fedsim.app.attack_runner.load_target fills these from the
     # client's declared defenses): the entries of the observed signal to match, 1, and those a
     # defense erased, 0 (pruning); and whether to match the direction only, because the update
     # was clipped to a norm that says nothing about the data.

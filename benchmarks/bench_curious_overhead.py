@@ -19,8 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedsim.app.simulation import simulate
 from fedsim.config import FedsimConfig
-from fedsim.simulation import simulate
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -24,7 +24,7 @@ these are measured on real MNIST (the offline test set: its first 80 % are the c
   the image the client really used), and the relative error of the last layer's input features
   recovered in closed form from its gradient (what TL-DMI still sends).
 
-Every attack runs as the defense-aware attacker (fedsim.attack_runner.load_target with aware=True: it
+Every attack runs as the defense-aware attacker (fedsim.app.attack_runner.load_target with aware=True: it
 reads what the client declared: under pruning it matches only the entries sent, under clipping only
 the direction, under TL-DMI only the layers trained). The attacks in `--unaware` (DLG) run a second
 time defense-unaware (`<attack>-unaware` in the results) where that changes the objective: pruning,
@@ -35,8 +35,8 @@ Both halves call the real ClientApp code in-process: `clients.client_app.local_t
 real flwr Messages; aggregation is Flower's own `FedAvg.aggregate_train`. This skips Ray's start-up
 cost (one Ray simulation per setting would cost more than the training on 2 CPU cores); for a
 deterministic setting (prune 50 % + TL-DMI k = 2, 2 rounds) the per-round accuracies equal those of
-fedsim.simulation.simulate exactly. The capture
-the attack sees is the reply the client sends, turned into a target with fedsim.attack_runner.load_target,
+fedsim.app.simulation.simulate exactly. The capture
+the attack sees is the reply the client sends, turned into a target with fedsim.app.attack_runner.load_target,
 as `fedsim attack` does on a run's captures. Noise is drawn from OS entropy (as in a real run), so
 noisy settings vary slightly between runs.
 
@@ -228,12 +228,12 @@ def awareness_matters(aware, unaware) -> bool:
 def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dict], unaware: set[str]) -> dict:
     """The attacks on batch-1 FedSGD captures of `images` clients at round 1, scored against what they trained on.
 
-    Every attack runs as the defense-aware attacker (fedsim.attack_runner.load_target, aware=True: it uses
+    Every attack runs as the defense-aware attacker (fedsim.app.attack_runner.load_target, aware=True: it uses
     what the client declared); the attacks in `unaware` also run defense-unaware, where that changes the
     objective (pruning, clipping, TL-DMI with frozen layers), under the label `<attack>-unaware`.
     """
     from attacks import get_attack, reconstruct_many
-    from fedsim.attack_runner import load_target
+    from fedsim.app.attack_runner import load_target
     from server.server_app import trainable_names
 
     config = FedsimConfig.from_mapping(

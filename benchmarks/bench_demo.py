@@ -39,7 +39,7 @@ def run_once(scenario: str, out_dir: Path) -> dict:
     }
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", "demo", scenario, "--no-open", "--out-dir", str(out_dir)],
+        [sys.executable, "-m", "fedsim.app.cli", "demo", scenario, "--no-open", "--out-dir", str(out_dir)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedsim.app.model_attacks import run_inversion
+from fedsim.app.simulation import simulate
 from fedsim.config import FedsimConfig
-from fedsim.model_attacks import run_inversion
-from fedsim.simulation import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", REPO.parent / "shared" / "data"))

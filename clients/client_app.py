@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -12,20 +11,8 @@ from flwr.clientapp import ClientApp
 from clients.defenses import defense_mods
 from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
 from fedsim.config import FedsimConfig
-from fedsim.federation import Federation, device, freeze_for_tldmi
+from fedsim.federation import device, federation_for, freeze_for_tldmi
 from fedsim.files import save_tensors
-
-
-@functools.lru_cache(maxsize=2)
-def _federation(config_toml: str) -> Federation:
-    import tomllib
-
-    return Federation.from_config(FedsimConfig.from_mapping(tomllib.loads(config_toml)))
-
-
-def federation_for(config: FedsimConfig) -> Federation:
-    """The federation of `config`, built once per process (a Ray actor serves many clients)."""
-    return _federation(config.to_toml())
 
 
 def partition_of(context: Context, config: FedsimConfig) -> int:

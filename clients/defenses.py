@@ -58,8 +58,7 @@ def _tldmi_keys(config_toml: str) -> tuple[frozenset[str], tuple[str, ...]]:
     """(state-dict keys of the last k layers, their trainable parameter names) for the run's model."""
     import tomllib
 
-    from clients.client_app import federation_for
-    from fedsim.federation import freeze_for_tldmi, tldmi_trainable_keys
+    from fedsim.federation import federation_for, freeze_for_tldmi, tldmi_trainable_keys
 
     config = FedsimConfig.from_mapping(tomllib.loads(config_toml))
     model = federation_for(config).build_model()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import tomllib
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +128,16 @@ class Federation:
 
     def summary(self) -> list[dict]:
         return summary(self.shards, self.data.train_y, self.data.num_classes)
+
+
+@functools.lru_cache(maxsize=2)
+def _federation(config_toml: str) -> Federation:
+    return Federation.from_config(FedsimConfig.from_mapping(tomllib.loads(config_toml)))
+
+
+def federation_for(config: FedsimConfig) -> Federation:
+    """The federation of `config`, built once per process (a Ray actor serves many clients)."""
+    return _federation(config.to_toml())
 
 
 def tldmi_layers(model: nn.Module, k: int | None = None) -> list[str]:

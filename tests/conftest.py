@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,19 +41,23 @@ FLOWER_AND_RAY = (
 )
 
 
+# Every process this test session starts inherits this tag, even after its parent exits, so the stray check
+# sees this session's processes only, not a Ray or Flower that something else runs on the same machine.
+SESSION_TAG = f"FEDSIM_TEST_SESSION={os.getpid()}-{time.time_ns()}"
+os.environ["FEDSIM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+
+
+def _tagged(pid: str) -> bool:
+    try:
+        return SESSION_TAG.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone, or not ours to read
+        return False
+
+
 def stray_processes() -> list[str]:
-    """Ray and Flower processes still alive (excluding ones that existed before the test)."""
-    out = subprocess.run(
-        [
-            "pgrep",
-            "-a",
-            "-f",
-            "raylet|gcs_server|flower-superlink|flower-supernode|flower-superexec|flwr-simulation|flwr-serverapp|flwr-clientapp",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    """Ray and Flower processes this test session started that are still alive."""
+    out = subprocess.run(["pgrep", "-a", "-f", "|".join(FLOWER_AND_RAY)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line and _tagged(line.split()[0])]
 
 
 @pytest.fixture
@@ -60,8 +65,6 @@ def no_strays():
     """Fail the test if it leaves Ray or Flower processes behind."""
     before = set(stray_processes())
     yield
-    import time
-
     deadline = time.time() + 20
     left = [p for p in stray_processes() if p not in before]
     while left and time.time() < deadline:
@@ -73,5 +76,5 @@ def no_strays():
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the fedsim CLI as a user would, in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
+        [sys.executable, "-m", "fedsim", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
     )

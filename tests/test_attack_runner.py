@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clients.training import train_fedsgd
-from fedsim.attack_runner import load_target
+from fedsim.app.attack_runner import load_target
 from fedsim.captures import CaptureStore
 from fedsim.datasets import load_dataset, to_float
 from fedsim.federation import device
@@ -51,8 +51,8 @@ def make_run(run_dir, model_name="mlp", size=12, clients=3, batch=1):
 
 
 def test_ray_fan_out_scores_resumes_and_isolates_failures(tmp_path, no_strays):
-    from fedsim.attack_runner import plan, run_attacks
-    from fedsim.report import write_report
+    from fedsim.app.attack_runner import plan, run_attacks
+    from fedsim.app.report import write_report
 
     run_dir = tmp_path / "run"
     store = make_run(run_dir)

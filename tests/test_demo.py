@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from fedsim.demo import Scenario, scenario_names
+from fedsim.app.demo import Scenario, scenario_names
 from fedsim.errors import FedsimError
 from tests.conftest import run_cli
 
@@ -73,7 +73,7 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
     """Run scenario `name` (made quicker by one text replacement, and cut before `cut`) through the CLI."""
     if shutil.which("chromedriver") is None:
         pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
-    from fedsim.demo import SCENARIO_DIR
+    from fedsim.app.demo import SCENARIO_DIR
 
     scenario = tmp_path / "quick.toml"
     text = (SCENARIO_DIR / f"{name}.toml").read_text()
@@ -136,7 +136,7 @@ def test_the_demo_runs_on_a_teachers_own_photos(tmp_path, shared_data, no_strays
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
-    from fedsim.demo import SCENARIO_DIR
+    from fedsim.app.demo import SCENARIO_DIR
 
     scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 150", "iterations = 20"))
     result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))

@@ -21,7 +21,7 @@ from attacks.ensemble_inversion import (
     weight_distances,
 )
 from attacks.inversion_eval import attack_accuracy, nearest_private_distance
-from fedsim.cli_model_attacks import invert
+from fedsim.app.cli_model_attacks import invert
 from fedsim.errors import FedsimError
 
 

@@ -134,7 +134,7 @@ def test_replay_substitutes_the_shadow_for_the_client_and_keeps_frozen_layers():
 
 
 def test_cli_refuses_mistakes_with_a_clear_message(tmp_path):
-    from fedsim.cli_model_attacks import membership
+    from fedsim.app.cli_model_attacks import membership
     from fedsim.errors import FedsimError
 
     with pytest.raises(FedsimError, match="does not exist"):
@@ -147,10 +147,10 @@ def test_cli_refuses_mistakes_with_a_clear_message(tmp_path):
 
 @pytest.mark.slow
 def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
+    from fedsim.app.model_attacks import run_membership
+    from fedsim.app.simulation import simulate
     from fedsim.config import FedsimConfig
     from fedsim.files import load_tensors
-    from fedsim.model_attacks import run_membership
-    from fedsim.simulation import simulate
 
     config = FedsimConfig.from_mapping(
         {
@@ -180,7 +180,7 @@ def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
     again = run_membership(run_dir, modes=("fl",), clients=[0], **kwargs)  # same seed, same attack
     assert again["per-client"]["0"] == result["per-client"]["0"]
 
-    # `fedsim invert` as a user types it (the command is registered in fedsim/cli.py)
+    # `fedsim invert` as a user types it (the command is registered in fedsim/app/cli.py)
     args = ["invert", str(run_dir), "--steps", "4", "--batch-size", "8", "--per-class", "2", "--size", "2"]
     done = run_cli(*args, "--evaluator-epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from fedsim.app.simulation import simulate
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.federation import Federation
 from fedsim.files import load_tensors
-from fedsim.simulation import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ def test_sigkill_keeps_every_capture_written_before(tmp_path, no_strays):
         [
             sys.executable,
             "-m",
-            "fedsim.cli",
+            "fedsim.app.cli",
             "run",
             "--rounds",
             "50",
@@ -219,7 +219,7 @@ def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_pa
     from flwr.simulation import run_simulation
 
     from clients.client_app import local_train
-    from fedsim.simulation import backend_config, flower_offline
+    from fedsim.app.simulation import backend_config, flower_offline
     from server.server_app import make_server_app
 
     config = mlp_config(tmp_path, "crash", num_clients=3, num_rounds=2, examples_per_client=48)

@@ -7,7 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class AttackProgress:
-    """A rich progress bar fed by fedsim.attack_runner's events."""
+    """A rich progress bar fed by fedsim.app.attack_runner's events."""
 
     def __init__(self, console: Console | None = None, label: str = "attacks") -> None:
         self.progress = Progress(

@@ -1,6 +1,6 @@
 """Classroom demos: a scenario file runs a small federation, attacks it and builds one page to show.
 
-A scenario is a TOML file in fedsim/scenarios/ (copy one to change it and pass its path):
+A scenario is a TOML file in fedsim/app/scenarios/ (copy one to change it and pass its path):
 
     title, summary, explanation     what the page and `fedsim demo --list` say
     [run]                           fedsim config keys of the federation
@@ -119,11 +119,11 @@ def slug(text: str) -> str:
 
 def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") -> Path:
     """Run every variant of the scenario (federation, attack, scoring) and write the demo page."""
-    from fedsim.attack_progress import AttackProgress
-    from fedsim.attack_runner import plan, run_attacks
-    from fedsim.progress import RoundProgress
-    from fedsim.report import final_accuracy, run_section, score_run
-    from fedsim.simulation import simulate
+    from fedsim.app.attack_progress import AttackProgress
+    from fedsim.app.attack_runner import plan, run_attacks
+    from fedsim.app.progress import RoundProgress
+    from fedsim.app.report import final_accuracy, run_section, score_run
+    from fedsim.app.simulation import simulate
 
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a demo is re-run from scratch: old runs would be refused as existing
@@ -179,8 +179,8 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
         if scenario.membership is not None:
             r["membership"] = membership_section(r["run_dir"], scenario.membership, console)
     page = out_dir / "report.html"
+    from fedsim.app.report import html_page
     from fedsim.files import atomic_write_text
-    from fedsim.report import html_page
 
     sections = [
         r["membership"]
@@ -203,7 +203,7 @@ def _intro(scenario: Scenario, results: list[dict], seconds: float) -> str:
         parts.append(_tradeoff_table(results))
         plot = _tradeoff_plot(results)
         if plot:
-            from fedsim.report import _img
+            from fedsim.app.report import _img
 
             parts.append(
                 f"<figure class='plot'>{_img(plot, 'image/png', 'attack PSNR against model accuracy')}"
@@ -275,9 +275,9 @@ QUESTIONS = {
 
 def membership_section(run_dir: Path, keys: dict, console) -> str:
     """SeqMIA on the demo's run, shown as the loss gap over the rounds, a table and the ROC curves."""
-    from fedsim.cli_model_attacks import _Bars
-    from fedsim.model_attacks import run_membership
-    from fedsim.report import _img
+    from fedsim.app.cli_model_attacks import _Bars
+    from fedsim.app.model_attacks import run_membership
+    from fedsim.app.report import _img
 
     options = {MEMBERSHIP_KEYS[k]: (tuple(v) if k == "modes" else v) for k, v in keys.items()}
     console.print("  the server asks, for each client's images and hundreds of others: was it in the client's shard?")

@@ -322,7 +322,7 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
 
     started_here = not ray.is_initialized()
     if started_here:
-        from fedsim.simulation import flower_offline
+        from fedsim.app.simulation import flower_offline
 
         flower_offline()  # also Ray's quiet settings
         ray.init(

@@ -54,8 +54,8 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Run a federated simulation in which the server captures every client update."""
-    from fedsim.progress import RoundProgress
-    from fedsim.simulation import simulate
+    from fedsim.app.progress import RoundProgress
+    from fedsim.app.simulation import simulate
     from server.server_app import run_dir_for
 
     config = load_config(
@@ -101,9 +101,9 @@ def run(
     console.print(table)
     console.print(f"captures, model and metrics in [bold]{run_dir}[/]")
     if attack_names:
-        from fedsim.attack_progress import AttackProgress
-        from fedsim.attack_runner import plan, run_attacks
-        from fedsim.report import write_report
+        from fedsim.app.attack_progress import AttackProgress
+        from fedsim.app.attack_runner import plan, run_attacks
+        from fedsim.app.report import write_report
 
         jobs, _ = plan(run_dir, attack_names)
         with AttackProgress(console, "attacks") as progress:
@@ -160,8 +160,8 @@ def attack(
 ) -> None:
     """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
     from attacks import ATTACKS
-    from fedsim.attack_progress import AttackProgress
-    from fedsim.attack_runner import plan, run_attacks, run_dirs
+    from fedsim.app.attack_progress import AttackProgress
+    from fedsim.app.attack_runner import plan, run_attacks, run_dirs
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
@@ -229,7 +229,7 @@ def report(
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="open the page in a browser")] = False,
 ) -> None:
     """Score the reconstructions against the truth and write report.html and metrics.json."""
-    from fedsim.report import write_report
+    from fedsim.app.report import write_report
 
     page = write_report(path)
     console.print(f"report: [bold]{page}[/]")
@@ -256,7 +256,7 @@ def demo(
     executor: Annotated[str, typer.Option(help="ray or local")] = "ray",
 ) -> None:
     """A classroom demo, offline: a small federation trains, the server reconstructs, a page shows it."""
-    from fedsim.demo import Scenario, run_demo, scenario_names
+    from fedsim.app.demo import Scenario, run_demo, scenario_names
 
     if list_:
         table = Table("scenario", "what it shows")
@@ -320,7 +320,7 @@ def show_config() -> None:
 
 
 # Model-level attacks on a finished run (SeqMIA, Ensemble Inversion) live in their own module.
-from fedsim.cli_model_attacks import invert, membership  # noqa: E402
+from fedsim.app.cli_model_attacks import invert, membership  # noqa: E402
 
 app.command()(membership)
 app.command()(invert)

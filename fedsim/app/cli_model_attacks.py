@@ -1,4 +1,4 @@
-"""`fedsim membership` and `fedsim invert`: model-level attacks on a finished run (registered in fedsim/cli.py)."""
+"""`fedsim membership` and `fedsim invert`: model-level attacks on a finished run (registered in fedsim/app/cli.py)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def membership(
     seed: Seed = None,
 ) -> None:
     """SeqMIA membership inference against a run's clients and global model, with the loss baselines."""
-    from fedsim.model_attacks import MODES, run_membership
+    from fedsim.app.model_attacks import MODES, run_membership
 
     _check_run(run_dir)
     modes = tuple(mode or ["fl"])
@@ -120,7 +120,7 @@ def invert(
     seed: Seed = None,
 ) -> None:
     """Ensemble inversion of each client's models against single-model inversion of the last model."""
-    from fedsim.model_attacks import run_inversion
+    from fedsim.app.model_attacks import run_inversion
 
     _check_run(run_dir)
     if not 0 < keep <= 1:

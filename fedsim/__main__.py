@@ -1,0 +1,5 @@
+"""`python -m fedsim`: the same command line as `fedsim`."""
+
+from fedsim.app.cli import main
+
+main()
