@@ -73,7 +73,7 @@ class FedsimConfig:
     attacks: str = field(
         default="", metadata={"help": "comma-separated gradient-inversion attacks to run on the captures at the end"}
     )
-    # Client-side defenses (clients/defenses.py; README "Defenses")
+    # Client-side defenses (clients/defenses.py; docs/defenses.md)
     defenses: str = field(
         default="",
         metadata={"help": "comma-separated client defenses: noise, clip, ldp, prune, tldmi ('' = none)"},
