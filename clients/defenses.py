@@ -11,8 +11,9 @@ The *update* a defense changes is Δ = reply − global on the floating-point te
 pass unchanged). Under TL-DMI only the tensors of the last k layers are in the update: the frozen
 layers go back bit-identical to the global ones, noise included.
 
-Order, as the reply passes through them (`defense_mods` lists them the other way round, because
-Flower calls the first mod of the list first and it therefore sees the reply last):
+Order, as the reply passes through them (the registry `DEFENSES` holds them in this order;
+`defense_mods` lists them the other way round, because Flower calls the first mod of the list first
+and it therefore sees the reply last):
 
     tldmi -> clip -> noise -> prune -> ldp
 
@@ -23,6 +24,10 @@ clips and noises whatever update the others left.
 
 Each mod declares itself in the reply's ConfigRecord "fedsim" (the curious server stores it in the
 capture record's "declared"): "defenses" lists the ones applied, in order, with their parameters.
+
+A defense is one DefenseMod subclass (its `name`, how it changes an update, what it declares) and
+one line in `DEFENSES`; its name is in fedsim.config.DEFENSES and its keys are fields of FedsimConfig
+(the config, in the core, validates runs before any client exists and cannot import this module).
 
 Noise is drawn from the operating system's entropy, not from the run's `seed`: a noise the server
 can regenerate from the run config would protect nothing. Runs with noise or ldp are therefore not
@@ -43,9 +48,6 @@ from flwr.clientapp.mod import LocalDpMod
 from fedsim.config import FedsimConfig
 
 CallNext = Callable[[Message, Context], Message]
-
-APPLIED_ORDER = ("tldmi", "clip", "noise", "prune", "ldp")
-"""The order in which the defenses change a reply (the innermost mod first)."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,7 +85,11 @@ def declare(reply: Message, defense: str, **params: object) -> None:
 
 
 class DefenseMod:
-    """Base of the defense mods: config lookup, selection of clients, the update on the defended tensors."""
+    """Base of the defense mods: config lookup, selection of clients, the reply's declaration.
+
+    A defense says how it changes an update (`change`) and what it declares (`declared`); the base
+    applies the change to the defended tensors of the reply and adds the declaration.
+    """
 
     name = ""
 
@@ -102,18 +108,32 @@ class DefenseMod:
         reply = call_next(msg, context)
         if reply.has_error() or sent is None or _single_arrays(reply) is None:
             return reply
-        return self.defend(reply, sent, config, partition_id, msg, context)
+        self.apply(reply, sent, config, partition_id)
+        declare(reply, self.name, **self.declared(config))
+        return reply
 
-    def defend(
-        self,
-        reply: Message,
-        sent: ArrayRecord,
-        config: FedsimConfig,
-        partition_id: int,
-        msg: Message,
-        context: Context,
-    ) -> Message:
+    def change(self, update: dict[str, torch.Tensor], config: FedsimConfig) -> dict[str, torch.Tensor]:
+        """The defended update from the client's update {name: tensor}."""
         raise NotImplementedError
+
+    def declared(self, config: FedsimConfig) -> dict[str, object]:
+        """The parameters the client declares in its reply (the "fedsim" ConfigRecord)."""
+        raise NotImplementedError
+
+    def apply(self, reply: Message, sent: ArrayRecord, config: FedsimConfig, partition_id: int) -> None:
+        """Replace the reply's weights by global + change(update) on the defended tensors; others stay."""
+        keys = self.defended_keys(sent, config, partition_id)
+        record_key, arrays = next(iter(reply.content.array_records.items()))
+        global_w = {k: torch.from_numpy(np.array(sent[k].numpy(), copy=True)) for k in keys}
+        update = {k: torch.from_numpy(np.array(arrays[k].numpy(), copy=True)) - global_w[k] for k in keys}
+        update = self.change(update, config)
+        out = {}
+        for key in arrays:
+            if key in update:
+                out[key] = Array((global_w[key] + update[key].to(global_w[key].dtype)).numpy())
+            else:
+                out[key] = arrays[key]
+        reply.content[record_key] = ArrayRecord(out)
 
     @staticmethod
     def defended_keys(sent: ArrayRecord, config: FedsimConfig, partition_id: int) -> list[str]:
@@ -124,39 +144,17 @@ class DefenseMod:
             keys = [k for k in keys if k in trainable]
         return keys
 
-    def change_update(
-        self,
-        reply: Message,
-        sent: ArrayRecord,
-        keys: list[str],
-        change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    ) -> None:
-        """Replace the reply's weights by global + change(update) on `keys`; other tensors stay as they were."""
-        record_key, arrays = next(iter(reply.content.array_records.items()))
-        global_w = {k: torch.from_numpy(np.array(sent[k].numpy(), copy=True)) for k in keys}
-        update = {k: torch.from_numpy(np.array(arrays[k].numpy(), copy=True)) - global_w[k] for k in keys}
-        update = change(update)
-        out = {}
-        for key in arrays:
-            if key in update:
-                out[key] = Array((global_w[key] + update[key].to(global_w[key].dtype)).numpy())
-            else:
-                out[key] = arrays[key]
-        reply.content[record_key] = ArrayRecord(out)
-
 
 class ClipDefense(DefenseMod):
     """Scale the update so that its L2 norm (over all defended tensors together) is at most `clip-norm`."""
 
     name = "clip"
 
-    def defend(self, reply, sent, config, partition_id, msg, context):
-        def clip(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return clip_update(update, config.clip_norm)
+    def change(self, update, config):
+        return clip_update(update, config.clip_norm)
 
-        self.change_update(reply, sent, self.defended_keys(sent, config, partition_id), clip)
-        declare(reply, self.name, **{"clip-norm": config.clip_norm})
-        return reply
+    def declared(self, config):
+        return {"clip-norm": config.clip_norm}
 
 
 class NoiseDefense(DefenseMod):
@@ -168,15 +166,12 @@ class NoiseDefense(DefenseMod):
 
     name = "noise"
 
-    def defend(self, reply, sent, config, partition_id, msg, context):
+    def change(self, update, config):
         rng = np.random.default_rng()  # OS entropy: the server cannot regenerate it from the run config
+        return add_noise(update, config.noise_type, config.noise_scale, rng)
 
-        def noisy(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return add_noise(update, config.noise_type, config.noise_scale, rng)
-
-        self.change_update(reply, sent, self.defended_keys(sent, config, partition_id), noisy)
-        declare(reply, self.name, **{"noise-type": config.noise_type, "noise-scale": config.noise_scale})
-        return reply
+    def declared(self, config):
+        return {"noise-type": config.noise_type, "noise-scale": config.noise_scale}
 
 
 class PruneDefense(DefenseMod):
@@ -184,13 +179,11 @@ class PruneDefense(DefenseMod):
 
     name = "prune"
 
-    def defend(self, reply, sent, config, partition_id, msg, context):
-        def prune(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return prune_update(update, config.prune_percent)
+    def change(self, update, config):
+        return prune_update(update, config.prune_percent)
 
-        self.change_update(reply, sent, self.defended_keys(sent, config, partition_id), prune)
-        declare(reply, self.name, **{"prune-percent": config.prune_percent})
-        return reply
+    def declared(self, config):
+        return {"prune-percent": config.prune_percent}
 
 
 class LocalDpDefense(DefenseMod):
@@ -200,7 +193,8 @@ class LocalDpDefense(DefenseMod):
     and adds Gaussian noise of std sensitivity·sqrt(2 ln(1.25/δ))/ε to every entry. The sensitivity
     is `ldp-clip-norm` (the L2 sensitivity of one clipped update). LocalDpMod would also clip and noise
     integer counters (and fail on them) and TL-DMI's frozen layers, so it is shown the defended
-    tensors only: the others are set aside before it runs and put back, unchanged, after.
+    tensors only: the others are set aside before it runs and put back, unchanged, after. LocalDpMod
+    changes the update itself, around the client's training, so this mod replaces the base's `__call__`.
     """
 
     name = "ldp"
@@ -236,43 +230,44 @@ class LocalDpDefense(DefenseMod):
         reply_key, private = next(iter(reply.content.array_records.items()))
         arrays = aside["reply"]
         reply.content[reply_key] = ArrayRecord({k: private[k] if k in private else arrays[k] for k in arrays})
-        declare(
-            reply,
-            self.name,
-            **{
-                "ldp-epsilon": config.ldp_epsilon,
-                "ldp-delta": config.ldp_delta,
-                "ldp-clip-norm": config.ldp_clip_norm,
-                "ldp-noise-std": ldp_noise_std(config),
-            },
-        )
+        declare(reply, self.name, **self.declared(config))
         return reply
+
+    def declared(self, config):
+        return {
+            "ldp-epsilon": config.ldp_epsilon,
+            "ldp-delta": config.ldp_delta,
+            "ldp-clip-norm": config.ldp_clip_norm,
+            "ldp-noise-std": ldp_noise_std(config),
+        }
 
 
 class TldmiDefense(DefenseMod):
     """TL-DMI (Ho et al., CVPR 2024), client side: only the last `tldmi-layers` layers leave the client changed.
 
     The client app freezes the early layers before training (requires_grad False, eval mode); this mod
-    then puts the global arrays back for every tensor outside the last k layers, so the server sees
-    exactly zero update there whatever happened during training.
+    then puts the global arrays back for every tensor outside the last k layers, integer counters
+    included, so the server sees exactly zero update there whatever happened during training.
     """
 
     name = "tldmi"
 
-    def defend(self, reply, sent, config, partition_id, msg, context):
-        trainable_keys, trainable_params = tldmi_keys(config)
+    def apply(self, reply, sent, config, partition_id):
+        trainable_keys, _ = tldmi_keys(config)
         record_key, arrays = next(iter(reply.content.array_records.items()))
         reply.content[record_key] = ArrayRecord({k: arrays[k] if k in trainable_keys else sent[k] for k in arrays})
-        declare(
-            reply,
-            self.name,
-            **{
-                "tldmi-layers": config.tldmi_layers,
-                "tldmi-public": config.tldmi_public,
-                "trainable": list(trainable_params),
-            },
-        )
-        return reply
+
+    def declared(self, config):
+        _, trainable_params = tldmi_keys(config)
+        return {
+            "tldmi-layers": config.tldmi_layers,
+            "tldmi-public": config.tldmi_public,
+            "trainable": list(trainable_params),
+        }
+
+
+DEFENSES: tuple[type[DefenseMod], ...] = (TldmiDefense, ClipDefense, NoiseDefense, PruneDefense, LocalDpDefense)
+"""Every defense, in the order they change a reply (the innermost mod first); its names are fedsim.config's."""
 
 
 def defense_mods(config: FedsimConfig | None = None) -> list[DefenseMod]:
@@ -281,13 +276,7 @@ def defense_mods(config: FedsimConfig | None = None) -> list[DefenseMod]:
     All are installed in every client; each one checks the run config and passes through when its
     defense is off for this client.
     """
-    return [
-        LocalDpDefense(config),
-        PruneDefense(config),
-        NoiseDefense(config),
-        ClipDefense(config),
-        TldmiDefense(config),
-    ]
+    return [defense(config) for defense in reversed(DEFENSES)]
 
 
 # --- the transformations, on an update {name: tensor} ------------------------------------------

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from attacks import ATTACKS
+
 MANIFEST = Path("captures") / "manifest.jsonl"
 
 
@@ -92,12 +94,27 @@ def attack_and_report(run: Path, attacks: str, num_cpus: str, num_gpus: str) -> 
     return True
 
 
+def attack_names(text: str) -> str:
+    """`--attack`: comma-separated names of the attack registry; an unknown one stops the attacker at start."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown or not names:
+        choices = ", ".join(ATTACKS)
+        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(unknown) or repr(text)}; choose from: {choices}")
+    return ",".join(names)
+
+
 def main(argv: list[str] | None = None) -> None:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--captures", type=Path, default=Path("/var/lib/fedsim/captures"))
     parser.add_argument("--results", type=Path, default=Path("/var/lib/fedsim/results"))
-    parser.add_argument("--attack", default=env("FEDSIM_ATTACKS", "idlg"), help="comma-separated: dlg,idlg,...")
+    parser.add_argument(
+        "--attack",
+        type=attack_names,
+        default=env("FEDSIM_ATTACKS", "idlg"),
+        help=f"comma-separated: {', '.join(ATTACKS)}",
+    )
     parser.add_argument("--num-cpus", default=env("FEDSIM_ATTACK_NUM_CPUS", "1"))
     parser.add_argument("--num-gpus", default=env("FEDSIM_ATTACK_NUM_GPUS", "0"))
     parser.add_argument("--interval", type=float, default=float(env("FEDSIM_ATTACK_INTERVAL", "15")))

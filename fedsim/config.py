@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,12 +15,40 @@ from fedsim.errors import FedsimError
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "krum")
 RECIPES = ("fedavg", "fedsgd")
 PARTITIONS = ("iid", "dirichlet")
-DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")  # client-side defenses (clients/defenses.py)
+DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
+"""The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a float key's value may lie. Every float key is also finite: NaN and infinity are refused."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            bound = f"{'>' if self.low_open else '>='} {self.low:g}" if self.low > -math.inf else "any number"
+        else:
+            bound = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return bound + (f" ({self.why})" if self.why else "")
+
+
+POSITIVE = Range(0.0, low_open=True)
+NON_NEGATIVE = Range(0.0)
 
 
 @dataclass
@@ -42,21 +71,29 @@ class FedsimConfig:
     # The federation
     num_clients: int = field(default=3, metadata={"help": "number of clients (SuperNodes)"})
     num_rounds: int = field(default=3, metadata={"help": "number of federated rounds"})
-    fraction_train: float = field(default=1.0, metadata={"help": "share of clients sampled each round"})
+    fraction_train: float = field(
+        default=1.0, metadata={"help": "share of clients sampled each round", "range": Range(0.0, 1.0, low_open=True)}
+    )
     partition: str = field(default="iid", metadata={"help": "how the training set is split", **_choice(*PARTITIONS)})
-    alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for partition = dirichlet (> 0)"})
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Dirichlet concentration for partition = dirichlet (> 0)",
+            "range": Range(0.0, low_open=True, why="Dirichlet concentration; small = more label skew"),
+        },
+    )
     examples_per_client: int = field(
         default=0, metadata={"help": "keep only this many examples per shard; 0 keeps all"}
     )
     seed: int = field(default=0, metadata={"help": "seed of shards, initial model, batches and attacks"})
     # The server's strategy
     strategy: str = field(default="fedavg", metadata={"help": "aggregation strategy", **_choice(*STRATEGIES)})
-    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal term weight"})
-    server_lr: float = field(default=0.01, metadata={"help": "server learning rate (FedAdam's eta)"})
+    proximal_mu: float = field(default=0.01, metadata={"help": "FedProx proximal term weight", "range": NON_NEGATIVE})
+    server_lr: float = field(default=0.01, metadata={"help": "server learning rate (FedAdam's eta)", "range": POSITIVE})
     num_malicious: int = field(default=0, metadata={"help": "Krum's assumed number of malicious clients"})
     # The clients' local recipe
     recipe: str = field(default="fedavg", metadata={"help": "local training recipe", **_choice(*RECIPES)})
-    lr: float = field(default=0.1, metadata={"help": "client SGD learning rate"})
+    lr: float = field(default=0.1, metadata={"help": "client SGD learning rate", "range": POSITIVE})
     batch_size: int = field(default=32, metadata={"help": "client batch size (FedSGD: examples behind one gradient)"})
     local_epochs: int = field(default=2, metadata={"help": "FedAvg local epochs"})
     # What the curious server keeps, and where
@@ -76,7 +113,7 @@ class FedsimConfig:
     # Client-side defenses (clients/defenses.py; docs/defenses.md)
     defenses: str = field(
         default="",
-        metadata={"help": "comma-separated client defenses: noise, clip, ldp, prune, tldmi ('' = none)"},
+        metadata={"help": f"comma-separated client defenses: {', '.join(DEFENSES)} ('' = none)"},
     )
     defense_clients: str = field(
         default="", metadata={"help": "comma-separated partition ids that apply the defenses ('' = every client)"}
@@ -86,16 +123,31 @@ class FedsimConfig:
     )
     noise_scale: float = field(
         default=0.01,
-        metadata={"help": "noise on the update: Gaussian std sigma or Laplace scale b (DLG's variance = (sigma/lr)^2)"},
+        metadata={
+            "help": "noise on the update: Gaussian std sigma or Laplace scale b (DLG's variance = (sigma/lr)^2)",
+            "range": Range(0.0, why="Gaussian std or Laplace scale"),
+        },
     )
-    clip_norm: float = field(default=1.0, metadata={"help": "L2 bound of the update (client - global weights)"})
-    ldp_epsilon: float = field(default=1.0, metadata={"help": "local DP epsilon (Flower's LocalDpMod)"})
-    ldp_delta: float = field(default=1e-5, metadata={"help": "local DP delta, in (0, 1)"})
+    clip_norm: float = field(
+        default=1.0, metadata={"help": "L2 bound of the update (client - global weights)", "range": POSITIVE}
+    )
+    ldp_epsilon: float = field(
+        default=1.0, metadata={"help": "local DP epsilon (Flower's LocalDpMod)", "range": POSITIVE}
+    )
+    ldp_delta: float = field(
+        default=1e-5,
+        metadata={"help": "local DP delta, in (0, 1)", "range": Range(0.0, 1.0, low_open=True, high_open=True)},
+    )
     ldp_clip_norm: float = field(
-        default=1.0, metadata={"help": "local DP clipping norm of the update (also its L2 sensitivity)"}
+        default=1.0,
+        metadata={"help": "local DP clipping norm of the update (also its L2 sensitivity)", "range": POSITIVE},
     )
     prune_percent: float = field(
-        default=20.0, metadata={"help": "per tensor, zero this % of the update's smallest-magnitude entries"}
+        default=20.0,
+        metadata={
+            "help": "per tensor, zero this % of the update's smallest-magnitude entries",
+            "range": Range(0.0, 100.0, high_open=True),
+        },
     )
     tldmi_layers: int = field(
         default=1,
@@ -108,8 +160,10 @@ class FedsimConfig:
         default=3, metadata={"help": "TL-DMI: server epochs of pre-training on the public dataset"}
     )
     # Resources
-    client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor"})
-    client_num_gpus: float = field(default=0.0, metadata={"help": "GPU fraction per client actor (0 = CPU only)"})
+    client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor", "range": POSITIVE})
+    client_num_gpus: float = field(
+        default=0.0, metadata={"help": "GPU fraction per client actor (0 = CPU only)", "range": NON_NEGATIVE}
+    )
 
     # --- conversions -------------------------------------------------------------------
     @classmethod
@@ -142,12 +196,14 @@ class FedsimConfig:
     def validate(self) -> None:
         """Refuse values that cannot work, naming the key and what is allowed."""
         for f in fields(self):
+            key, value = f.name.replace("_", "-"), getattr(self, f.name)
             allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                key = f.name.replace("_", "-")
-                raise FedsimError(
-                    f"{key} = {getattr(self, f.name)!r} is not allowed; choose one of: {', '.join(allowed)}"
-                )
+            if allowed and value not in allowed:
+                raise FedsimError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+            within = f.metadata.get("range", Range())
+            if isinstance(value, float) and value not in within:
+                finite = "" if math.isfinite(value) else "a finite number "
+                raise FedsimError(f"{key} = {value} must be {finite}{within}")
         from fedsim.datasets import LOADERS
         from fedsim.models import MODELS
 
@@ -164,26 +220,14 @@ class FedsimConfig:
         for key, value in positive.items():
             if value < 1:
                 raise FedsimError(f"{key} = {value} must be at least 1")
-        if self.alpha <= 0:
-            raise FedsimError(f"alpha = {self.alpha} must be > 0 (Dirichlet concentration; small = more label skew)")
-        if not 0 < self.fraction_train <= 1:
-            raise FedsimError(f"fraction-train = {self.fraction_train} must be in (0, 1]")
-        if self.lr <= 0:
-            raise FedsimError(f"lr = {self.lr} must be > 0")
         for key, value in {
             "image-size": self.image_size,
             "examples-per-client": self.examples_per_client,
             "eval-examples": self.eval_examples,
             "num-malicious": self.num_malicious,
-            "proximal-mu": self.proximal_mu,
-            "client-num-gpus": self.client_num_gpus,
         }.items():
             if value < 0:
                 raise FedsimError(f"{key} = {value} must be >= 0")
-        if self.client_num_cpus <= 0:
-            raise FedsimError(f"client-num-cpus = {self.client_num_cpus} must be > 0")
-        if self.server_lr <= 0:
-            raise FedsimError(f"server-lr = {self.server_lr} must be > 0")
         self._validate_defenses()
 
     # --- defenses ------------------------------------------------------------------------
@@ -224,17 +268,6 @@ class FedsimConfig:
                     f"defense-clients: partition id {pid} is outside 0..{self.num_clients - 1} "
                     f"(num-clients = {self.num_clients})"
                 )
-        if self.noise_scale < 0:
-            raise FedsimError(f"noise-scale = {self.noise_scale} must be >= 0 (Gaussian std or Laplace scale)")
-        if not 0 <= self.prune_percent < 100:
-            raise FedsimError(f"prune-percent = {self.prune_percent} must be in [0, 100)")
-        if self.ldp_epsilon <= 0:
-            raise FedsimError(f"ldp-epsilon = {self.ldp_epsilon} must be > 0")
-        if not 0 < self.ldp_delta < 1:
-            raise FedsimError(f"ldp-delta = {self.ldp_delta} must be in (0, 1)")
-        for key, value in {"clip-norm": self.clip_norm, "ldp-clip-norm": self.ldp_clip_norm}.items():
-            if value <= 0:
-                raise FedsimError(f"{key} = {value} must be > 0")
         if self.tldmi_layers < 1:
             raise FedsimError(f"tldmi-layers = {self.tldmi_layers} must be at least 1 (layers trained from the output)")
         if self.tldmi_pretrain_epochs < 0:
@@ -272,11 +305,21 @@ class FedsimConfig:
     def from_toml(cls, path: str | Path, base: FedsimConfig | None = None) -> FedsimConfig:
         """Read a config file: flat dashed keys, or a pyproject.toml's `[tool.flwr.app.config]`."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FedsimError(f"config file {path} does not exist")
+        if path.is_dir():
+            raise FedsimError(f"config file {path} is a directory; give the path of a TOML file")
+        if not path.is_file():
+            raise FedsimError(f"config file {path} is not a regular file")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise FedsimError(f"config file {path} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise FedsimError(f"config file {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+        try:
+            data = tomllib.loads(text)
+        except ValueError as exc:  # TOMLDecodeError, or an integer longer than Python converts
             raise FedsimError(f"config file {path} is not valid TOML: {exc}") from None
         if "tool" in data:
             data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
@@ -306,7 +349,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, raw = (part.strip() for part in pair.split("=", 1))
         try:
             values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except ValueError:  # not a TOML value (or an integer longer than Python converts): the word itself
             values[key] = raw
     return values
 
@@ -330,7 +373,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return int(value)
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise FedsimError(f"{key} must be a finite number; got an integer too large for a float") from None
     elif kind is str:
         if isinstance(value, str):
             return value

@@ -12,6 +12,7 @@ from flwr.client.mod.utils import make_ffn
 
 from clients.client_app import local_train
 from clients.defenses import (
+    DEFENSES,
     ClipDefense,
     LocalDpDefense,
     NoiseDefense,
@@ -21,6 +22,7 @@ from clients.defenses import (
     ldp_noise_std,
     update_norm,
 )
+from fedsim import config as fedsim_config
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation, tldmi_layers
@@ -350,6 +352,13 @@ def test_all_mods_apply_in_the_documented_order_and_declare_themselves():
             assert torch.equal(u, torch.zeros_like(u)), key  # frozen: no noise, no update
         else:
             assert int((u == 0).sum()) == round(0.5 * u.numel()), key  # pruning came after the noise
+
+
+def test_the_registry_holds_each_defense_the_config_accepts_once_in_the_applied_order():
+    names = [defense.name for defense in DEFENSES]
+    assert sorted(names) == sorted(fedsim_config.DEFENSES) and len(set(names)) == len(names)
+    assert names == ["tldmi", "clip", "noise", "prune", "ldp"]  # README "Order"
+    assert [mod.name for mod in defense_mods()] == names[::-1]  # Flower calls the first mod first
 
 
 def test_mods_read_the_flower_run_config_when_not_bound():

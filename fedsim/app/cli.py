@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from fedsim.config import FedsimConfig, parse_overrides
 from fedsim.errors import FedsimError
@@ -132,10 +133,26 @@ def _attack_options(pairs: list[str], attacks: list[str]) -> dict[str, dict]:
     return options
 
 
-@app.command()
+class _AttackCommand(TyperCommand):
+    """`fedsim attack`, whose `--attack` help lists the attack registry.
+
+    The registry is read when the help is shown, not when the CLI starts: importing the attacks loads torch,
+    which every other command (and `fedsim --help`) would otherwise wait for.
+    """
+
+    def format_help(self, ctx, formatter) -> None:
+        from attacks import ATTACKS
+
+        for param in self.params:
+            if param.name == "attacks":
+                param.help = f"comma-separated: {', '.join(ATTACKS)}"
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_AttackCommand)
 def attack(
     path: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>) or a folder of runs")],
-    attacks: Annotated[str, typer.Option("--attack", "-a", help="comma-separated: dlg, idlg, grnn, analytic")] = "idlg",
+    attacks: Annotated[str, typer.Option("--attack", "-a", help="comma-separated attack names")] = "idlg",
     rounds: Annotated[str | None, typer.Option(help="only these rounds, e.g. 1,2")] = None,
     clients: Annotated[str | None, typer.Option(help="only these clients (partition ids), e.g. 0,2")] = None,
     option: Annotated[
