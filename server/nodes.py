@@ -12,8 +12,10 @@ from flwr.serverapp import Grid
 
 from fedsim.errors import FedsimError
 
-# Flower's strategies wait for `min_available_nodes` without end; a run waits this long, then stops.
-NODE_WAIT_SECONDS = float(os.environ.get("FEDSIM_NODE_WAIT_SECONDS", "120"))
+
+def node_wait_seconds() -> float:
+    """How long a run waits for its SuperNodes (Flower's strategies would wait without end): 120 s by default."""
+    return float(os.environ.get("FEDSIM_NODE_WAIT_SECONDS", "120"))
 
 
 def too_few_nodes(connected: int, needed: int, waited: float) -> str:
@@ -27,8 +29,9 @@ def too_few_nodes(connected: int, needed: int, waited: float) -> str:
 class BoundedGrid:
     """The run's Grid, except that fewer than `needed` SuperNodes for longer than `timeout` seconds is an error."""
 
-    def __init__(self, grid: Grid, needed: int, timeout: float = NODE_WAIT_SECONDS) -> None:
-        self._grid, self.needed, self.timeout = grid, needed, timeout
+    def __init__(self, grid: Grid, needed: int, timeout: float | None = None) -> None:
+        self._grid, self.needed = grid, needed
+        self.timeout = node_wait_seconds() if timeout is None else timeout
         self._short_since: float | None = None
 
     def get_node_ids(self) -> Iterable[int]:
