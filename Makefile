@@ -1,5 +1,8 @@
-# Routine tasks. Every target uses the virtual environment made by `make install`.
+# Routine tasks. Every target makes (or refreshes) the virtual environment .venv first when it is missing
+# or older than pyproject.toml, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
 PY ?= .venv/bin/python
+STAMP := .venv/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
@@ -7,33 +10,43 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 .PHONY: install demo run test test-fast lint format bench clean
 
-install:            ## a virtual environment with fedsim, its tests' tools and CPU-or-GPU torch
-	python3 -m venv .venv
+install:            ## (re)make the virtual environment: fedsim, its tests' tools and CPU-or-GPU torch
+	@rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
+
+# The stamp is newer than pyproject.toml once everything it declares is installed.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+	  { echo "error: fedsim needs Python 3.11 or newer as $(PYTHON) (or run make PYTHON=/path/to/python3.11)"; exit 2; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || \
+	  { echo "error: $(PYTHON) has no venv module or ensurepip: install python3-venv (apt-get install python3-venv)"; exit 2; }
+	$(PYTHON) -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[test]"
+	@touch $(STAMP)
 
-demo:               ## the classroom demo (fedsim demo dlg): offline, pictures at the end
+demo: $(STAMP)      ## the classroom demo (fedsim demo dlg): offline, pictures at the end
 	$(PY) -m fedsim demo dlg
 
-run:                ## the default federated run on the shipped MNIST sample, offline
+run: $(STAMP)       ## the default federated run on the shipped MNIST sample, offline
 	$(PY) -m fedsim run
 
-test:               ## the whole test suite (what CI runs)
+test: $(STAMP)      ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast:          ## everything but the end-to-end simulations
+test-fast: $(STAMP) ## everything but the end-to-end simulations
 	$(PY) -m pytest -q -m "not slow"
 
-lint:
+lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check fedsim clients server
 
-format:
+format: $(STAMP)
 	$(PY) -m ruff format fedsim clients server tests benchmarks
 	$(PY) -m ruff check --fix .
 
-bench:              ## the curious server's overhead (see benchmarks/)
+bench: $(STAMP)     ## the curious server's overhead (see benchmarks/)
 	$(PY) benchmarks/bench_curious_overhead.py
 
 clean:

@@ -69,7 +69,8 @@ class FedsimConfig:
         default="", metadata={"help": "checkpoint to load into the initial global model ('' = none)"}
     )
     # The federation
-    num_clients: int = field(default=3, metadata={"help": "number of clients (SuperNodes)"})
+    # 2, as many as the SuperNodes of Flower's default simulation: a bare `flwr run .` trains.
+    num_clients: int = field(default=2, metadata={"help": "number of clients (SuperNodes)"})
     num_rounds: int = field(default=3, metadata={"help": "number of federated rounds"})
     fraction_train: float = field(
         default=1.0, metadata={"help": "share of clients sampled each round", "range": Range(0.0, 1.0, low_open=True)}

@@ -339,6 +339,11 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
         images.append(np.asarray(image))
     x, y = _from_hwc(np.stack(images)), _labels([t for _, t in folder.samples])
     tr_x, tr_y, te_x, te_y = _split_per_class(x, y, 5)
+    split = (
+        "every 5th image of each class tests the global model"
+        if len(te_x)
+        else "no class has 5 images, so there is no test split: the global model's accuracy is not measured"
+    )
     return ImageDataset(
         "imagefolder",
         tr_x,
@@ -346,10 +351,7 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
         te_x,
         te_y,
         list(folder.classes),
-        [
-            f"{len(folder.samples)} images from {data_dir}, resized to {side}x{side}; every 5th image "
-            "of each class tests the global model"
-        ],
+        [f"{len(folder.samples)} images from {data_dir}, resized to {side}x{side}; {split}"],
     )
 
 

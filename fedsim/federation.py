@@ -196,8 +196,10 @@ def device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
-    """Test loss and accuracy of `model` on (x, y)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict[str, float | None]:
+    """Test loss and accuracy of `model` on (x, y), and how many examples: None for both when there are none."""
+    if len(x) == 0:
+        return {"test-loss": None, "test-accuracy": None, "test-examples": 0}
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -208,4 +210,4 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         loss += nn.functional.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
     model.train(was_training)
-    return {"test-loss": loss / max(len(x), 1), "test-accuracy": correct / max(len(x), 1)}
+    return {"test-loss": loss / len(x), "test-accuracy": correct / len(x), "test-examples": len(x)}

@@ -17,9 +17,11 @@ from fedsim.config import FedsimConfig
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
 from server.curious import CuriousStrategy
+from server.nodes import BoundedGrid
 from server.strategies import make_strategy
 
 RoundHook = Callable[[dict], None]
+UNTESTED = {"test-loss": None, "test-accuracy": None}  # what a round without a test split reports
 
 
 def run_dir_for(config: FedsimConfig) -> Path:
@@ -42,15 +44,24 @@ def trainable_names(config: FedsimConfig, model: nn.Module) -> list[str]:
 
 
 def run_server(
-    grid: Grid, config: FedsimConfig, run_dir: Path, on_round: RoundHook | None = None, curious: bool = True
+    grid: Grid,
+    config: FedsimConfig,
+    run_dir: Path,
+    on_round: RoundHook | None = None,
+    curious: bool = True,
+    flower_run_id: int | None = None,
 ) -> dict:
     """Train for `num-rounds`, capturing every update; write the final model and per-round metrics.
 
     `curious=False` runs the bare inner strategy (no wrapper at all): the baseline of the overhead benchmark.
     """
+    grid = BoundedGrid(grid, config.num_clients)
+    grid.wait()  # before any data is read: too few SuperNodes is one clear error, not an endless wait
     fed = Federation.from_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config.to_toml())
+    # Flower's id of this run: what `flwr log`, `flwr list` and `flwr stop` take.
+    atomic_write_json(run_dir / "run.json", {"run": run_dir.name, "flower-run-id": flower_run_id})
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
@@ -66,6 +77,10 @@ def run_server(
             logging.getLogger("fedsim").warning("TL-DMI: %s", pretrain["warning"])
         atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": config.tldmi_public, **pretrain})
     test_x, test_y = fed.test_split()
+    if len(test_x) == 0:
+        logging.getLogger("fedsim").warning(
+            "%s has no test split: the global model's accuracy is not measured", config.dataset
+        )
     describe = {
         "run": run_dir.name,
         "model": config.model,
@@ -94,7 +109,7 @@ def run_server(
         append_line(run_dir / "training.jsonl", json.dumps(row))
         if on_round is not None:
             on_round(row)
-        return MetricRecord(metrics)
+        return MetricRecord({k: v for k, v in metrics.items() if v is not None})  # numbers only
 
     train_config = {
         "recipe": config.recipe,
@@ -117,7 +132,7 @@ def run_server(
     summary = {"run": run_dir.name, "rounds": []}
     for server_round, evaluation in sorted(result.evaluate_metrics_serverapp.items()):
         train = dict(result.train_metrics_clientapp.get(server_round, {}))
-        row = {"round": server_round, "train-loss": train.get("train-loss"), **dict(evaluation)}
+        row = {"round": server_round, "train-loss": train.get("train-loss"), **UNTESTED, **dict(evaluation)}
         if server_round in rounds:
             row["captures"] = rounds[server_round]["captures"]
         summary["rounds"].append(row)
@@ -137,7 +152,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FedsimConfig.from_run_config(context.run_config)
-        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round, curious)
+        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round, curious, flower_run_id=context.run_id)
 
     return app
 

@@ -21,7 +21,10 @@ from tests.conftest import run_cli
             ["--dataset", "sample-cifar10", "--clients", "201"],
             "num-clients = 201 is more than the 200 training examples",
         ),
-        (["--set", "batch-size=1000"], "batch-size = 1000 is larger than the smallest shard (800 examples)"),
+        (
+            ["--clients", "3", "--set", "batch-size=1000"],
+            "batch-size = 1000 is larger than the smallest shard (800 examples)",
+        ),
         (["--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -34,11 +35,20 @@ def test_demo_list():
     assert result.returncode == 0 and "dlg" in result.stdout and "grnn-batch" in result.stdout
 
 
+def chromedriver_or_skip() -> str:
+    """chromedriver's path; without Chromium and its driver a skip that says what to install (a failure in CI)."""
+    chromedriver = shutil.which("chromedriver")
+    if chromedriver is None or not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        missing = "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}; .ci/run installs them")
+        pytest.skip(missing)
+    return chromedriver
+
+
 def open_page(page, tmp_path) -> tuple[list, list, str]:
     """Open `page` in headless Chromium: (every image's [alt, complete, width, height], console errors, text)."""
-    chromedriver = shutil.which("chromedriver")
-    if chromedriver is None:
-        pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
+    chromedriver = chromedriver_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -71,8 +81,7 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
 
 def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = None):
     """Run scenario `name` (made quicker by one text replacement, and cut before `cut`) through the CLI."""
-    if shutil.which("chromedriver") is None:
-        pytest.skip("chromedriver is not installed (apt-get install chromium chromium-driver)")
+    chromedriver_or_skip()
     from fedsim.app.demo import SCENARIO_DIR
 
     scenario = tmp_path / "quick.toml"

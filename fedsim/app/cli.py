@@ -17,13 +17,33 @@ from fedsim.config import FedsimConfig, parse_overrides
 from fedsim.errors import FedsimError
 
 app = typer.Typer(
-    help="fedsim: federated learning with an honest-but-curious server that attacks client updates.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err = Console(stderr=True)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"fedsim {version('fedsim')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("fedsim (not installed: pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    _version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="print fedsim's version and exit")
+    ] = False,
+) -> None:
+    """fedsim: federated learning with an honest-but-curious server that attacks client updates."""
 
 
 def fail(message: str) -> None:
@@ -96,7 +116,7 @@ def run(
         table.add_row(
             str(row.get("round", "")),
             "" if loss is None else f"{loss:.4f}",
-            f"{row['test-accuracy']:.2%}",
+            "no test split" if row.get("test-accuracy") is None else f"{row['test-accuracy']:.2%}",
             str(row.get("captures", "")),
         )
     console.print(table)

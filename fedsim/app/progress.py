@@ -28,10 +28,12 @@ class RoundProgress:
         self.progress.stop()
 
     def update(self, row: dict) -> None:
+        accuracy = row.get("test-accuracy")
+        accuracy = "no test split" if accuracy is None else f"test accuracy {accuracy:.2%}"
         if row.get("round", 0) == 0:
-            self.progress.update(self.task, status=f"initial accuracy {row['test-accuracy']:.2%}")
+            self.progress.update(self.task, status=f"initial {accuracy}")
             return
         loss = row.get("train-loss")
         status = f"train loss {loss:.4f}, " if loss is not None else ""
-        status += f"test accuracy {row['test-accuracy']:.2%}, {row.get('captures', 0)} captures"
+        status += f"{accuracy}, {row.get('captures', 0)} captures"
         self.progress.update(self.task, completed=row["round"], status=status)

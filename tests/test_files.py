@@ -1,0 +1,42 @@
+"""Atomic writes: complete or absent, and readable by whoever the umask lets read them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from fedsim.files import atomic_write_json, atomic_write_text, current_umask, save_tensors
+
+
+@contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_the_umask_gives(tmp_path, mask, mode):
+    with umask(mask):
+        assert current_umask() == mask
+        atomic_write_text(tmp_path / "report.html", "<p>hi</p>")
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+        save_tensors(tmp_path / "captures" / "update.safetensors", {"w": torch.zeros(2)})
+    for name in ("report.html", "metrics.json", "captures/update.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+    assert [p.name for p in tmp_path.rglob(".*.tmp")] == []
+
+
+def test_a_rewrite_takes_the_umask_of_the_time(tmp_path):
+    path = tmp_path / "metrics.json"
+    with umask(0o077):
+        atomic_write_json(path, {"a": 1})
+    with umask(0o022):
+        atomic_write_json(path, {"a": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_text().strip().endswith("}")
