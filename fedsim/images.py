@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+MIN_SIDE = 192  # pixels per image tile: readable on a projector at the back of a classroom
+
 
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     """One image [C, H, W] in [0, 1] as a PIL image, enlarged `scale` times without smoothing."""
@@ -21,11 +23,12 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
 
 
 def grid(images: torch.Tensor, columns: int | None = None, scale: int | None = None, pad: int = 2) -> Image.Image:
-    """A batch [B, C, H, W] as one image; small images are enlarged so they stay visible."""
+    """A batch [B, C, H, W] as one image; small images are enlarged (nearest neighbour, whole multiples) to at
+    least MIN_SIDE pixels a side, so that every pixel stays a crisp square."""
     b, c, h, w = images.shape
     columns = columns or min(b, 8)
     rows = math.ceil(b / columns)
-    scale = scale or max(1, 96 // max(h, w))
+    scale = scale or max(1, math.ceil(MIN_SIDE / min(h, w)))
     tiles = [to_pil(img, scale) for img in images]
     th, tw = h * scale, w * scale
     canvas = Image.new("RGB", (columns * (tw + pad) + pad, rows * (th + pad) + pad), (255, 255, 255))
