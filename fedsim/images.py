@@ -51,3 +51,20 @@ def gif_bytes(frames: list[torch.Tensor], duration_ms: int = 120, columns: int |
     durations = [duration_ms] * (len(pictures) - 1) + [duration_ms * 10]  # rest on the final frame
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     return buffer.getvalue()
+
+
+def enlarged_gif(data: bytes, min_side: int = MIN_SIDE) -> bytes:
+    """A GIF animation with frames of at least `min_side` pixels a side (nearest neighbour, whole multiples);
+    one that is already large enough comes back as it was."""
+    from PIL import ImageSequence
+
+    with Image.open(io.BytesIO(data)) as gif:
+        scale = math.ceil(min_side / max(1, min(gif.size)))
+        if scale <= 1:
+            return data
+        size = (gif.width * scale, gif.height * scale)
+        frames = [frame.convert("RGB").resize(size, Image.NEAREST) for frame in ImageSequence.Iterator(gif)]
+        durations = [frame.info.get("duration", 120) for frame in ImageSequence.Iterator(gif)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return buffer.getvalue()

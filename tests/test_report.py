@@ -171,3 +171,19 @@ def test_markup_in_a_demo_page_is_text():
     page = Page(render("demo.html.j2", **values))
     assert_only_text(page, HOSTILE, HOSTILE_TAG)
     assert "Global test accuracy at the end: no test split" in page.all_text
+
+
+def test_an_old_small_animation_is_enlarged_by_whole_pixels():
+    """Runs attacked before the pictures grew keep 12-pixel animations: the page enlarges them."""
+    from fedsim.images import enlarged_gif
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)) for _ in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    big = enlarged_gif(buffer.getvalue())
+    with Image.open(io.BytesIO(big)) as gif:
+        assert gif.size == (192, 192) and gif.n_frames == 3
+        first = np.asarray(gif.convert("RGB")).astype(int)
+    assert (first[:16, :16] == first[0, 0]).all()  # one source pixel became a block of 16 x 16
+    assert enlarged_gif(big) == big

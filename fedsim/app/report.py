@@ -14,7 +14,7 @@ import torch
 from fedsim.app.pages import RunFacts, figure, finite, render, run_facts
 from fedsim.errors import FedsimError
 from fedsim.files import atomic_write_json, atomic_write_text, load_tensors, read_jsonl
-from fedsim.images import grid, png_bytes
+from fedsim.images import enlarged_gif, grid, png_bytes
 
 
 def truth_for(run_dir: Path, result: dict) -> dict[str, torch.Tensor] | None:
@@ -177,7 +177,7 @@ def _card(job_dir: Path, result: dict, row: dict, truth: dict | None, facts: Run
     card = {
         "attack": result.get("attack"),
         "round": result.get("round"),
-        "partition_id": result.get("partition_id"),
+        "partition_id": result.get("client") if result.get("partition_id") is None else result.get("partition_id"),
         "failed": result.get("status") != "ok",
         "reason": result.get("reason"),
         "figures": [],
@@ -201,7 +201,7 @@ def _card(job_dir: Path, result: dict, row: dict, truth: dict | None, facts: Run
     gif = job_dir / "animation.gif"
     if gif.exists():
         card["figures"].append(
-            figure(gif.read_bytes(), "image/gif", "reconstruction emerging", "over the iterations", picture=True)
+            figure(enlarged_gif(gif.read_bytes()), "image/gif", "reconstruction emerging", "over the iterations", True)
         )
     curves = _curves(result, row)
     if curves:
