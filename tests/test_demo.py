@@ -127,7 +127,7 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
 
 @pytest.mark.slow
 def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
-    page = quick_demo(tmp_path, "dlg", ("iterations = 150", "iterations = 40"))
+    page = quick_demo(tmp_path, "dlg", ("iterations = 120", "iterations = 40"))
     sizes, errors, text = open_page(page, tmp_path)
     assert len(sizes) >= 4
     assert all(complete and width > 0 and height > 0 for _, complete, width, height, _shown in sizes), sizes
@@ -185,7 +185,7 @@ def test_the_demo_runs_on_a_teachers_own_photos(tmp_path, shared_data, no_strays
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
-    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 150", "iterations = 20"))
+    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 20"))
     result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "d" / "photos" / "run"

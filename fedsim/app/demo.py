@@ -20,7 +20,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsim.app.pages import figure, finite, render
+from fedsim.app.pages import figure, finite, render, run_facts
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.files import atomic_write_text
@@ -183,9 +183,8 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     """Run every variant of the scenario (federation, attack, scoring) and write the demo page."""
     from fedsim.app.attack_progress import AttackProgress
     from fedsim.app.attack_runner import plan, run_attacks
-    from fedsim.app.pages import run_facts
     from fedsim.app.progress import RoundProgress
-    from fedsim.app.report import final_accuracy, run_section, score_run
+    from fedsim.app.report import final_accuracy, score_run
     from fedsim.app.simulation import simulate
 
     if out_dir.exists():
@@ -244,6 +243,15 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             r["summary"], r["rows"], r["cards"] = score_run(r["run_dir"])
         if scenario.membership is not None:
             r["membership"] = membership_section(r["run_dir"], scenario.membership, console)
+    page = out_dir / "report.html"
+    atomic_write_text(page, demo_page(scenario, results, time.time() - started))
+    return page
+
+
+def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
+    """The demo's page: the explanation, the trade-off across variants, and each variant's runs."""
+    from fedsim.app.report import run_section
+
     variants = []
     for r in results:
         facts = run_facts(r["run_dir"])
@@ -260,19 +268,16 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "has_test_split": r["has_test_split"],
             }
         )
-    page = out_dir / "report.html"
-    text = render(
+    return render(
         "demo.html.j2",
         title=f"fedsim demo: {scenario.title}",
         heading=scenario.title,
         paragraphs=[p.strip() for p in scenario.explanation.split("\n\n") if p.strip()],
         tradeoff=_tradeoff_rows(results) if len(results) > 1 else [],
         tradeoff_plot=_tradeoff_figure(results) if len(results) > 1 else None,
-        seconds=time.time() - started,
+        seconds=seconds,
         variants=variants,
     )
-    atomic_write_text(page, text)
-    return page
 
 
 def _best_psnr(result: dict) -> float | None:
