@@ -9,6 +9,8 @@ A scenario is a TOML file in fedsim/app/scenarios/ (copy one to change it and pa
     [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
       name, [variants.run]          a variant's own run keys (over [run])
       [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
+
+Every section, key and attack option is checked when the scenario loads, before anything runs.
 """
 
 from __future__ import annotations
