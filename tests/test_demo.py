@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
 
-from fedsim.app.demo import Scenario, scenario_names
+from fedsim.app.demo import SCENARIO_DIR, Scenario, scenario_names
 from fedsim.errors import FedsimError
 from tests.conftest import run_cli
 
@@ -30,6 +31,42 @@ def test_a_bad_scenario_is_refused_with_its_problem(tmp_path):
         Scenario.load(str(bad))
 
 
+DLG = (SCENARIO_DIR / "dlg.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (DLG + "\n[atack]\nattacks = ['dlg']\n", "unknown key 'atack'; allowed: title, summary, explanation, run"),
+        ("tittle = 'x'\n" + DLG, "unknown key 'tittle'"),
+        (DLG.replace("[attack]\n", "[attack]\nclient = [0]\n"), "[attack]: unknown key 'client'; allowed: attacks"),
+        (DLG.replace("restarts = 2", "restart = 2"), "unknown option(s) for attack 'dlg': restart; allowed:"),
+        (DLG.replace("restarts = 2", "restarts = 0"), "[attack.options.dlg]"),
+        (DLG.replace("rescues = 5", "rescues = -1"), "rescues must be 0 or more"),
+        (DLG + "\n[attack.options.grnn]\niterations = 5\n", "[attack.options]: unknown key 'grnn'; allowed: dlg"),
+        (DLG.replace("rounds = [1]", "rounds = 1"), "rounds must be a list of ints"),
+        (DLG + "\n[[variants]]\nnmae = 'x'\n", "[[variants]] number 1: unknown key 'nmae'; allowed: name, run"),
+        (DLG + "\n[membership]\nshadow = 2\n", "[membership]: unknown key 'shadow'"),
+    ],
+)
+def test_every_scenario_mistake_is_one_line_before_anything_runs(tmp_path, text, expected):
+    """A typo in a scenario stops the demo at once (exit 2, one line naming it), before the federation trains."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(FedsimError) as caught:
+        Scenario.load(str(bad))
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_scenario_mistake_exits_2_without_training(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DLG.replace("iterations = ", "iteration = "))
+    result = run_cli("demo", str(bad), "--no-open", "--out-dir", str(tmp_path / "demos"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "unknown option(s) for attack 'dlg': iteration" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and not (tmp_path / "demos").exists()
+
+
 def test_demo_list():
     result = run_cli("demo", "--list")
     assert result.returncode == 0 and "dlg" in result.stdout and "grnn-batch" in result.stdout
@@ -47,7 +84,8 @@ def chromedriver_or_skip() -> str:
 
 
 def open_page(page, tmp_path) -> tuple[list, list, str]:
-    """Open `page` in headless Chromium: (every image's [alt, complete, width, height], console errors, text)."""
+    """Open `page` in headless Chromium as a projector shows it (1280 px wide): every image's [alt, complete,
+    natural width, natural height, rendered width], the console errors, and the page's title and text."""
     chromedriver = chromedriver_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -62,6 +100,7 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--window-size=1280,1024",
         f"--user-data-dir={tmp_path / 'chrome'}",
     ):
         options.add_argument(flag)
@@ -71,10 +110,11 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
     try:
         driver.get(page.resolve().as_uri())
         sizes = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight]);"
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight,"
+            " i.getBoundingClientRect().width]);"
         )
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-        return sizes, errors, driver.title + driver.page_source
+        return sizes, errors, driver.title + " " + driver.execute_script("return document.body.innerText;")
     finally:
         driver.quit()
 
@@ -82,8 +122,6 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
 def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = None):
     """Run scenario `name` (made quicker by one text replacement, and cut before `cut`) through the CLI."""
     chromedriver_or_skip()
-    from fedsim.app.demo import SCENARIO_DIR
-
     scenario = tmp_path / "quick.toml"
     text = (SCENARIO_DIR / f"{name}.toml").read_text()
     assert replace[0] in text and (cut is None or cut in text)
@@ -98,14 +136,25 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
 
 @pytest.mark.slow
 def test_demo_page_renders_in_a_real_browser(tmp_path, no_strays):
-    page = quick_demo(tmp_path, "dlg", ("iterations = 150", "iterations = 40"))
+    page = quick_demo(tmp_path, "dlg", ("iterations = 120", "iterations = 40"))
     sizes, errors, text = open_page(page, tmp_path)
     assert len(sizes) >= 4
-    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height, _shown in sizes), sizes
     alts = [alt for alt, *_ in sizes]
     assert "loss and PSNR curves" in alts and "reconstruction emerging" in alts and "private images" in alts
     assert not errors, errors
     assert "Deep Leakage from Gradients" in text
+    # For a projector: every picture of data at least 192 px, in the file and on the screen.
+    pictures = [s for s in sizes if s[0] in ("private images", "reconstruction", "reconstruction emerging")]
+    assert len(pictures) == 6 and all(natural >= 192 and shown >= 192 for _, _, natural, _, shown in pictures), sizes
+    text = " ".join(text.split())
+    assert "2 clients, 1 round of FedSGD (batch 1) on CIFAR-10, LeNet" in text and "Run run" not in text
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    assert re.search(rf"true label ({'|'.join(classes)}) recovered label ({'|'.join(classes)})", text), text
+    assert "PSNR above about 30 dB: visually identical; below about 15 dB: nothing recognisable" in text
+    assert "SSIM 1 = identical" in text
+    headings = re.findall(r"dlg · round (\d+) · client (\d+)", text)
+    assert headings == [("1", "0"), ("1", "1")], headings
 
 
 @pytest.mark.slow
@@ -113,7 +162,7 @@ def test_defenses_demo_page_shows_the_tradeoff(tmp_path, no_strays):
     """Two of the scenario's defenses (none, noise): the trade-off table and plot, and every image renders."""
     page = quick_demo(tmp_path, "defenses", ("iterations = 80", "iterations = 30"), cut='[[variants]]\nname = "pruning')
     sizes, errors, text = open_page(page, tmp_path)
-    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height, _shown in sizes), sizes
     alts = [alt for alt, *_ in sizes]
     assert "attack PSNR against model accuracy" in alts and alts.count("private images") == 2
     assert not errors, errors
@@ -124,7 +173,7 @@ def test_defenses_demo_page_shows_the_tradeoff(tmp_path, no_strays):
 def test_membership_demo_page_shows_the_loss_gap_and_roc_curves(tmp_path, no_strays):
     page = quick_demo(tmp_path, "membership", ("epochs = 60", "epochs = 20"))
     sizes, errors, text = open_page(page, tmp_path)
-    assert all(complete and width > 0 and height > 0 for _, complete, width, height in sizes), sizes
+    assert all(complete and width > 0 and height > 0 for _, complete, width, height, _shown in sizes), sizes
     alts = [alt for alt, *_ in sizes]
     assert "loss on members and non-members over the rounds" in alts
     assert {"ROC curve roc-fl-client", "ROC curve roc-fl-global"} <= set(alts)
@@ -145,9 +194,7 @@ def test_the_demo_runs_on_a_teachers_own_photos(tmp_path, shared_data, no_strays
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
-    from fedsim.app.demo import SCENARIO_DIR
-
-    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 150", "iterations = 20"))
+    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 20"))
     result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "d" / "photos" / "run"

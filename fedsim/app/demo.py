@@ -9,11 +9,12 @@ A scenario is a TOML file in fedsim/app/scenarios/ (copy one to change it and pa
     [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
       name, [variants.run]          a variant's own run keys (over [run])
       [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
+
+Every section, key and attack option is checked when the scenario loads, before anything runs.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import shutil
 import time
@@ -21,10 +22,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedsim.app.pages import figure, finite, render, run_facts
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
+from fedsim.files import atomic_write_text
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
+SCENARIO_KEYS = ("title", "summary", "explanation", "run", "attack", "membership", "variants")
+ATTACK_KEYS = ("attacks", "clients", "rounds", "options")
+VARIANT_KEYS = ("name", "run", "accuracy")
 MEMBERSHIP_KEYS = {"modes": "modes", "shadows": "num_shadows", "epochs": "epochs", "max-nonmembers": "max_nonmembers"}
 
 
@@ -63,6 +69,7 @@ class Scenario:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise FedsimError(f"scenario {path} is not valid TOML: {exc}") from None
+        check_layout(data, f"scenario {path}")
         attack = data.get("attack", {})
         variants = [
             Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"))
@@ -81,21 +88,11 @@ class Scenario:
             variants,
             data.get("membership"),
         )
-        unknown_keys = set(scenario.membership or {}) - set(MEMBERSHIP_KEYS)
-        if unknown_keys:
-            raise FedsimError(
-                f"scenario {path}: unknown [membership] key {', '.join(sorted(unknown_keys))}; "
-                f"choose from {', '.join(MEMBERSHIP_KEYS)}"
-            )
         for variant in scenario.variants:  # refuse a bad key before anything runs
             scenario.config(variant, "check", Path("."))
             if variant.accuracy is not None:
                 scenario.config(variant, "check", Path("."), accuracy=True)
-        from attacks import ATTACKS
-
-        unknown = [a for a in scenario.attacks if a not in ATTACKS]
-        if unknown:
-            raise FedsimError(f"scenario {path}: unknown attack {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+        check_attacks(scenario.attacks, scenario.options, f"scenario {path}")
         return scenario
 
     def config(self, variant: Variant, name: str, out_dir: Path, accuracy: bool = False) -> FedsimConfig:
@@ -107,6 +104,73 @@ class Scenario:
             return FedsimConfig.from_mapping(keys)
         except FedsimError as exc:
             raise FedsimError(f"scenario {self.name}{' / ' + variant.name if variant.name else ''}: {exc}") from None
+
+
+def _refuse_unknown(where: str, table: object, allowed: dict | set | tuple) -> None:
+    if not isinstance(table, dict):
+        raise FedsimError(f"{where} must be a table")
+    unknown = [k for k in table if k not in allowed]
+    if unknown:
+        raise FedsimError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_list(where: str, value: object, kind: type) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise FedsimError(f"{where} must be a list of {kind.__name__}s, got {value!r}")
+
+
+def check_layout(data: dict, where: str) -> None:
+    """Every section and key of a scenario is one the demo knows (a typo would otherwise be silently ignored)."""
+    _refuse_unknown(where, data, SCENARIO_KEYS)
+    for key in ("title", "summary", "explanation"):
+        if not isinstance(data.get(key, ""), str):
+            raise FedsimError(f"{where}: {key} must be a string")
+    if not isinstance(data.get("run", {}), dict):
+        raise FedsimError(f"{where}: [run] must be a table of fedsim config keys")
+    attack = data.get("attack", {})
+    _refuse_unknown(f"{where}: [attack]", attack, ATTACK_KEYS)
+    _check_list(f"{where}: [attack] attacks", attack.get("attacks", []), str)
+    for key in ("clients", "rounds"):
+        _check_list(f"{where}: [attack] {key}", attack.get(key, []), int)
+    options = attack.get("options", {})
+    listed = attack.get("attacks", [] if "membership" in data else ["dlg"])
+    _refuse_unknown(f"{where}: [attack.options]", options, listed)
+    for name, table in options.items():
+        if not isinstance(table, dict):
+            raise FedsimError(f"{where}: [attack.options.{name}] must be a table")
+    membership = data.get("membership", {})
+    _refuse_unknown(f"{where}: [membership]", membership, MEMBERSHIP_KEYS)
+    _check_list(f"{where}: [membership] modes", membership.get("modes", []), str)
+    for key in ("shadows", "epochs", "max-nonmembers"):
+        value = membership.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise FedsimError(f"{where}: [membership] {key} must be a positive whole number, got {value!r}")
+    variants = data.get("variants", [])
+    if not isinstance(variants, list):
+        raise FedsimError(f"{where}: variants must be [[variants]] tables")
+    for i, variant in enumerate(variants):
+        _refuse_unknown(f"{where}: [[variants]] number {i + 1}", variant, VARIANT_KEYS)
+        if not isinstance(variant.get("name", ""), str):
+            raise FedsimError(f"{where}: [[variants]] number {i + 1}: name must be a string")
+        for key in ("run", "accuracy"):
+            if not isinstance(variant.get(key, {}), dict):
+                raise FedsimError(f"{where}: [[variants]] number {i + 1}: {key} must be a table of config keys")
+
+
+def check_attacks(attacks: list[str], options: dict[str, dict], where: str) -> None:
+    """Build every attack with its options now, so a bad option stops the demo before the federation trains."""
+    from attacks import ATTACKS, get_attack
+
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise FedsimError(f"{where}: unknown attack {', '.join(unknown)}; choose from {', '.join(ATTACKS)}")
+    for name in attacks:
+        try:
+            get_attack(name, **options.get(name, {}))
+        except FedsimError as exc:
+            raise FedsimError(f"{where}: [attack.options.{name}]: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            raise FedsimError(f"{where}: [attack.options.{name}]: bad value ({exc})") from None
 
 
 def scenario_names() -> list[str]:
@@ -122,7 +186,7 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     from fedsim.app.attack_progress import AttackProgress
     from fedsim.app.attack_runner import plan, run_attacks
     from fedsim.app.progress import RoundProgress
-    from fedsim.app.report import final_accuracy, run_section, score_run
+    from fedsim.app.report import final_accuracy, score_run
     from fedsim.app.simulation import simulate
 
     if out_dir.exists():
@@ -139,7 +203,8 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
         )
         with RoundProgress(config.num_rounds, console) as progress:
             simulate(config, out_dir / run_name, on_round=progress.update)
-        accuracy = final_accuracy(out_dir / run_name)
+        accuracy_dir = out_dir / run_name
+        accuracy = final_accuracy(accuracy_dir)
         if variant.accuracy is not None:
             acc_config = scenario.config(variant, f"{run_name}-accuracy", out_dir, accuracy=True)
             console.print(
@@ -147,7 +212,8 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             )
             with RoundProgress(acc_config.num_rounds, console) as progress:
                 simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
-            accuracy = final_accuracy(out_dir / acc_config.run_name)
+            accuracy_dir = out_dir / acc_config.run_name
+            accuracy = final_accuracy(accuracy_dir)
         results.append(
             {
                 "variant": label,
@@ -155,8 +221,9 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "summary": {},
                 "rows": [],
                 "cards": [],
-                "membership": "",
+                "membership": None,
                 "accuracy": accuracy,
+                "has_test_split": run_facts(accuracy_dir).has_test_split,
                 "seed": config.seed,
                 "defenses": getattr(config, "defenses", ""),
             }
@@ -179,39 +246,40 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
         if scenario.membership is not None:
             r["membership"] = membership_section(r["run_dir"], scenario.membership, console)
     page = out_dir / "report.html"
-    from fedsim.app.report import html_page
-    from fedsim.files import atomic_write_text
-
-    sections = [
-        r["membership"]
-        + (
-            run_section(r["run_dir"], r["summary"], r["cards"], True, heading=r["variant"] if len(results) > 1 else "")
-            if scenario.attacks
-            else f"<p class='metrics'>Global test accuracy at the end: {r['accuracy']:.1%}</p>"
-        )
-        for r in results
-    ]
-    intro = _intro(scenario, results, time.time() - started)
-    atomic_write_text(page, html_page(f"fedsim demo: {scenario.title}", scenario.title, intro, sections))
+    atomic_write_text(page, demo_page(scenario, results, time.time() - started))
     return page
 
 
-def _intro(scenario: Scenario, results: list[dict], seconds: float) -> str:
-    paragraphs = "".join(f"<p>{html.escape(p.strip())}</p>" for p in scenario.explanation.split("\n\n") if p.strip())
-    parts = [f'<div class="explain">{paragraphs}</div>']
-    if len(results) > 1:
-        parts.append(_tradeoff_table(results))
-        plot = _tradeoff_plot(results)
-        if plot:
-            from fedsim.app.report import _img
+def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
+    """The demo's page: the explanation, the trade-off across variants, and each variant's runs."""
+    from fedsim.app.report import run_section
 
-            parts.append(
-                f"<figure class='plot'>{_img(plot, 'image/png', 'attack PSNR against model accuracy')}"
-                "<figcaption>each defense: what the attack recovers (PSNR) against what the model "
-                "learns (accuracy)</figcaption></figure>"
-            )
-    parts.append(f"<p class='metrics'>Whole demo: {seconds:.0f} s on this machine.</p>")
-    return "\n".join(parts)
+    variants = []
+    for r in results:
+        facts = run_facts(r["run_dir"])
+        heading = r["variant"] if len(results) > 1 else ""
+        section = (
+            run_section(r["run_dir"], r["summary"], r["cards"], True, heading, facts) if scenario.attacks else None
+        )
+        variants.append(
+            {
+                "membership": r["membership"],
+                "run": section,
+                "description": facts.description,
+                "accuracy": r["accuracy"],
+                "has_test_split": r["has_test_split"],
+            }
+        )
+    return render(
+        "demo.html.j2",
+        title=f"fedsim demo: {scenario.title}",
+        heading=scenario.title,
+        paragraphs=[p.strip() for p in scenario.explanation.split("\n\n") if p.strip()],
+        tradeoff=_tradeoff_rows(results) if len(results) > 1 else [],
+        tradeoff_plot=_tradeoff_figure(results) if len(results) > 1 else None,
+        seconds=seconds,
+        variants=variants,
+    )
 
 
 def _best_psnr(result: dict) -> float | None:
@@ -222,20 +290,29 @@ def _best_psnr(result: dict) -> float | None:
 RECOGNISABLE_DB = 25.0  # attack PSNR above which the page calls the image recovered
 
 
-def _tradeoff_table(results: list[dict]) -> str:
+def _tradeoff_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
-        psnr, acc = _best_psnr(r), r["accuracy"]
+        psnr = _best_psnr(r)
         verdict = "" if psnr is None else ("image recovered" if psnr >= RECOGNISABLE_DB else "reconstruction fails")
         rows.append(
-            f"<tr><td>{html.escape(r['variant'])}</td><td>{'' if psnr is None else f'{psnr:.1f}'}</td>"
-            f"<td>{html.escape(verdict)}</td><td>{'' if acc is None else f'{acc:.1%}'}</td></tr>"
+            {
+                "variant": r["variant"],
+                "psnr": psnr,
+                "verdict": verdict,
+                "accuracy": r["accuracy"],
+                "has_test_split": r["has_test_split"],
+            }
         )
-    return (
-        "<table><tr><th>client's defense</th><th>attack PSNR (dB)</th><th></th><th>model accuracy</th></tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    return rows
+
+
+def _tradeoff_figure(results: list[dict]) -> dict | None:
+    plot = _tradeoff_plot([r for r in results if r["has_test_split"] is not False])
+    if plot is None:
+        return None
+    caption = "each defense: what the attack recovers (PSNR) against what the model learns (accuracy)"
+    return figure(plot, "image/png", "attack PSNR against model accuracy", caption, plot=True)
 
 
 def _tradeoff_plot(results: list[dict]) -> bytes | None:
@@ -273,48 +350,37 @@ QUESTIONS = {
 }
 
 
-def membership_section(run_dir: Path, keys: dict, console) -> str:
+def membership_section(run_dir: Path, keys: dict, console) -> dict:
     """SeqMIA on the demo's run, shown as the loss gap over the rounds, a table and the ROC curves."""
     from fedsim.app.cli_model_attacks import _Bars
     from fedsim.app.model_attacks import run_membership
-    from fedsim.app.report import _img
 
     options = {MEMBERSHIP_KEYS[k]: (tuple(v) if k == "modes" else v) for k, v in keys.items()}
     console.print("  the server asks, for each client's images and hundreds of others: was it in the client's shard?")
     with _Bars() as bars:
         results = run_membership(run_dir, progress=bars, **options)
-    rows = []
     names = {"seqmia": "SeqMIA (whole trajectory)", "loss-final": "loss on the last model", "loss-mean": "mean loss"}
-    for key, attacks in results["results"].items():
-        for name, r in attacks.items():
-            rows.append(
-                f"<tr><td>{html.escape(QUESTIONS.get(key, key))}</td><td>{html.escape(names.get(name, name))}</td>"
-                f"<td>{r['auc']:.2f}</td>"
-                f"<td>{r['tpr@1%fpr']:.1%}</td><td>{r['members']}</td><td>{r['non-members']}</td></tr>"
-            )
-    table = (
-        "<table><tr><th>question</th><th>attack</th><th>AUC</th><th>members caught at 1 % false alarms</th>"
-        "<th>members</th><th>non-members</th></tr>" + "".join(rows) + "</table>"
-    )
+    rows = [
+        {
+            "question": QUESTIONS.get(key, key),
+            "attack": names.get(name, name),
+            "auc": finite(r["auc"]),
+            "tpr": finite(r["tpr@1%fpr"]),
+            "members": r["members"],
+            "non_members": r["non-members"],
+        }
+        for key, attacks in results["results"].items()
+        for name, r in attacks.items()
+    ]
     figures = []
     gap = _loss_gap_plot(run_dir)
     if gap:
-        figures.append(
-            f"<figure>{_img(gap, 'image/png', 'loss on members and non-members over the rounds')}"
-            "<figcaption>client 0's uploaded models: loss on its own images against images it never saw</figcaption>"
-            "</figure>"
-        )
+        caption = "client 0's uploaded models: loss on its own images against images it never saw"
+        figures.append(figure(gap, "image/png", "loss on members and non-members over the rounds", caption))
     for png in sorted((run_dir / "membership").glob("roc-*.png")):
-        figures.append(
-            f"<figure class='plot'>{_img(png.read_bytes(), 'image/png', f'ROC curve {png.stem}')}"
-            f"<figcaption>{html.escape(png.stem)}: true against false positive rate, log-log</figcaption></figure>"
-        )
-    return (
-        "<section><h2>Membership inference</h2>"
-        "<p>AUC 0.5 is guessing, 1.0 is perfect. The column that matters for privacy is how many members are "
-        "caught while almost no outsiders are accused (1 % false alarms).</p>"
-        f"{table}<div class='row'>{''.join(figures)}</div></section>"
-    )
+        caption = f"{png.stem}: true against false positive rate, log-log"
+        figures.append(figure(png.read_bytes(), "image/png", f"ROC curve {png.stem}", caption, plot=True))
+    return {"rows": rows, "figures": figures}
 
 
 def _loss_gap_plot(run_dir: Path) -> bytes | None:

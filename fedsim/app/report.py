@@ -5,17 +5,16 @@ Scoring is the only reader of `truth/`. The page embeds every image and plot (no
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 from pathlib import Path
 
 import torch
 
+from fedsim.app.pages import RunFacts, figure, finite, render, run_facts
 from fedsim.errors import FedsimError
 from fedsim.files import atomic_write_json, atomic_write_text, load_tensors, read_jsonl
-from fedsim.images import grid, png_bytes
+from fedsim.images import enlarged_gif, grid, png_bytes
 
 
 def truth_for(run_dir: Path, result: dict) -> dict[str, torch.Tensor] | None:
@@ -70,12 +69,13 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def score_run(run_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
-    """Score every attack result of the run and write metrics.json: (summary per attack, rows, HTML cards)."""
+def score_run(run_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
+    """Score every attack result of the run and write metrics.json: (summary per attack, rows, page cards)."""
     run_dir = Path(run_dir)
     if not (run_dir / "captures").is_dir():
         raise FedsimError(f"{run_dir} is not a run folder (no captures/ in it); give runs/<run-id>")
     rows, cards = [], []
+    facts = run_facts(run_dir)
     for job_dir, result in collect(run_dir):
         truth = truth_for(run_dir, result)
         if result["status"] == "ok":
@@ -87,7 +87,7 @@ def score_run(run_dir: str | Path) -> tuple[dict, list[dict], list[str]]:
                 **{k: result.get(k) for k in ("attack", "round", "client", "partition_id")},
             }
         rows.append(row)
-        cards.append(_card(job_dir, result, row, truth))
+        cards.append(_card(job_dir, result, row, truth, facts))
     summary = summarise(rows)
     atomic_write_json(run_dir / "metrics.json", {"summary": summary, "reconstructions": rows})
     return summary, rows, cards
@@ -98,10 +98,14 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     summary, rows, cards = score_run(run_dir)
     page = run_dir / "report.html"
-    body = run_section(run_dir, summary, cards, any(r.get("psnr_mean") is not None for r in rows))
-    atomic_write_text(
-        page, html_page(f"fedsim report: {run_dir.name}", "What the curious server reconstructed", "", [body])
+    run = run_section(run_dir, summary, cards, any(r.get("psnr_mean") is not None for r in rows))
+    text = render(
+        "report.html.j2",
+        title=f"fedsim report: {run_dir.name}",
+        heading="What the curious server reconstructed",
+        runs=[run],
     )
+    atomic_write_text(page, text)
     return page
 
 
@@ -114,13 +118,11 @@ def final_accuracy(run_dir: Path) -> float | None:
 # --- HTML ----------------------------------------------------------------------------------
 
 
-def _img(data: bytes, mime: str, alt: str, css: str = "") -> str:
-    return f'<img alt="{html.escape(alt)}" class="{css}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
-
-
 def _curves(result: dict, row: dict) -> bytes | None:
-    history = result.get("history") or []
-    if not history:
+    history = [h for h in result.get("history") or [] if isinstance(h, dict)]
+    points = [(h.get("iteration"), finite(h.get("loss"))) for h in history]
+    points = [(i, max(loss, 1e-30)) for i, loss in points if finite(i) is not None and loss is not None]
+    if not points:
         return None
     import matplotlib
 
@@ -130,7 +132,7 @@ def _curves(result: dict, row: dict) -> bytes | None:
     has_psnr = bool(row.get("psnr_curve"))
     fig, axes = plt.subplots(1, 2 if has_psnr else 1, figsize=(7 if has_psnr else 3.6, 2.6), squeeze=False)
     ax = axes[0][0]
-    ax.semilogy([h["iteration"] for h in history], [max(h["loss"], 1e-30) for h in history])
+    ax.semilogy(*zip(*points, strict=True))
     ax.set(xlabel="iteration", ylabel="gradient distance", title="loss")
     if has_psnr:
         xs, ys = zip(*row["psnr_curve"], strict=True)
@@ -143,101 +145,95 @@ def _curves(result: dict, row: dict) -> bytes | None:
     return buffer.getvalue()
 
 
-def _card(job_dir: Path, result: dict, row: dict, truth: dict | None) -> str:
-    title = f"{result['attack']} &middot; round {result['round']} &middot; client {result.get('partition_id')}"
-    figures = []
+def _as_floats(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def _labels(result: dict, row: dict, truth: dict | None, facts: RunFacts) -> list[dict]:
+    """Per image: the true label beside the recovered one (in the order of the true images), as class names."""
+    recovered = result.get("labels")
+    recovered = list(recovered) if isinstance(recovered, list) else []
+    order = row.get("order")
+    if isinstance(order, list) and all(isinstance(i, int) and 0 <= i < len(recovered) for i in order):
+        recovered = [recovered[i] for i in order]
+    true = [int(v) for v in truth["labels"].flatten().tolist()] if truth is not None else []
+    pairs = []
+    for i in range(max(len(true), len(recovered))):
+        t = true[i] if i < len(true) else None
+        r = recovered[i] if i < len(recovered) else None
+        pairs.append(
+            {
+                "true": None if truth is None else ("" if t is None else facts.label(t)),
+                "recovered": "" if r is None else facts.label(r),
+                "right": None if t is None or r is None else t == r,
+            }
+        )
+    return pairs
+
+
+def _card(job_dir: Path, result: dict, row: dict, truth: dict | None, facts: RunFacts) -> dict:
+    """What a card shows of one reconstruction: the private and recovered images, labels, metrics."""
+    info = result.get("info") if isinstance(result.get("info"), dict) else {}
+    card = {
+        "attack": result.get("attack"),
+        "round": result.get("round"),
+        "partition_id": result.get("client") if result.get("partition_id") is None else result.get("partition_id"),
+        "failed": result.get("status") != "ok",
+        "reason": result.get("reason"),
+        "figures": [],
+        "labels": _labels(result, row, truth, facts),
+        "plot": None,
+        "psnr": finite(row.get("psnr_mean")),
+        "ssim": finite(row.get("ssim_mean")),
+        "label_accuracy": finite(row.get("label_accuracy")),
+        "seconds": finite(result.get("seconds")),
+        "objective": info.get("objective"),
+    }
     if truth is not None:
-        true_images = truth["images"].float()
-        true_images = true_images / 255.0 if truth["images"].dtype == torch.uint8 else true_images
-        figures.append(
-            f"<figure>{_img(png_bytes(grid(true_images)), 'image/png', 'private images')}"
-            "<figcaption>private (client's truth)</figcaption></figure>"
-        )
-    if result["status"] != "ok":  # still show what the attack was after, and why it came back empty-handed
-        reason = html.escape(str(result.get("reason")))
-        return (
-            f'<section class="card failed"><h3>{title}</h3><div class="row">{"".join(figures)}</div>'
-            f"<p>reconstruction failed: {reason}</p></section>"
-        )
-    rec = load_tensors(job_dir / "reconstruction.safetensors")
-    images = rec["images"]
+        png = png_bytes(grid(_as_floats(truth["images"])))
+        card["figures"].append(figure(png, "image/png", "private images", "private (client's truth)", picture=True))
+    if card["failed"]:  # still show what the attack was after, and why it came back empty-handed
+        return card
+    images = load_tensors(job_dir / "reconstruction.safetensors")["images"]
     if "order" in row:  # show each reconstruction under the true image it was matched to
         images = images[torch.as_tensor(row["order"])]
-    figures.append(
-        f"<figure>{_img(png_bytes(grid(images)), 'image/png', 'reconstruction')}"
-        "<figcaption>reconstruction</figcaption></figure>"
-    )
+    card["figures"].append(figure(png_bytes(grid(images)), "image/png", "reconstruction", "reconstruction", True))
     gif = job_dir / "animation.gif"
     if gif.exists():
-        figures.append(
-            f"<figure>{_img(gif.read_bytes(), 'image/gif', 'reconstruction emerging')}"
-            "<figcaption>over the iterations</figcaption></figure>"
+        card["figures"].append(
+            figure(enlarged_gif(gif.read_bytes()), "image/gif", "reconstruction emerging", "over the iterations", True)
         )
     curves = _curves(result, row)
-    plot = f"<figure class='plot'>{_img(curves, 'image/png', 'loss and PSNR curves')}</figure>" if curves else ""
-    metrics = []
-    if row.get("psnr_mean") is not None:
-        metrics += [
-            f"PSNR {row['psnr_mean']:.1f} dB",
-            f"SSIM {row['ssim_mean']:.3f}",
-            f"labels {row['label_accuracy']:.0%} right",
-        ]
-    metrics += [
-        f"predicted labels {result.get('labels')}",
-        f"{result.get('seconds', 0):.1f} s",
-        f"objective: {row.get('objective')}",
-    ]
-    return (
-        f'<section class="card"><h3>{title}</h3><div class="row">{"".join(figures)}</div>{plot}'
-        f'<p class="metrics">{" &middot; ".join(html.escape(m) for m in metrics)}</p></section>'
-    )
+    if curves:
+        card["plot"] = figure(curves, "image/png", "loss and PSNR curves", plot=True)
+    return card
 
 
-def run_section(run_dir: Path, summary: dict, cards: list[str], scored: bool, heading: str = "") -> str:
-    """One run's part of a page: accuracy, the summary table per attack, a card per reconstruction."""
-    rows = "".join(
-        f"<tr><td>{html.escape(a)}</td><td>{s['reconstructions']}</td><td>{s['failed']}</td>"
-        f"<td>{s.get('median_psnr_mean', float('nan')):.1f}</td><td>{s.get('median_ssim_mean', float('nan')):.3f}</td>"
-        f"<td>{s.get('median_label_accuracy', float('nan')):.0%}</td><td>{s.get('median_seconds', 0):.1f}</td></tr>"
-        for a, s in summary.items()
-    )
+def _card_order(card: dict) -> tuple:
+    """Round, then partition id, then attack: ids that are not numbers (from a bad reply) sort after the rest."""
+
+    def key(value) -> tuple:
+        number = finite(value)
+        return (0, number, "") if number is not None else (1, 0.0, str(value))
+
+    return (key(card["round"]), key(card["partition_id"]), str(card["attack"]))
+
+
+def run_section(
+    run_dir: Path, summary: dict, cards: list[dict], scored: bool, heading: str = "", facts: RunFacts | None = None
+) -> dict:
+    """One run's part of a page: what ran, accuracy, the summary table per attack, a card per reconstruction."""
+    facts = facts or run_facts(run_dir)
     training = read_jsonl(run_dir / "training.jsonl")
-    accuracy = ", ".join(f"round {r['round']}: {r['test-accuracy']:.1%}" for r in training if "test-accuracy" in r)
-    note = (
-        ""
-        if scored
-        else (
-            "<p class='note'>No ground truth in this run (it is recorded only in simulation with "
-            "<code>save-truth = true</code>), so reconstructions are shown without scores.</p>"
-        )
-    )
-    title = f"<h2>{html.escape(heading)}</h2>" if heading else ""
-    empty = "<p>No attack results yet: run <code>fedsim attack</code> on this run first.</p>"
-    return f"""<section class="run">{title}
-<p>Run <code>{html.escape(run_dir.name)}</code>. Global test accuracy: {html.escape(accuracy) or "n/a"}.</p>
-{note}
-<table><tr><th>attack</th><th>reconstructions</th><th>failed</th><th>median PSNR (dB)</th><th>median SSIM</th>
-<th>median label accuracy</th><th>median seconds</th></tr>{rows}</table>
-{"".join(cards) or empty}</section>"""
-
-
-def html_page(title: str, heading: str, intro: str, sections: list[str]) -> str:
-    """A self-contained page: inline style, images embedded, nothing fetched from the network."""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; background: #fafafa; color: #222; font-size: 1.1rem; }}
-h1 {{ margin-bottom: 0.2rem; }} table {{ border-collapse: collapse; margin: 1rem 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: right; }}
-.card {{ background: white; border: 1px solid #ddd; border-radius: 8px; padding: 1rem; margin: 1rem 0; }}
-.card.failed {{ border-color: #c33; }} .row {{ display: flex; flex-wrap: wrap; gap: 1.5rem; }}
-figure {{ margin: 0; }} figcaption {{ font-size: 0.9rem; color: #555; text-align: center; }}
-img {{ image-rendering: pixelated; max-width: 100%; }} .metrics {{ font-size: 1.05rem; }}
-.note {{ background: #fff7d6; padding: 0.6rem; border-radius: 6px; }}
-.explain {{ max-width: 60rem; line-height: 1.5; }} section.run {{ margin-top: 2rem; }}
-</style></head><body>
-<h1>{html.escape(heading)}</h1>
-{intro}
-{"".join(sections)}
-</body></html>
-"""
+    accuracy = [
+        {"round": r.get("round"), "value": finite(r["test-accuracy"])} for r in training if "test-accuracy" in r
+    ]
+    return {
+        "heading": heading,
+        "description": facts.description,
+        "has_test_split": facts.has_test_split,
+        "accuracy": accuracy,
+        "scored": scored,
+        "summary": summary,
+        "cards": sorted(cards, key=_card_order),
+    }
