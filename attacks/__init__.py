@@ -8,12 +8,12 @@ from attacks.analytic import Analytic
 from attacks.base import (
     Attack,
     AttackDiverged,
-    AttackTarget,
     Reconstruction,
     gradients_from_update,
     model_gradients,
     reconstruct_many,
 )
+from attacks.contract import AttackTarget, Recipe
 from attacks.dlg import DLG
 from attacks.grnn import GRNN
 from attacks.idlg import IDLG
@@ -45,6 +45,7 @@ __all__ = [
     "Attack",
     "AttackDiverged",
     "AttackTarget",
+    "Recipe",
     "Reconstruction",
     "get_attack",
     "gradients_from_update",

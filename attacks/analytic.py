@@ -80,11 +80,7 @@ class Analytic(Attack):
         first_linear(target.model, target.input_shape)
         model = attack_copy(target.model, device)
         objective, signal = observed_signal(target, unroll=False)
-        n = (
-            target.batch_size
-            if objective == "gradient"
-            else int(target.recipe.get("num-examples") or target.batch_size)
-        )
+        n = target.batch_size if objective == "gradient" else (target.recipe.num_examples or target.batch_size)
         g_w = signal[0].detach().to(device).double()  # float64: keep the division exact
         g_b = signal[1].detach().to(device).double()
         rows = (g_b.abs() > self.min_bias_grad * g_b.abs().max()).nonzero().squeeze(1)

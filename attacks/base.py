@@ -9,7 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,29 +18,10 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from attacks.contract import AttackTarget, Recipe
 from fedsim.errors import FedsimError
 
 Progress = Callable[[int, float], None]
-
-
-@dataclass
-class AttackTarget:
-    """Everything the curious server knows about one captured update."""
-
-    model: nn.Module
-    gradients: list[torch.Tensor] | None
-    batch_size: int
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    labels: torch.Tensor | None = None
-    update: list[torch.Tensor] | None = None
-    recipe: dict = field(default_factory=dict)
-    # What a defense-aware attacker adds (fedsim.app.attack_runner.load_target fills these from the
-    # client's declared defenses): the entries of the observed signal to match, 1, and those a
-    # defense erased, 0 (pruning); and whether to match the direction only, because the update
-    # was clipped to a norm that says nothing about the data.
-    mask: list[torch.Tensor] | None = None
-    rescale: bool = False
 
 
 @dataclass
@@ -156,10 +137,10 @@ def gradients_from_update(update: Sequence[torch.Tensor], lr: float, local_steps
     return [-d.detach() / (lr * local_steps) for d in update]
 
 
-def local_steps(recipe: dict, num_examples: int) -> int:
+def local_steps(recipe: Recipe, num_examples: int) -> int:
     """Number of SGD steps a client takes under `recipe` (one pass per epoch, last batch kept)."""
-    batch = int(recipe.get("batch-size") or num_examples)
-    return int(recipe.get("local-epochs", 1)) * math.ceil(num_examples / batch)
+    batch = recipe.batch_size or num_examples
+    return recipe.local_epochs * math.ceil(num_examples / batch)
 
 
 def observed_signal(target: AttackTarget, *, unroll: bool) -> tuple[str, list[torch.Tensor]]:
@@ -168,18 +149,18 @@ def observed_signal(target: AttackTarget, *, unroll: bool) -> tuple[str, list[to
     FedSGD captures give "gradient". FedAvg captures give "unrolled" (for attacks that simulate
     the local steps, matched on the same -Δ/(lr·steps) scale) or "pseudo-gradient".
     """
-    fedavg = target.recipe.get("mode") == "fedavg" or target.gradients is None
+    fedavg = target.recipe.fedavg or target.gradients is None
     if not fedavg:
         if target.gradients is None:
             raise FedsimError("target has neither gradients nor an update to attack")
         return "gradient", [g.detach() for g in target.gradients]
     if target.update is None:
         raise FedsimError("a FedAvg target needs its update (client weights - global weights)")
-    if "lr" not in target.recipe:
-        raise FedsimError("a FedAvg target needs recipe['lr'] to turn its update into a pseudo-gradient")
-    n = int(target.recipe.get("num-examples") or target.batch_size)
+    if target.recipe.lr is None:
+        raise FedsimError("a FedAvg target needs the recipe's lr to turn its update into a pseudo-gradient")
+    n = target.recipe.num_examples or target.batch_size
     steps = local_steps(target.recipe, n)
-    pseudo = gradients_from_update(target.update, float(target.recipe["lr"]), steps)
+    pseudo = gradients_from_update(target.update, target.recipe.lr, steps)
     return ("unrolled" if unroll and steps > 1 else "pseudo-gradient"), pseudo
 
 
@@ -449,7 +430,7 @@ def divergence(loss: torch.Tensor, images: torch.Tensor, limit: float) -> list[s
 def signature(target: AttackTarget) -> tuple:
     """Targets with equal signatures can be solved together in one vmap."""
     shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in target.model.named_parameters())
-    recipe = tuple(sorted((k, str(v)) for k, v in target.recipe.items()))
+    recipe = target.recipe
     return (
         type(target.model),
         shapes,

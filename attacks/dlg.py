@@ -227,7 +227,7 @@ class DLG(Attack):
         model = attack_copy(first.model, device)
         signals = [observed_signal(t, unroll=self.unroll) for t in targets]
         objective = signals[0][0]
-        n = int(first.recipe.get("num-examples") or first.batch_size) if objective == "unrolled" else first.batch_size
+        n = (first.recipe.num_examples or first.batch_size) if objective == "unrolled" else first.batch_size
         shape, classes, r = (n, *first.input_shape), first.num_classes, self.restarts
         fixed = [self._fixed_labels(t, s[1]) for t, s in zip(targets, signals, strict=True)]
         states = [model_state(attack_copy(t.model, device)) for t in targets]

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.contract import RunTrajectory, StateDict
+from attacks.inversion_eval import attack_accuracy, nearest_private_distance
 from fedsim.errors import FedsimError
 
-StateDict = dict[str, torch.Tensor]
 Progress = Callable[[int, int, dict], None]  # (step, total, losses)
 
 
@@ -260,3 +261,86 @@ def auxiliary_images(name: str, data_dir: str, shape: tuple[int, int, int]) -> t
     if tuple(x.shape[2:]) != tuple(shape[1:]):
         x = F.interpolate(x, size=tuple(shape[1:]), mode="bilinear", antialias=True)
     return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack on a run
+# ----------------------------------------------------------------------------------------------
+
+ENSEMBLES = ("client", "round")
+DISTANCES = ("weights", "outputs")
+SELECTIONS = ("fms", "recent")
+RunProgress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+def invert_run(
+    run: RunTrajectory,
+    load_model: Callable[[StateDict], nn.Module],
+    private: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    judge: nn.Module,
+    config: InversionConfig,
+    *,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    ensemble: str,
+    clients: list[int],
+    size: int,
+    distance: str,
+    selection: str,
+    per_class: int,
+    keep: float,
+    aux: torch.Tensor | None,
+    seed: int,
+    progress: RunProgress,
+) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Ensemble inversion against single-model inversion of the last model, for each target of `ensemble`.
+
+    ensemble=client: for each of `clients`, its uploads over the rounds (single model: its last upload).
+    ensemble=round: every client's upload of the last round (single model: the final global model).
+    selection=fms picks `size` candidates by farthest model sampling; selection=recent the `size` most recent.
+    `load_model(state)` is the run's architecture with those weights. `private` holds each client's private data
+    and `judge` an independent classifier: the scoring side, and which classes a target holds.
+    Returns (target -> scores, "<target>-<variant>" -> the kept images, class by class).
+    """
+    targets, images_of = {}, {}
+    everyone = concatenated([private[k] for k in sorted(run.uploads)])
+    for k in clients if ensemble == "client" else [None]:
+        if k is not None:
+            rounds = run.client_rounds(k)
+            candidates, last, (px, py) = [run.uploads[k][r] for r in rounds], run.uploads[k][rounds[-1]], private[k]
+        else:
+            candidates = [u[run.rounds[-1]] for u in run.uploads.values() if run.rounds[-1] in u]
+            last, (px, py) = run.final, everyone
+        models = [load_model(state) for state in candidates]
+        probe = aux if aux is not None else torch.rand(256, *input_shape, generator=torch.Generator().manual_seed(seed))
+        distances = fms_distances(distance, candidates, models, probe)
+        n = min(size, len(models))
+        chosen = farthest_model_sampling(distances, n) if selection == "fms" else list(range(len(models)))[-n:][::-1]
+        classes = sorted(int(c) for c in py.unique())
+        name = f"client-{k}" if k is not None else "round"
+        entry: dict = {"candidates": len(candidates), "chosen": chosen, "classes": classes}
+        for variant, members in (("ensemble", [models[i] for i in chosen]), ("single", [load_model(last)])):
+            generator = train_generator(
+                members,
+                input_shape,
+                num_classes,
+                config,
+                aux,
+                progress=lambda d, t, _p, v=variant, n=name: progress(f"{n}: {v} inversion", d, t),
+            )
+            images, labels, _ = generate(generator, members, classes, per_class, keep, seed)
+            nearest = nearest_private_distance(images, labels, px, py)
+            entry[variant] = {
+                **attack_accuracy(judge, images, labels),
+                "models": len(members),
+                "nearest-private-rmse": float(np.nanmean(nearest)),
+            }
+            images_of[f"{name}-{variant}"] = images
+        entry["gain"] = entry["ensemble"]["accuracy"] - entry["single"]["accuracy"]
+        targets[name] = entry
+    return targets, images_of
+
+
+def concatenated(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several (images, labels) data sets as one."""
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -130,7 +130,7 @@ class GRNN(Attack):
         k = len(targets) * r
         signals = [observed_signal(t, unroll=self.unroll) for t in targets]
         objective = signals[0][0]
-        n = int(first.recipe.get("num-examples") or first.batch_size) if objective == "unrolled" else first.batch_size
+        n = (first.recipe.num_examples or first.batch_size) if objective == "unrolled" else first.batch_size
         model = attack_copy(first.model, device)
         states = [model_state(attack_copy(t.model, device)) for t in targets]
         params = stack_problems([s[0] for s in states], r, device)

@@ -28,8 +28,8 @@ class IDLG(DLG):
 
     def _fixed_labels(self, target: AttackTarget, observed: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
         n = target.batch_size
-        if target.recipe.get("mode") == "fedavg" or target.gradients is None:
-            n = int(target.recipe.get("num-examples") or n)
+        if target.recipe.fedavg or target.gradients is None:
+            n = target.recipe.num_examples or n
         if target.labels is not None:
             if target.labels.numel() != n:
                 raise FedsimError(f"idlg: target has {target.labels.numel()} labels for {n} examples")

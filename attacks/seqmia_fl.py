@@ -1,13 +1,13 @@
 """SeqMIA against federated learning: the server's real trajectories, and shadow trajectories it replays itself.
 
-The curious server holds every global model G_r and every upload U_{k,r}. For a client (a "seat") it replays
+The curious server holds every global model G_r and every upload U_{k,r}. For a target client k it replays
 each round the client took part in on its own auxiliary data, with the captured recipe, and puts its shadow
-client in the seat: the shadow global model is G'_r = G_r + D_r, with
+client in k's place: the shadow global model is G'_r = G_r + D_r, with
     D_r = (1 - w_k) D_{r-1} + w_k (V_{r-1} - U_{k,r-1}),
 the captured global with client k's contribution swapped for the shadow's V (FedAvg's weighted mean), assuming
 the other clients' uploads move with the global model they start from (to first order). The attack model thus
-learns what members' metrics do on the seat's own uploads and on the global models that follow, without ever
-touching a client's data. Other strategies (median, Krum) are approximated by the same formula.
+learns what members' metrics do on the target client's own uploads and on the global models that follow, without
+ever touching a client's data. Other strategies (median, Krum) are approximated by the same formula.
 """
 
 from __future__ import annotations
@@ -19,48 +19,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.seqmia import SeqMIAClassifier, distill_snapshots, metric_sequences, model_metrics, train_attack_model
+from attacks.contract import Recipe, RunTrajectory, StateDict
+from attacks.membership_metrics import membership_report
+from attacks.seqmia import (
+    SeqMIAClassifier,
+    distill_snapshots,
+    loss_baselines,
+    metric_sequences,
+    model_metrics,
+    train_attack_model,
+)
 from fedsim.errors import FedsimError
 
-StateDict = dict[str, torch.Tensor]
-TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict, np.random.Generator], None]
+# Replays one round of local training with a captured recipe; the top layer passes the clients' own code.
+TrainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Recipe, np.random.Generator], None]
 Progress = Callable[[str, int, int], None]  # (task, done, total)
 LEVELS = ("client", "global")
 
 
 @dataclass
-class RunTrajectory:
-    """Everything the server captured in a run, by round and by client (partition id)."""
-
-    rounds: list[int]
-    globals: dict[int, StateDict]
-    final: StateDict
-    uploads: dict[int, dict[int, StateDict]]  # partition -> round -> weights sent back
-    weights: dict[int, dict[int, float]]  # partition -> round -> FedAvg weight n_k / sum_j n_j
-    recipes: dict[int, dict]  # round -> recipe sent to the clients
-    shard_sizes: dict[int, int] = field(default_factory=dict)  # partition -> examples it declared
-
-    def seat_rounds(self, seat: int) -> list[int]:
-        return [r for r in self.rounds if r in self.uploads.get(seat, {})]
-
-
-@dataclass
 class ShadowRun:
-    """A seat replayed with the server's own data: shadow global models, shadow uploads, shadow final model."""
+    """A target client replayed with the server's own data: shadow global models, shadow uploads, shadow final model."""
 
     globals: dict[int, StateDict]
     uploads: dict[int, StateDict]
     final: StateDict
 
 
-def frozen_parameters(run: RunTrajectory, seat: int) -> set[str]:
+def frozen_parameters(run: RunTrajectory, client: int) -> set[str]:
     """Parameters the client never changed in any round (e.g. layers a TL-DMI client keeps frozen)."""
-    rounds = run.seat_rounds(seat)
+    rounds = run.client_rounds(client)
     if not rounds:
         return set()
     names = [k for k, v in run.globals[rounds[0]].items() if v.is_floating_point()]
     return {
-        name for name in names if all(torch.equal(run.uploads[seat][r][name], run.globals[r][name]) for r in rounds)
+        name for name in names if all(torch.equal(run.uploads[client][r][name], run.globals[r][name]) for r in rounds)
     }
 
 
@@ -75,7 +68,7 @@ def level_states(
 ) -> list[StateDict]:
     """The trajectory a level's sequence runs over, oldest first.
 
-    client: G_r and the seat's upload U_r for each round it trained in (the last step is its last upload).
+    client: G_r and the client's upload U_r for each round it trained in (the last step is its last upload).
     global: every global model G_r, then the final global model.
     """
     if level == "client":
@@ -91,7 +84,7 @@ def real_sequences(
     level: str,
     x: torch.Tensor,
     y: torch.Tensor,
-    seat: int | None = None,
+    client: int | None = None,
     cache: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The metric sequences [N, T, 5] of query samples over the captured trajectory of `level`.
@@ -100,9 +93,9 @@ def real_sequences(
     trajectories (the global models) are queried once.
     """
     if level == "client":
-        if seat is None or not run.seat_rounds(seat):
-            raise FedsimError(f"client {seat} sent no update in this run; nothing to attack")
-        states = level_states(level, run.seat_rounds(seat), run.globals, run.uploads[seat], run.final)
+        if client is None or not run.client_rounds(client):
+            raise FedsimError(f"client {client} sent no update in this run; nothing to attack")
+        states = level_states(level, run.client_rounds(client), run.globals, run.uploads[client], run.final)
     else:
         states = level_states(level, run.rounds, run.globals, {}, run.final)
     if cache is None:
@@ -114,38 +107,38 @@ def real_sequences(
     return np.stack([cache[id(state)] for state in states], axis=1)
 
 
-def replay_seat(
+def replay_client(
     template: nn.Module,
     run: RunTrajectory,
-    seat: int,
+    client: int,
     x: torch.Tensor,
     y: torch.Tensor,
     train_fn: TrainFn,
     seed: int,
     substitute: bool = True,
 ) -> ShadowRun:
-    """Put a shadow client holding (x, y) in `seat`'s place for the whole run (see the module docstring).
+    """Put a shadow client holding (x, y) in `client`'s place for the whole run (see the module docstring).
 
     The shadow trains only the parameters the real client changed, with the recipe captured for each round.
     With substitute=False every round starts from the captured global model itself (plain replay).
     """
-    frozen = frozen_parameters(run, seat)
+    frozen = frozen_parameters(run, client)
     delta: StateDict = {}
     shadow_globals, shadow_uploads = {}, {}
     for r in run.rounds:
         start = _shifted(run.globals[r], delta)
         shadow_globals[r] = start
-        if r not in run.uploads.get(seat, {}):
+        if r not in run.uploads.get(client, {}):
             continue
         template.load_state_dict(start)
         marked = _freeze(template, frozen)
-        train_fn(template, x, y, run.recipes[r], np.random.default_rng([seed, r, seat]))
+        train_fn(template, x, y, run.recipes[r], np.random.default_rng([seed, r, client]))
         _unfreeze(template, marked)
         upload = {k: start[k].clone() if k in frozen else v.detach().clone() for k, v in template.state_dict().items()}
         shadow_uploads[r] = upload
         if substitute:
-            w = run.weights[seat][r]
-            real = run.uploads[seat][r]
+            w = run.weights[client][r]
+            real = run.uploads[client][r]
             delta = {
                 k: (1 - w) * delta.get(k, 0.0) + w * (upload[k] - real[k])
                 for k, v in upload.items()
@@ -182,7 +175,7 @@ def _shifted(state: StateDict, delta: StateDict) -> StateDict:
 def shadow_dataset(
     template: nn.Module,
     run: RunTrajectory,
-    seat: int,
+    client: int,
     aux_x: torch.Tensor,
     aux_y: torch.Tensor,
     train_fn: TrainFn,
@@ -193,27 +186,29 @@ def shadow_dataset(
     substitute: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Labelled sequences for both levels from `num_shadows` replays of `seat`, each with a fresh seeded split
-    of the auxiliary data into a member shard (`size` examples, by default as many as the seat declared) and as
-    many non-members.
+    """Labelled sequences for both levels from `num_shadows` replays of `client`, each with a fresh seeded split
+    of the auxiliary data into a member shard (`size` examples, by default as many as the client declared) and
+    as many non-members.
 
     Returns {level: (sequences [N, T, 5], labels [N])} with label 1 for the shadow's members.
     """
-    n = size or run.shard_sizes.get(seat) or 0
+    n = size or run.shard_sizes.get(client) or 0
     if n < 1:
-        raise FedsimError(f"client {seat} declared no examples; its shard size is unknown")
+        raise FedsimError(f"client {client} declared no examples; its shard size is unknown")
     if len(aux_x) < 2 * n:
         raise FedsimError(
-            f"the server's auxiliary data holds {len(aux_x)} examples; shadow training for client {seat} needs "
+            f"the server's auxiliary data holds {len(aux_x)} examples; shadow training for client {client} needs "
             f"at least {2 * n} (a member shard as large as the client's and as many non-members)"
         )
     out: dict[str, list] = {level: [] for level in LEVELS}
     labels = np.r_[np.ones(n), np.zeros(n)]
-    rounds = run.seat_rounds(seat)
+    rounds = run.client_rounds(client)
     for i in range(num_shadows):
-        perm = torch.from_numpy(np.random.default_rng([seed, seat, i, 3]).permutation(len(aux_x))[: 2 * n])
+        perm = torch.from_numpy(np.random.default_rng([seed, client, i, 3]).permutation(len(aux_x))[: 2 * n])
         x, y = aux_x[perm], aux_y[perm]
-        shadow = replay_seat(template, run, seat, x[:n], y[:n], train_fn, seed=seed * 1000 + i, substitute=substitute)
+        shadow = replay_client(
+            template, run, client, x[:n], y[:n], train_fn, seed=seed * 1000 + i, substitute=substitute
+        )
         for level in LEVELS:
             states = level_states(level, rounds, shadow.globals, shadow.uploads, shadow.final)
             out[level].append(metric_sequences(_loaded(template, states), x, y))
@@ -226,7 +221,7 @@ def shadow_federation(
     template: nn.Module,
     init: StateDict,
     shards: list[tuple[torch.Tensor, torch.Tensor]],
-    recipe: dict,
+    recipe: Recipe,
     rounds: int,
     train_fn: TrainFn,
     seed: int,
@@ -342,3 +337,175 @@ class BlackBox:
                 progress=lambda d, t, _l: self.progress(f"black-box attack model ({level})", d, t),
             )
         return self.classifiers[level]
+
+
+# ----------------------------------------------------------------------------------------------
+# The attack on a run: both levels, SeqMIA and the loss baselines
+# ----------------------------------------------------------------------------------------------
+
+Data = tuple[torch.Tensor, torch.Tensor]
+MODES = ("fl", "blackbox")
+
+
+@dataclass
+class MembershipScores:
+    """Every attack's scores by setting ("<mode>/<level>"), each part with who is a member, and what was noted."""
+
+    parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=dict)
+    per_client: dict[str, dict] = field(default_factory=dict)  # client -> attack -> report, FL client level
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, attack_scores: dict[str, np.ndarray], n_members: int) -> None:
+        """Scores of queries whose first `n_members` are members."""
+        for name, s in attack_scores.items():
+            self.parts.setdefault(key, {}).setdefault(name, []).append((s, _truth(len(s), n_members)))
+
+    def pooled(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """setting -> attack -> (scores, is_member), every part of a setting together."""
+        return {
+            key: {
+                name: (np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
+                for name, parts in attacks.items()
+            }
+            for key, attacks in self.parts.items()
+        }
+
+
+def _truth(n: int, n_members: int) -> np.ndarray:
+    return np.r_[np.ones(n_members, bool), np.zeros(n - n_members, bool)]
+
+
+def level_scores(classifier: SeqMIAClassifier, queries: np.ndarray) -> dict[str, np.ndarray]:
+    """SeqMIA's scores of query sequences, and the two loss baselines'."""
+    return {"seqmia": classifier.score(queries), **loss_baselines(queries)}
+
+
+def shadow_sizes(run: RunTrajectory, clients: list[int], aux: int, notes: list[str]) -> dict[int, int]:
+    """Shadow shard sizes: the client's own, or half the auxiliary data when that is smaller (noted)."""
+    sizes = {}
+    for k in clients:
+        sizes[k] = min(run.shard_sizes[k], aux // 2)
+        if sizes[k] < 8:
+            raise FedsimError(
+                f"the server's auxiliary data ({aux} examples no client holds) is too small for shadow training; "
+                "use examples-per-client to leave part of the training split to the server"
+            )
+        if sizes[k] < run.shard_sizes[k]:
+            notes.append(
+                f"client {k}: shadow shards hold {sizes[k]} examples, not {run.shard_sizes[k]} like the client's, "
+                f"because the server's auxiliary data holds only {aux}"
+            )
+    return sizes
+
+
+def attack_run(
+    run: RunTrajectory,
+    template: nn.Module,
+    make_model: Callable[[int], nn.Module],
+    shards: dict[int, Data],
+    aux: Data,
+    nonmembers: Data,
+    train_fn: TrainFn,
+    *,
+    modes: tuple[str, ...],
+    clients: list[int],
+    num_shadows: int,
+    epochs: int,
+    distill_epochs: int,
+    seed: int,
+    progress: Progress,
+) -> MembershipScores:
+    """SeqMIA and the loss baselines against `run`, at client and global level, for `modes`.
+
+    fl: sequences over the captured trajectory, attack model learnt from the server's shadow replays.
+    blackbox: the paper's mode against the final models: distillation snapshots and a shadow federation.
+    `shards` holds every client's private data: only the queries' ground truth (members), never the attack's.
+    `template` is a model of the run's architecture the attack loads weights into; `make_model(seed)` a fresh one.
+    """
+    aux_x, aux_y = aux
+    non_x, non_y = nonmembers
+    out = MembershipScores()
+    sizes = shadow_sizes(run, clients, len(aux_y), out.notes)
+    if "fl" in modes:
+        global_train: list[tuple[np.ndarray, np.ndarray]] = []
+        non_cache: dict[int, np.ndarray] = {}
+        for i, k in enumerate(clients):
+            shadows = shadow_dataset(
+                template,
+                run,
+                k,
+                aux_x,
+                aux_y,
+                train_fn,
+                num_shadows=num_shadows,
+                seed=seed + 101 * k,
+                size=sizes[k],
+                progress=lambda d, t, k=k: progress(f"shadow replays of client {k}", d, t),
+            )
+            global_train.append(shadows["global"])
+            classifier = train_attack_model(
+                *shadows["client"],
+                epochs=epochs,
+                seed=seed + k,
+                progress=lambda d, t, _l, k=k: progress(f"attack model of client {k}", d, t),
+            )
+            mx, my = shards[k]
+            queries = np.concatenate(
+                [
+                    real_sequences(template, run, "client", mx, my, client=k),
+                    real_sequences(template, run, "client", non_x, non_y, client=k, cache=non_cache),
+                ]
+            )
+            scores = level_scores(classifier, queries)
+            out.add("fl/client", scores, len(my))
+            truth = _truth(len(queries), len(my))
+            out.per_client[str(k)] = {name: membership_report(s, truth) for name, s in scores.items()}
+            progress("clients", i + 1, len(clients))
+        seqs = np.concatenate([s for s, _ in global_train])
+        labels = np.concatenate([lab for _, lab in global_train])
+        classifier = train_attack_model(
+            seqs, labels, epochs=epochs, seed=seed, progress=lambda d, t, _l: progress("global attack model", d, t)
+        )
+        mx, my = _members(shards, run)
+        queries = np.concatenate(
+            [
+                real_sequences(template, run, "global", mx, my),
+                real_sequences(template, run, "global", non_x, non_y, cache=non_cache),
+            ]
+        )
+        out.add("fl/global", level_scores(classifier, queries), len(my))
+    if "blackbox" in modes:
+        _blackbox(
+            make_model, run, clients, shards, aux, nonmembers, train_fn, distill_epochs, epochs, seed, out, progress
+        )
+    return out
+
+
+def _members(shards: dict[int, Data], run: RunTrajectory) -> Data:
+    """Every client's private data together, in partition order: the members of the global level."""
+    members = [shards[k] for k in sorted(run.uploads)]
+    return torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])
+
+
+def _blackbox(make_model, run, clients, shards, aux, nonmembers, train_fn, distill_epochs, epochs, seed, out, progress):
+    """The paper's black-box mode (BlackBox) against the final global model and each client's last upload."""
+    non_x, non_y = nonmembers
+    box = BlackBox(
+        make_model,
+        run,
+        *aux,
+        train_fn,
+        distill_epochs=distill_epochs,
+        epochs=epochs,
+        seed=seed,
+        progress=progress,
+    )
+    out.notes.extend(box.notes)
+    mx, my = _members(shards, run)
+    queries = box.sequences(run.final, torch.cat([mx, non_x]), torch.cat([my, non_y]), "final global model")
+    out.add("blackbox/global", level_scores(box.classifier("global"), queries), len(my))
+    for k in clients:
+        mx, my = shards[k]
+        last = run.uploads[k][max(run.uploads[k])]
+        queries = box.sequences(last, torch.cat([mx, non_x]), torch.cat([my, non_y]), f"client {k}'s last model")
+        out.add("blackbox/client", level_scores(box.classifier("client"), queries), len(my))

@@ -19,10 +19,10 @@ def simulated_signal(objective: str, gradient: GradientFn, target: AttackTarget)
     if objective != "unrolled":
         return gradient
     recipe = target.recipe
-    lr = float(recipe["lr"])
-    epochs = int(recipe.get("local-epochs", 1))
-    n = int(recipe.get("num-examples") or target.batch_size)
-    batch = int(recipe.get("batch-size") or n)
+    lr = recipe.lr
+    epochs = recipe.local_epochs
+    n = recipe.num_examples or target.batch_size
+    batch = recipe.batch_size or n
     steps = local_steps(recipe, n)
 
     def unrolled(params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -24,7 +24,7 @@ these are measured on real MNIST (the offline test set: its first 80 % are the c
   the image the client really used), and the relative error of the last layer's input features
   recovered in closed form from its gradient (what TL-DMI still sends).
 
-Every attack runs as the defense-aware attacker (fedsim.app.attack_runner.load_target with aware=True: it
+Every attack runs as the defense-aware attacker (attacks.contract.target_from_capture with aware=True: it
 reads what the client declared: under pruning it matches only the entries sent, under clipping only
 the direction, under TL-DMI only the layers trained). The attacks in `--unaware` (DLG) run a second
 time defense-unaware (`<attack>-unaware` in the results) where that changes the objective: pruning,
@@ -36,7 +36,7 @@ real flwr Messages; aggregation is Flower's own `FedAvg.aggregate_train`. This s
 cost (one Ray simulation per setting would cost more than the training on 2 CPU cores); for a
 deterministic setting (prune 50 % + TL-DMI k = 2, 2 rounds) the per-round accuracies equal those of
 fedsim.app.simulation.simulate exactly. The capture
-the attack sees is the reply the client sends, turned into a target with fedsim.app.attack_runner.load_target,
+the attack sees is the reply the client sends, turned into a target with attacks.contract.target_from_capture,
 as `fedsim attack` does on a run's captures. Noise is drawn from OS entropy (as in a real run), so
 noisy settings vary slightly between runs.
 
@@ -228,12 +228,12 @@ def awareness_matters(aware, unaware) -> bool:
 def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dict], unaware: set[str]) -> dict:
     """The attacks on batch-1 FedSGD captures of `images` clients at round 1, scored against what they trained on.
 
-    Every attack runs as the defense-aware attacker (fedsim.app.attack_runner.load_target, aware=True: it uses
+    Every attack runs as the defense-aware attacker (attacks.contract.target_from_capture, aware=True: it uses
     what the client declared); the attacks in `unaware` also run defense-unaware, where that changes the
     objective (pruning, clipping, TL-DMI with frozen layers), under the label `<attack>-unaware`.
     """
     from attacks import get_attack, reconstruct_many
-    from fedsim.app.attack_runner import load_target
+    from attacks.contract import target_from_capture
     from server.server_app import trainable_names
 
     config = FedsimConfig.from_mapping(
@@ -261,8 +261,8 @@ def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dic
                 "num_examples": int(reply.content["metrics"]["num-examples"]),
                 "declared": said,
             }
-            targets.append(load_target(state, client_state, record, aware=True))
-            blind.append(load_target(state, client_state, record, aware=False))
+            targets.append(target_from_capture(state, client_state, record, aware=True))
+            blind.append(target_from_capture(state, client_state, record, aware=False))
             truths.append(load_tensors(Path(truth_dir) / "round-0001" / f"client-{100 + p}.safetensors"))
             features.append(last_layer_features(model, state, client_state, truths[-1]["images"], config.lr))
             declared.append(said.get("defenses", ""))

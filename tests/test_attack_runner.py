@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from attacks.contract import target_from_capture
 from clients.training import train_fedsgd
-from fedsim.app.attack_runner import load_target
 from fedsim.captures import CaptureStore
 from fedsim.datasets import load_dataset, to_float
 from fedsim.federation import device
@@ -116,7 +116,7 @@ def test_attack_cli_mistakes(tmp_path, args, expected):
     assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
 
 
-def test_load_target_uses_declared_defenses_only_when_aware():
+def test_target_from_capture_uses_declared_defenses_only_when_aware():
 
     model = build_model("lenet-dlg", (1, 16, 16), 10, seed=0)
     global_state = model.state_dict()
@@ -131,11 +131,11 @@ def test_load_target_uses_declared_defenses_only_when_aware():
         "declared": {"defenses": "tldmi,clip,prune", "trainable": ["fc.weight", "fc.bias"]},
     }
 
-    aware = load_target(global_state, client_state, record)
+    aware = target_from_capture(global_state, client_state, record)
     assert [n for n, p in aware.model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     assert aware.rescale and len(aware.mask) == 2 and float(aware.mask[1].sum()) == 0 and bool(aware.mask[0].all())
-    unaware = load_target(global_state, client_state, record, aware=False)
+    unaware = target_from_capture(global_state, client_state, record, aware=False)
     assert len(unaware.gradients) == len(every) and unaware.mask is None and not unaware.rescale
 
-    noisy = load_target(global_state, client_state, {**record, "declared": {"defenses": "clip,noise"}})
+    noisy = target_from_capture(global_state, client_state, {**record, "declared": {"defenses": "clip,noise"}})
     assert not noisy.rescale and noisy.mask is None and len(noisy.gradients) == len(every)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.contract import Recipe, RunTrajectory
 from attacks.membership_metrics import membership_report, roc_auc, roc_curve, roc_png, sample_metrics, tpr_at_fpr
 from attacks.seqmia import AttentionLSTM, loss_baselines, metric_sequences, train_attack_model
-from attacks.seqmia_fl import RunTrajectory, frozen_parameters, level_states, replay_seat
+from attacks.seqmia_fl import frozen_parameters, level_states, replay_client
 from tests.conftest import run_cli
 
 
@@ -102,7 +103,7 @@ class Tiny(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def shift_trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: dict, rng: np.random.Generator):
+def shift_trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, rng: np.random.Generator):
     """A stand-in recipe: every trainable parameter moves by +1."""
     with torch.no_grad():
         for p in model.parameters():
@@ -117,9 +118,11 @@ def test_replay_substitutes_the_shadow_for_the_client_and_keeps_frozen_layers():
     g2 = {k: v + 0.2 for k, v in g1.items()}
     u2 = {k: v + (0.5 if k.startswith("b") else 0.0) for k, v in g2.items()}
     final = {k: v + 0.3 for k, v in g2.items()}
-    run = RunTrajectory([1, 2], {1: g1, 2: g2}, final, {0: {1: u1, 2: u2}}, {0: {1: 0.25, 2: 0.25}}, {1: {}, 2: {}})
+    run = RunTrajectory(
+        [1, 2], {1: g1, 2: g2}, final, {0: {1: u1, 2: u2}}, {0: {1: 0.25, 2: 0.25}}, {1: Recipe(), 2: Recipe()}
+    )
     assert frozen_parameters(run, 0) == {"a.weight", "a.bias"}
-    shadow = replay_seat(Tiny(), run, 0, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), shift_trainer, seed=0)
+    shadow = replay_client(Tiny(), run, 0, torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), shift_trainer, seed=0)
     for k in g1:
         moved = 1.0 if k.startswith("b") else 0.0
         torch.testing.assert_close(shadow.uploads[1][k], g1[k] + moved)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from attacks.contract import capture_states, declared_defenses, target_from_capture
 from fedsim.captures import CaptureStore
 from fedsim.errors import FedsimError
 from fedsim.files import atomic_write_bytes, atomic_write_json, save_tensors
@@ -34,7 +35,7 @@ class AttackJob:
     run_dir: Path
     attack: str
     record: dict
-    aware: bool = True  # a defense-aware attacker uses what the client declared (see load_target)
+    aware: bool = True  # a defense-aware attacker uses what the client declared (attacks.contract.target_from_capture)
 
     @property
     def name(self) -> str:
@@ -110,54 +111,6 @@ def _ident(record: dict) -> dict:
     return {"round": record["round"], "client": record["client"], "partition_id": record.get("partition_id")}
 
 
-def declared_defenses(record: dict) -> list[str]:
-    """The defenses a client declared in its reply (the capture record's "declared"), in the order applied."""
-    return [d for d in str((record.get("declared") or {}).get("defenses", "")).split(",") if d]
-
-
-def load_target(
-    global_state: dict[str, torch.Tensor], client_state: dict[str, torch.Tensor], record: dict, aware: bool = True
-):
-    """What the curious server knows about one update, as the attacks take it (attacks.base.AttackTarget).
-
-    The defense-aware attacker (`aware`, the default) uses what the client declared: under TL-DMI it
-    matches only the layers the client trained; under pruning only the entries that were not zeroed;
-    under clipping (without noise after it) only the direction of the update. Against noise and local
-    DP it changes nothing: for Gaussian noise the squared distance already is the likelihood's. The
-    unaware attacker takes every update as a plain gradient of every parameter.
-    """
-    from attacks.base import AttackTarget
-    from fedsim.models import build_model
-
-    model = build_model(record["model"], tuple(record["input_shape"]), record["num_classes"])
-    model.load_state_dict(global_state)
-    model.train()  # clients compute their gradients in training mode (BatchNorm uses batch statistics)
-    declared, defenses = record.get("declared") or {}, declared_defenses(record)
-    every = [n for n, _ in model.named_parameters()]
-    trainable = set((declared.get("trainable") or record.get("trainable") or every) if aware else every)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in trainable)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    update = [client_state[n].float() - global_state[n].float() for n in names]
-    recipe = dict(record.get("recipe", {}))
-    mode = recipe.pop("recipe", "fedavg")
-    recipe = {**recipe, "mode": mode, "num-examples": int(record["num_examples"])}
-    gradients = [-u / float(recipe["lr"]) for u in update] if mode == "fedsgd" else None
-    mask = [(u != 0).float() for u in update] if aware and "prune" in defenses else None
-    rescale = aware and "clip" in defenses and not {"noise", "ldp"} & set(defenses)
-    return AttackTarget(
-        mask=mask,
-        rescale=rescale,
-        model=model,
-        gradients=gradients,
-        batch_size=int(record["num_examples"]),
-        input_shape=tuple(record["input_shape"]),
-        num_classes=int(record["num_classes"]),
-        update=update,
-        recipe=recipe,
-    )
-
-
 def execute(
     payloads: list[dict],
     attack: str,
@@ -173,7 +126,7 @@ def execute(
     start = time.time()
     try:
         attacker = get_attack(attack, **options)
-        targets = [load_target(p["global"], p["client"], p["record"], p.get("aware", True)) for p in payloads]
+        targets = [target_from_capture(p["global"], p["client"], p["record"], p.get("aware", True)) for p in payloads]
         if len(targets) == 1:
             name = payloads[0]["name"]
             progress = (lambda it, loss: report(name, it, loss)) if report else None
@@ -242,13 +195,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
+    global_state, client_state = capture_states(store, job.record)
     return {
         "name": f"{job.label} round {job.record['round']} client {job.record.get('partition_id')}",
         "record": job.record,
         "seed": job.seed(seed),
         "aware": job.aware,
-        "global": store.load(store.global_record(job.record["round"])),
-        "client": store.load(job.record),
+        "global": global_state,
+        "client": client_state,
     }
 
 

@@ -3,7 +3,8 @@
 Both read only what the curious server kept (captures/, model.safetensors, config.toml) plus data of its own:
 for membership, examples of the same distribution that no client holds; for inversion, nothing (data-free) or a
 public dataset. Scoring alone reads the clients' shards, rebuilt from the config, as the ground truth of
-membership and of which classes a client holds, and trains the evaluation classifier.
+membership and of which classes a client holds, and trains the evaluation classifier. The procedures live in
+attacks/seqmia_fl.py and attacks/ensemble_inversion.py; this module loads their inputs and writes their results.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attacks.contract import Recipe, RunTrajectory, load_trajectory, target_clients
 from attacks.membership_metrics import format_report, membership_report, roc_png
-from attacks.seqmia import loss_baselines, train_attack_model
-from attacks.seqmia_fl import LEVELS, BlackBox, RunTrajectory, real_sequences, shadow_dataset
+from attacks.seqmia_fl import LEVELS, MODES, attack_run
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.datasets import to_float
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation
-from fedsim.files import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from fedsim.files import atomic_write_bytes, atomic_write_json, save_tensors
 from fedsim.models import build_model
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
-MODES = ("fl", "blackbox")
 
 
 def _quiet(task: str, done: int, total: int) -> None:
@@ -39,52 +39,36 @@ def _quiet(task: str, done: int, total: int) -> None:
 
 
 def load_run(run_dir: str | Path) -> tuple[FedsimConfig, RunTrajectory]:
-    """The run's config and every captured model, by round and by client (partition id)."""
+    """The run's config and its trajectory: every captured model, by round and by client (partition id)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FedsimError(f"{run_dir} is not a fedsim run folder (no config.toml); give runs/<run-id>")
     config = FedsimConfig.from_toml(run_dir / "config.toml")
-    store = CaptureStore(run_dir / "captures")
-    globals_ = {r["round"]: store.load(r) for r in store.records("global")}
-    updates = [r for r in store.records("update") if r.get("partition_id") is not None]
-    if not globals_ or not updates:
-        raise FedsimError(
-            f"{run_dir / 'captures'} holds no captured global models or client updates; run with capture = true"
-        )
-    if not (run_dir / "model.safetensors").is_file():
-        raise FedsimError(f"{run_dir} has no model.safetensors: the run did not finish")
-    run = RunTrajectory(sorted(globals_), globals_, load_tensors(run_dir / "model.safetensors"), {}, {}, {})
-    totals: dict[int, int] = {}
-    for record in updates:
-        totals[record["round"]] = totals.get(record["round"], 0) + int(record["num_examples"])
-    for record in updates:
-        k, r = int(record["partition_id"]), int(record["round"])
-        run.uploads.setdefault(k, {})[r] = store.load(record)
-        run.weights.setdefault(k, {})[r] = int(record["num_examples"]) / max(totals[r], 1)
-        run.recipes[r] = dict(record.get("recipe") or {})
-        run.shard_sizes[k] = max(run.shard_sizes.get(k, 0), int(record["num_examples"]))
-    for r in run.rounds:
-        run.recipes.setdefault(r, dict(store.global_record(r).get("recipe") or {}))
-    return config, run
+    return config, load_trajectory(CaptureStore(run_dir / "captures"), run_dir / "model.safetensors")
 
 
 def recipe_trainer(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: dict, rng: np.random.Generator
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, rng: np.random.Generator
 ) -> None:
-    """Replay a captured recipe with the clients' own training code (clients/training.py)."""
+    """Replay a captured recipe with the clients' own training code (clients/training.py): the attacks' replays
+    train exactly as the clients do, and the attacks themselves never import the clients."""
     from clients.training import fedsgd_batch, train_fedavg, train_fedsgd
 
-    lr, batch = float(recipe.get("lr", 0.1)), int(recipe.get("batch-size", 32))
-    if recipe.get("recipe") == "fedsgd":
+    lr, batch = recipe.lr if recipe.lr is not None else 0.1, recipe.batch_size or 32
+    if recipe.mode == "fedsgd":
         chosen = torch.from_numpy(fedsgd_batch(len(x), min(batch, len(x)), rng))
         train_fedsgd(model, x[chosen], y[chosen], lr)
     else:
-        mu = float(recipe.get("proximal-mu", 0.0))
-        train_fedavg(model, x, y, lr, int(recipe.get("local-epochs", 1)), batch, rng, mu)
+        train_fedavg(model, x, y, lr, recipe.local_epochs, batch, rng, recipe.proximal_mu)
 
 
 def _template(config: FedsimConfig, fed: Federation) -> torch.nn.Module:
     return build_model(config.model, fed.data.input_shape, fed.data.num_classes, seed=config.seed)
+
+
+def _shards(fed: Federation, clients: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The clients' private images and labels: scoring's ground truth, never the attacks' input."""
+    return {k: fed.shard(k)[:2] for k in clients}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,10 +96,6 @@ def membership_split(fed: Federation, seed: int, max_nonmembers: int = 2000) -> 
     return {"aux": (aux_x, aux_y), "nonmembers": (non_x[:max_nonmembers], non_y[:max_nonmembers])}
 
 
-def _score_level(classifier, queries: np.ndarray) -> dict[str, np.ndarray]:
-    return {"seqmia": classifier.score(queries), **loss_baselines(queries)}
-
-
 def run_membership(
     run_dir: str | Path,
     *,
@@ -132,6 +112,7 @@ def run_membership(
 
     fl: sequences over the captured trajectory, attack model learnt from the server's shadow replays.
     blackbox: the paper's mode against the final models: distillation snapshots and a shadow federation.
+    The procedure is attacks.seqmia_fl.attack_run.
     """
     for mode in modes:
         if mode not in MODES:
@@ -140,88 +121,36 @@ def run_membership(
     config, run = load_run(run_dir)
     seed = config.seed if seed is None else seed
     fed = Federation.from_config(config)
-    template = _template(config, fed)
-    clients = _clients(run, clients)
+    clients = target_clients(run, clients)
     split = membership_split(fed, seed, max_nonmembers)
-    aux_x, aux_y = split["aux"]
-    non_x, non_y = split["nonmembers"]
-    notes: list[str] = []
-    sizes = _shadow_sizes(run, clients, len(aux_y), notes)
-    scores: dict[str, dict[str, list]] = {}  # "<mode>/<level>" -> attack -> [(scores, is_member)]
-
-    def add(key: str, attack_scores: dict[str, np.ndarray], n_members: int) -> None:
-        truth = np.r_[np.ones(n_members, bool), np.zeros(len(next(iter(attack_scores.values()))) - n_members, bool)]
-        for name, s in attack_scores.items():
-            scores.setdefault(key, {}).setdefault(name, []).append((s, truth))
-
-    per_client: dict[str, dict] = {}
-    if "fl" in modes:
-        global_train: list[tuple[np.ndarray, np.ndarray]] = []
-        non_cache: dict[int, np.ndarray] = {}
-        for i, k in enumerate(clients):
-            shadows = shadow_dataset(
-                template,
-                run,
-                k,
-                aux_x,
-                aux_y,
-                recipe_trainer,
-                num_shadows=num_shadows,
-                seed=seed + 101 * k,
-                size=sizes[k],
-                progress=lambda d, t, k=k: progress(f"shadow replays of client {k}", d, t),
-            )
-            global_train.append(shadows["global"])
-            classifier = train_attack_model(
-                *shadows["client"],
-                epochs=epochs,
-                seed=seed + k,
-                progress=lambda d, t, _l, k=k: progress(f"attack model of client {k}", d, t),
-            )
-            mx, my, _ = fed.shard(k)
-            queries = np.concatenate(
-                [
-                    real_sequences(template, run, "client", mx, my, seat=k),
-                    real_sequences(template, run, "client", non_x, non_y, seat=k, cache=non_cache),
-                ]
-            )
-            level_scores = _score_level(classifier, queries)
-            add("fl/client", level_scores, len(my))
-            per_client[str(k)] = _reports(level_scores, len(my))
-            progress("clients", i + 1, len(clients))
-        seqs = np.concatenate([s for s, _ in global_train])
-        labels = np.concatenate([lab for _, lab in global_train])
-        classifier = train_attack_model(
-            seqs, labels, epochs=epochs, seed=seed, progress=lambda d, t, _l: progress("global attack model", d, t)
-        )
-        members = [fed.shard(k) for k in sorted(run.uploads)]
-        mx, my = torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])
-        queries = np.concatenate(
-            [
-                real_sequences(template, run, "global", mx, my),
-                real_sequences(template, run, "global", non_x, non_y, cache=non_cache),
-            ]
-        )
-        add("fl/global", _score_level(classifier, queries), len(my))
-    if "blackbox" in modes:
-        _blackbox(config, fed, run, clients, split, distill_epochs, epochs, seed, add, notes, progress)
-
+    scores = attack_run(
+        run,
+        _template(config, fed),
+        lambda s: build_model(config.model, fed.data.input_shape, fed.data.num_classes, seed=s),
+        _shards(fed, sorted(run.uploads)),
+        split["aux"],
+        split["nonmembers"],
+        recipe_trainer,
+        modes=modes,
+        clients=clients,
+        num_shadows=num_shadows,
+        epochs=epochs,
+        distill_epochs=distill_epochs,
+        seed=seed,
+        progress=progress,
+    )
     results = {
         "run": run_dir.name,
         "seed": seed,
         "clients": clients,
         "num-shadows": num_shadows,
-        "notes": notes,
+        "notes": scores.notes,
         "results": {},
-        "per-client": per_client,
+        "per-client": scores.per_client,
     }
     out = run_dir / "membership"
     tensors = {}
-    for key, attacks in scores.items():
-        pooled = {
-            name: (np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
-            for name, parts in attacks.items()
-        }
+    for key, pooled in scores.pooled().items():
         results["results"][key] = {name: membership_report(s, m) for name, (s, m) in pooled.items()}
         atomic_write_bytes(out / f"roc-{key.replace('/', '-')}.png", roc_png(pooled, f"{run_dir.name}: {key}"))
         for name, (s, m) in pooled.items():
@@ -232,73 +161,9 @@ def run_membership(
     return results
 
 
-def _reports(level_scores: dict[str, np.ndarray], n_members: int) -> dict:
-    n = len(next(iter(level_scores.values())))
-    truth = np.r_[np.ones(n_members, bool), np.zeros(n - n_members, bool)]
-    return {name: membership_report(s, truth) for name, s in level_scores.items()}
-
-
-def _clients(run: RunTrajectory, clients: list[int] | None) -> list[int]:
-    known = sorted(run.uploads)
-    if clients is None:
-        return known
-    for k in clients:
-        if k not in run.uploads:
-            raise FedsimError(f"client {k} sent no update in this run; clients with updates: {known}")
-    return list(clients)
-
-
-def _shadow_sizes(run: RunTrajectory, clients: list[int], aux: int, notes: list[str]) -> dict[int, int]:
-    """Shadow shard sizes: the client's own, or half the auxiliary data when that is smaller (noted)."""
-    sizes = {}
-    for k in clients:
-        sizes[k] = min(run.shard_sizes[k], aux // 2)
-        if sizes[k] < 8:
-            raise FedsimError(
-                f"the server's auxiliary data ({aux} examples no client holds) is too small for shadow training; "
-                "use examples-per-client to leave part of the training split to the server"
-            )
-        if sizes[k] < run.shard_sizes[k]:
-            notes.append(
-                f"client {k}: shadow shards hold {sizes[k]} examples, not {run.shard_sizes[k]} like the client's, "
-                f"because the server's auxiliary data holds only {aux}"
-            )
-    return sizes
-
-
-def _blackbox(config, fed, run, clients, split, distill_epochs, epochs, seed, add, notes, progress) -> None:
-    """The paper's black-box mode (attacks/seqmia_fl.py's BlackBox) against the final global model and each
-    client's last upload."""
-    non_x, non_y = split["nonmembers"]
-    box = BlackBox(
-        lambda s: build_model(config.model, fed.data.input_shape, fed.data.num_classes, seed=s),
-        run,
-        *split["aux"],
-        recipe_trainer,
-        distill_epochs=distill_epochs,
-        epochs=epochs,
-        seed=seed,
-        progress=progress,
-    )
-    notes.extend(box.notes)
-    members = [fed.shard(k) for k in sorted(run.uploads)]
-    mx, my = torch.cat([m[0] for m in members]), torch.cat([m[1] for m in members])
-    queries = box.sequences(run.final, torch.cat([mx, non_x]), torch.cat([my, non_y]), "final global model")
-    add("blackbox/global", _score_level(box.classifier("global"), queries), len(my))
-    for k in clients:
-        mx, my, _ = fed.shard(k)
-        last = run.uploads[k][max(run.uploads[k])]
-        queries = box.sequences(last, torch.cat([mx, non_x]), torch.cat([my, non_y]), f"client {k}'s last model")
-        add("blackbox/client", _score_level(box.classifier("client"), queries), len(my))
-
-
 # ----------------------------------------------------------------------------------------------
 # Ensemble inversion
 # ----------------------------------------------------------------------------------------------
-
-ENSEMBLES = ("client", "round")
-DISTANCES = ("weights", "outputs")
-SELECTIONS = ("fms", "recent")
 
 
 def run_inversion(
@@ -326,16 +191,18 @@ def run_inversion(
     ensemble=client: for each client k, its uploads over the rounds (single model: its last upload).
     ensemble=round: every client's upload of the last round (single model: the final global model).
     selection=fms picks `size` candidates by farthest model sampling; selection=recent the `size` most recent.
+    The procedure is attacks.ensemble_inversion.invert_run.
     """
     from attacks.ensemble_inversion import (
+        DISTANCES,
+        ENSEMBLES,
+        SELECTIONS,
         InversionConfig,
         auxiliary_images,
-        farthest_model_sampling,
-        fms_distances,
-        generate,
-        train_generator,
+        concatenated,
+        invert_run,
     )
-    from attacks.inversion_eval import attack_accuracy, nearest_private_distance, train_independent_evaluator
+    from attacks.inversion_eval import train_independent_evaluator
     from fedsim.images import grid, png_bytes
 
     if ensemble not in ENSEMBLES:
@@ -358,57 +225,40 @@ def run_inversion(
     if aux_dataset.removeprefix("sample-") == config.dataset.removeprefix("sample-"):
         raise FedsimError(f"auxiliary dataset {aux_dataset!r} is the clients' own; choose a public, disjoint one")
     aux = auxiliary_images(aux_dataset, config.data_dir, shape) if aux_dataset else None
-    private_all = _private(fed, sorted(run.uploads))
+    clients = target_clients(run, clients) if ensemble == "client" else []
+    private = _shards(fed, sorted(run.uploads))
     judge, judge_info = train_independent_evaluator(
         evaluator,
         (to_float(fed.data.test_x), fed.data.test_y),
-        private_all,
+        concatenated(list(private.values())),
         num_classes,
         epochs=evaluator_epochs,
         seed=seed + 5,
         progress=lambda d, t, _l: progress("evaluation classifier", d, t),
     )
     cfg = InversionConfig(steps=steps, batch_size=batch_size, lambda_activation=lambda_activation, seed=seed)
-    out, targets = run_dir / "inversion", {}
-    for k in _clients(run, clients) if ensemble == "client" else [None]:
-        if k is not None:
-            rounds = run.seat_rounds(k)
-            candidates, last, (px, py) = (
-                [run.uploads[k][r] for r in rounds],
-                run.uploads[k][rounds[-1]],
-                _private(fed, [k]),
-            )
-        else:
-            candidates = [u[run.rounds[-1]] for u in run.uploads.values() if run.rounds[-1] in u]
-            last, (px, py) = run.final, private_all
-        models = [_model(config, fed, state) for state in candidates]
-        probe = aux if aux is not None else torch.rand(256, *shape, generator=torch.Generator().manual_seed(seed))
-        distances = fms_distances(distance, candidates, models, probe)
-        n = min(size, len(models))
-        chosen = farthest_model_sampling(distances, n) if selection == "fms" else list(range(len(models)))[-n:][::-1]
-        classes = sorted(int(c) for c in py.unique())
-        name = f"client-{k}" if k is not None else "round"
-        entry: dict = {"candidates": len(candidates), "chosen": chosen, "classes": classes}
-        for variant, members in (("ensemble", [models[i] for i in chosen]), ("single", [_model(config, fed, last)])):
-            generator = train_generator(
-                members,
-                shape,
-                num_classes,
-                cfg,
-                aux,
-                progress=lambda d, t, _p, v=variant, n=name: progress(f"{n}: {v} inversion", d, t),
-            )
-            images, labels, _ = generate(generator, members, classes, per_class, keep, seed)
-            nearest = nearest_private_distance(images, labels, px, py)
-            entry[variant] = {
-                **attack_accuracy(judge, images, labels),
-                "models": len(members),
-                "nearest-private-rmse": float(np.nanmean(nearest)),
-            }
-            columns = min(16, max(1, round(per_class * keep)))
-            atomic_write_bytes(out / f"{name}-{variant}.png", png_bytes(grid(images, columns=columns)))
-        entry["gain"] = entry["ensemble"]["accuracy"] - entry["single"]["accuracy"]
-        targets[name] = entry
+    targets, images = invert_run(
+        run,
+        lambda state: _model(config, fed, state),
+        private,
+        judge,
+        cfg,
+        input_shape=shape,
+        num_classes=num_classes,
+        ensemble=ensemble,
+        clients=clients,
+        size=size,
+        distance=distance,
+        selection=selection,
+        per_class=per_class,
+        keep=keep,
+        aux=aux,
+        seed=seed,
+        progress=progress,
+    )
+    out, columns = run_dir / "inversion", min(16, max(1, round(per_class * keep)))
+    for name, kept in images.items():
+        atomic_write_bytes(out / f"{name}.png", png_bytes(grid(kept, columns=columns)))
     summary = {
         "run": run_dir.name,
         "seed": seed,
@@ -425,11 +275,6 @@ def run_inversion(
     }
     atomic_write_json(out / f"results-{ensemble}.json", summary)
     return summary
-
-
-def _private(fed: Federation, clients: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    shards = [fed.shard(k) for k in clients]
-    return torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
 
 
 def _model(config: FedsimConfig, fed: Federation, state: dict) -> torch.nn.Module:
