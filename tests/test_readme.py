@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 from tests.test_attack_runner import make_run
 
 
@@ -34,17 +32,3 @@ def test_readme_example_reconstructs_a_captured_update(tmp_path, monkeypatch, ca
     assert found["metrics"]["psnr_mean"] > 30
     assert found["metrics"]["labels_correct"] == [True]
     assert re.fullmatch(r"PSNR \d+\.\d dB, label right: \[True\]\n", capsys.readouterr().out)
-
-
-@pytest.mark.slow
-def test_readme_example_on_the_readme_run(tmp_path, monkeypatch):
-    # The quick start's `fedsim run ... --name leak`, through Flower, then the example unchanged.
-    quick_start = re.search(
-        r"fedsim run (--dataset sample-cifar10 .*?--name leak)", (REPO / "README.md").read_text(), re.S
-    )
-    args = quick_start.group(1).replace("\\\n", " ").split()
-    done = run_cli("run", *args, "--out-dir", str(tmp_path / "runs"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = run_example(tmp_path, monkeypatch)
-    assert found["metrics"]["psnr_mean"] > 30
-    assert found["metrics"]["labels_correct"] == [True]
