@@ -29,7 +29,14 @@ from fedsim.federation import Federation, tldmi_layers
 from server.server_app import trainable_names
 from tests.conftest import run_cli
 
-BASE = {"dataset": "sample-mnist", "model": "lenet-dlg", "recipe": "fedsgd", "batch-size": 2, "lr": 0.1}
+BASE = {
+    "dataset": "sample-mnist",
+    "model": "lenet-dlg",
+    "recipe": "fedsgd",
+    "batch-size": 2,
+    "lr": 0.1,
+    "num-clients": 3,
+}
 
 
 def make_config(**overrides: object) -> FedsimConfig:
@@ -402,7 +409,7 @@ def test_a_client_error_reply_passes_through():
         ({"defenses": "tldmi", "tldmi-public": "mnist"}, r"tldmi-public = 'mnist' overlaps"),
         ({"defenses": "tldmi", "tldmi-public": "no/such/ckpt"}, r"neither a dataset .* nor an existing checkpoint"),
         ({"tldmi-layers": 0}, r"tldmi-layers = 0 must be at least 1"),
-        ({"defense-clients": "0,3"}, r"defense-clients: partition id 3 is outside 0\.\.2"),
+        ({"num-clients": 3, "defense-clients": "0,3"}, r"defense-clients: partition id 3 is outside 0\.\.2"),
         ({"defense-clients": "a"}, r"defense-clients = 'a' must be comma-separated partition ids"),
     ],
 )
@@ -413,7 +420,7 @@ def test_bad_defense_settings_are_refused_naming_the_key(values, message):
 
 def test_defense_clients_accepts_an_integer_or_a_list():
     assert FedsimConfig.from_mapping({"defense-clients": 1}).defense_partitions() == [1]
-    assert FedsimConfig.from_mapping({"defense-clients": [0, 2]}).defense_partitions() == [0, 2]
+    assert FedsimConfig.from_mapping({"num-clients": 3, "defense-clients": [0, 2]}).defense_partitions() == [0, 2]
     assert FedsimConfig().defense_partitions() is None and not FedsimConfig().defends(0)
 
 
