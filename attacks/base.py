@@ -1,4 +1,4 @@
-"""Shared machinery of the gradient-inversion attacks: targets, results, gradients, restarts, batching."""
+"""The attacks' contract (targets, reconstructions, trials), gradient distances, restarts, batching."""
 
 from __future__ import annotations
 

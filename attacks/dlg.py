@@ -138,15 +138,8 @@ class DLG(Attack):
         record(0, range(k))
         for it in range(1, self.iterations + 1):
             before = (opt.z.clone(), opt.loss.clone()) if self.rescues else None
-            opt.step()
-            live = [i for i in range(k) if not opt.frozen[i]]
-            for i, reason in enumerate(divergence_reasons(opt.loss, images(), self.image_limit)):
-                if reason and i in live and before is not None and opt.rescued[i] < self.rescues:
-                    opt.back_off(i, before[0][i], before[1][i])  # rescue: back to where this step started
-                elif reason and i in live:
-                    recorder.drop(i, f"{reason} at iteration {it}")
-                    opt.frozen[i] = True
-            live = [i for i in live if not recorder.trials[i].dropped]
+            opt.step()  # the paper's step: L-BFGS on D
+            live = self._guard(opt, recorder, images(), before, it)
             record(it, live)
             for i in live:
                 if opt.loss[i] <= self.tolerance * problems.scale[i]:  # early stop: gradients matched
@@ -165,3 +158,17 @@ class DLG(Attack):
                 own = opt.z[i, numel:].view(shape[0], -1).argmax(-1).cpu() if self.optimise_labels else labels[i]
                 recorder.finish(i, stopped[i], float(final[i]), int(opt.evaluations[i]), x[i], own)
         return recorder.trials
+
+    def _guard(
+        self, opt: BatchedLBFGS, recorder: Recorder, images: torch.Tensor, before: tuple | None, it: int
+    ) -> list[int]:
+        """The divergence guard after step `it`: a moving problem whose loss or images went bad is rescued
+        (back to `before`, the state where the step began; see `rescues`) or dropped. Returns those still moving."""
+        live = [i for i in range(opt.z.shape[0]) if not opt.frozen[i]]
+        for i, reason in enumerate(divergence_reasons(opt.loss, images, self.image_limit)):
+            if reason and i in live and before is not None and opt.rescued[i] < self.rescues:
+                opt.back_off(i, before[0][i], before[1][i])  # rescue: back to where this step started
+            elif reason and i in live:
+                recorder.drop(i, f"{reason} at iteration {it}")
+                opt.frozen[i] = True
+        return [i for i in live if not recorder.trials[i].dropped]
