@@ -109,12 +109,12 @@ def value_and_grad(fn: Callable[..., Any], k: int, in_dims: tuple, argnum: int, 
 
 @dataclass
 class Problems:
-    """K = targets x restarts independent problems (restart-major within each target), stacked as [K, ...]."""
+    """K = targets x restarts independent problems, stacked as [K, ...]: target by target, its restarts together."""
 
     objective: str  # "gradient", "pseudo-gradient" or "unrolled" (attacks.base.observed_signal)
     signals: list[list[torch.Tensor]]  # each target's observed signal, as captured (before stacking)
     examples: int  # dummy examples per problem: the batch, or every example of a FedAvg update when unrolled
-    k: int
+    k: int  # number of problems
     model: nn.Module  # the attack's copy of the first target's model, run functionally
     params: dict  # the targets' trainable weights, [K, ...] each
     consts: dict  # frozen weights and buffers
@@ -140,8 +140,8 @@ def stack_targets(targets: Sequence[AttackTarget], restarts: int, device: torch.
     params = stack_problems([s[0] for s in states], r, device)
     consts = stack_problems([s[1] for s in states], r, device)
     aware = has_defense_knowledge(targets)
-    known = [defense_aware_observed(t, s[1]) if aware else s[1] for t, s in zip(targets, signals, strict=True)]
-    observed = stack_problems(known, r, device)
+    matched = [defense_aware_observed(t, s[1]) if aware else s[1] for t, s in zip(targets, signals, strict=True)]
+    observed = stack_problems(matched, r, device)
     signal = simulated_signal(objective, functional_gradient(model, vmapped=k > 1), first)
     plain = observed[0] if aware else observed
     scale = torch.stack([sum((o[i] ** 2).sum() for o in plain) for i in range(k)])
