@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackTarget, Progress, Run, attack_copy, observed_signal, trainable_parameters
+from attacks.base import Attack, AttackTarget, Progress, Trial, observed_signal, trainable_parameters
 from attacks.base import cross_entropy as _ce
 from attacks.labels import infer_labels
+from attacks.problems import attack_copy
 from fedsim.errors import FedsimError
 
 
@@ -66,17 +67,17 @@ class Analytic(Attack):
 
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
-    ) -> tuple[list[list[Run]], list[dict]]:
-        runs, infos = [], []
+    ) -> tuple[list[list[Trial]], list[dict]]:
+        trials, infos = [], []
         for target in targets:
-            run, info = self._attack(target, device)
-            runs.append([run])
+            trial, info = self._attack(target, device)
+            trials.append([trial])
             infos.append(info)
             if progress:
-                progress(0, run.loss)
-        return runs, infos
+                progress(0, trial.loss)
+        return trials, infos
 
-    def _attack(self, target: AttackTarget, device: torch.device) -> tuple[Run, dict]:
+    def _attack(self, target: AttackTarget, device: torch.device) -> tuple[Trial, dict]:
         first_linear(target.model, target.input_shape)
         model = attack_copy(target.model, device)
         objective, signal = observed_signal(target, unroll=False)
@@ -98,7 +99,7 @@ class Analytic(Attack):
         labels, method = self._labels(target, model, x[: len(owners)], owners, g_b, n, signal)
         loss = self._loss(model, x, labels, signal)
         history = [{"iteration": 0, "loss": loss, "evaluations": 1}]
-        run = Run(x.float().cpu(), labels, loss, history, [(0, x.clamp(0, 1).float().cpu())], 1)
+        trial = Trial(x.float().cpu(), labels, loss, history, [(0, x.clamp(0, 1).float().cpu())], 1)
         info = {
             "objective": objective,
             "label_method": method,
@@ -108,7 +109,7 @@ class Analytic(Attack):
             "rows_used": int(rows.numel()),
             "cluster_sizes": [len(c) for c in clusters],
         }
-        return run, info
+        return trial, info
 
     def _clusters(self, candidates: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
         """Group rows whose candidate inputs agree; plausible (inside [0, 1]) and large clusters first."""

@@ -1,8 +1,7 @@
-"""Shared machinery of the gradient-inversion attacks: targets, results, gradients, restarts, batching."""
+"""The attacks' contract (targets, reconstructions, trials), gradient distances, restarts, batching."""
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import time
@@ -15,8 +14,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from attacks.contract import AttackTarget, Recipe
 from fedsim.errors import FedsimError
@@ -39,18 +36,18 @@ class Reconstruction:
 class AttackDiverged(FedsimError):
     """Every restart of an attack diverged (NaN/inf loss or exploding images); nothing usable remains."""
 
-    def __init__(self, attack: str, reasons: Sequence[str]) -> None:
+    def __init__(self, attack: str, reasons: Sequence[str], *, supports_rescues: bool = False) -> None:
         self.reasons = list(reasons)
         super().__init__(
             f"{attack}: all {len(self.reasons)} restart(s) diverged ({'; '.join(self.reasons)}); "
             "try more restarts (--option restarts=3), a smaller lr, another seed"
-            + (" or rescues (--option rescues=5)" if attack in ("dlg", "idlg") else "")
+            + (" or rescues (--option rescues=5)" if supports_rescues else "")
         )
 
 
 @dataclass
-class Run:
-    """The outcome of one (target, restart) optimisation problem."""
+class Trial:
+    """One restart of one target: an independent optimisation problem and its outcome."""
 
     images: torch.Tensor | None
     labels: torch.Tensor | None
@@ -95,7 +92,7 @@ def gradient_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> t
     return sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True))
 
 
-def knowledge(target: AttackTarget, observed: Sequence[torch.Tensor]) -> tuple[list, list, torch.Tensor]:
+def defense_aware_observed(target: AttackTarget, observed: Sequence[torch.Tensor]) -> tuple[list, list, torch.Tensor]:
     """(observed, mask, rescale flag) of one target, the form `matched_distance` takes (stackable per problem)."""
     observed = [o.detach() for o in observed]
     mask = target.mask if target.mask is not None else [torch.ones_like(o) for o in observed]
@@ -108,18 +105,18 @@ def knowledge(target: AttackTarget, observed: Sequence[torch.Tensor]) -> tuple[l
     )
 
 
-def informed(targets: Sequence[AttackTarget]) -> bool:
+def has_defense_knowledge(targets: Sequence[AttackTarget]) -> bool:
     """Whether any target carries defense knowledge (a mask or a rescale); if none does, the plain objective runs."""
     return any(t.mask is not None or t.rescale for t in targets)
 
 
-def matched_distance(simulated: Sequence[torch.Tensor], known: Sequence[Any]) -> torch.Tensor:
+def matched_distance(simulated: Sequence[torch.Tensor], observed: Sequence[Any]) -> torch.Tensor:
     """The gradient distance a defense-aware attacker minimises.
 
     Entries the defense erased (mask 0) are not matched; with the rescale flag the simulated signal
     is scaled to the observed norm first, so only its direction must match (a clipped update).
     """
-    observed, mask, rescale = known
+    observed, mask, rescale = observed  # defense_aware_observed's form
     simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
     norm_s = torch.sqrt(sum((s**2).sum() for s in simulated) + 1e-30)
     norm_o = torch.sqrt(sum((o**2).sum() for o in observed))
@@ -164,96 +161,6 @@ def observed_signal(target: AttackTarget, *, unroll: bool) -> tuple[str, list[to
     return ("unrolled" if unroll and steps > 1 else "pseudo-gradient"), pseudo
 
 
-# ----------------------------------------------------------------------------------------------
-# Functional (vmap-able) view of the victim model, for batching many problems on one device
-# ----------------------------------------------------------------------------------------------
-
-
-def attack_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """A private copy of the victim model the attack may run functionally (the target is never mutated).
-
-    BatchNorm layers in training mode normalise with batch statistics; their running-stat updates
-    are in-place writes that torch.func cannot trace, and they do not change the gradient, so the
-    copy stops tracking them.
-    """
-    model = copy.deepcopy(model).to(device)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            module.track_running_stats = False
-            module.running_mean = module.running_var = module.num_batches_tracked = None
-    return model
-
-
-def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(trainable parameters, constants: frozen parameters and buffers), detached, by name."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    consts = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    consts.update({n: b for n, b in model.named_buffers() if b is not None})
-    return params, consts
-
-
-GradientFn = Callable[[dict, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
-
-
-def functional_gradient(model: nn.Module, *, vmapped: bool) -> GradientFn:
-    """g(params, consts, x, y) -> the client's gradient as a tuple, differentiable w.r.t. x and y.
-
-    vmapped=True gives a torch.func.grad version that composes with vmap; otherwise plain
-    autograd with create_graph, which has less per-op overhead for a single problem.
-    """
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def loss(params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(functional_call(model, {**params, **consts}, (x,)), y)
-
-    def func_gradient(params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        g = grad(loss)(params, consts, x, y)
-        return tuple(g[n] for n in names)
-
-    def autograd_gradient(params: dict, consts: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Constant weights become fresh leaves; unrolled steps pass non-leaf weights already in the graph.
-        params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
-        return torch.autograd.grad(loss(params, consts, x, y), [params[n] for n in names], create_graph=True)
-
-    return func_gradient if vmapped else autograd_gradient
-
-
-def stack_problems(tensors: Sequence[Any], repeats: int, device: torch.device) -> Any:
-    """Stack per-target values (a tensor, a list or a dict of tensors) `repeats` times each: [K, ...]."""
-    first = tensors[0]
-    if isinstance(first, dict):
-        return {k: stack_problems([t[k] for t in tensors], repeats, device) for k in first}
-    if isinstance(first, (list, tuple)):
-        return [stack_problems([t[i] for t in tensors], repeats, device) for i in range(len(first))]
-    return torch.stack([t.detach().to(device) for t in tensors for _ in range(repeats)])
-
-
-def value_and_grad(fn: Callable[..., Any], k: int, in_dims: tuple, argnum: int, *, has_aux: bool = False) -> Callable:
-    """Map a scalar per-problem loss over K stacked problems: returns (d loss/d args[argnum], loss), both [K, ...].
-
-    With has_aux, fn returns (loss, aux) and the result is (grads, (loss, aux)). K > 1:
-    torch.func.vmap(grad_and_value(fn)), one batched evaluation. K == 1: plain autograd on the
-    squeezed problem, which avoids functorch's per-op overhead.
-    """
-    if k > 1:
-        return torch.func.vmap(
-            grad_and_value(fn, argnums=argnum, has_aux=has_aux), in_dims=in_dims, randomness="different"
-        )
-
-    def single(*args: Any) -> tuple[Any, Any]:
-        args = [a if d is None else tree_map(lambda t: t[0], a) for a, d in zip(args, in_dims, strict=True)]
-        leaves, spec = tree_flatten(args[argnum])
-        leaves = [t.detach().requires_grad_() for t in leaves]
-        args[argnum] = tree_unflatten(leaves, spec)
-        out = fn(*args)
-        value = out[0] if has_aux else out
-        grads = tree_unflatten(list(torch.autograd.grad(value, leaves)), spec)
-        out = tree_map(lambda t: t.detach().unsqueeze(0), out)
-        return tree_map(lambda t: t.unsqueeze(0), grads), out
-
-    return single
-
-
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
     """Run with `threads` intra-op CPU threads (None: leave torch's setting), restoring the previous count.
@@ -282,6 +189,9 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+GradientFn = Callable[[dict, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
 def problem_generator(seed: int, restart: int) -> torch.Generator:
     """A CPU generator for one restart: inits are drawn on CPU, so they do not depend on the device."""
     return torch.Generator().manual_seed(seed * 1_000_003 + restart)
@@ -297,6 +207,7 @@ class Attack(ABC):
 
     name: ClassVar[str]
     batchable: ClassVar[bool] = True  # whether reconstruct_many can solve several targets in one vmap
+    supports_rescues: ClassVar[bool] = False  # whether a `rescues` option can save diverging restarts
 
     def __init__(
         self,
@@ -350,12 +261,12 @@ class Attack(ABC):
     ) -> list[Reconstruction | AttackDiverged]:
         start = time.perf_counter()
         with flush_denormals(), cpu_threads(self.cpu_threads if device.type == "cpu" else None):
-            runs, info = self._solve(targets, seed=seed, device=device, progress=progress)
+            trials, info = self._solve(targets, seed=seed, device=device, progress=progress)
         seconds = time.perf_counter() - start
         results: list[Reconstruction | AttackDiverged] = []
-        for per_target, target_info in zip(runs, info, strict=True):
+        for per_target, target_info in zip(trials, info, strict=True):
             try:
-                result = self._assemble(per_target, target_info, seconds / len(targets))
+                result = self._best_trial(per_target, target_info, seconds / len(targets))
                 result.info["batched_targets"] = len(targets)
                 results.append(result)
             except AttackDiverged as exc:
@@ -367,34 +278,34 @@ class Attack(ABC):
     @abstractmethod
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
-    ) -> tuple[list[list[Run]], list[dict]]:
-        """Run every restart of every target; return per-target runs and per-target info."""
+    ) -> tuple[list[list[Trial]], list[dict]]:
+        """Run every restart of every target; return per-target trials and per-target info."""
 
-    def _assemble(self, runs: list[Run], info: dict, seconds: float) -> Reconstruction:
+    def _best_trial(self, trials: list[Trial], info: dict, seconds: float) -> Reconstruction:
         """Keep the best restart by final loss; dropped (diverged) restarts are reported, never returned."""
-        dropped = [f"restart {i}: {r.dropped}" for i, r in enumerate(runs) if r.dropped]
-        alive = [(r.loss, i) for i, r in enumerate(runs) if not r.dropped]
+        dropped = [f"restart {i}: {t.dropped}" for i, t in enumerate(trials) if t.dropped]
+        alive = [(t.loss, i) for i, t in enumerate(trials) if not t.dropped]
         if not alive:
-            raise AttackDiverged(self.name, dropped)
+            raise AttackDiverged(self.name, dropped, supports_rescues=self.supports_rescues)
         _, best = min(alive)
-        run = runs[best]
-        assert run.images is not None and run.labels is not None
+        trial = trials[best]
+        assert trial.images is not None and trial.labels is not None
         info = {
             **info,
-            "restarts": len(runs),
+            "restarts": len(trials),
             "chosen_restart": best,
-            "restart_losses": [r.loss for r in runs],
+            "restart_losses": [t.loss for t in trials],
             "dropped_restarts": dropped,
-            "evaluations": run.evaluations,
-            "evaluations_all_restarts": sum(r.evaluations for r in runs),
+            "evaluations": trial.evaluations,
+            "evaluations_all_restarts": sum(t.evaluations for t in trials),
             "seconds": seconds,
         }
         return Reconstruction(
-            images=run.images.detach().float().cpu().clamp(0, 1),
-            labels=run.labels.detach().long().cpu(),
-            loss=run.loss,
-            history=run.history,
-            snapshots=run.snapshots,
+            images=trial.images.detach().float().cpu().clamp(0, 1),
+            labels=trial.labels.detach().long().cpu(),
+            loss=trial.loss,
+            history=trial.history,
+            snapshots=trial.snapshots,
             info=info,
         )
 
@@ -411,7 +322,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def divergence(loss: torch.Tensor, images: torch.Tensor, limit: float) -> list[str | None]:
+def divergence_reasons(loss: torch.Tensor, images: torch.Tensor, limit: float) -> list[str | None]:
     """Per problem: why it diverged (non-finite loss, non-finite or exploding images), or None."""
     reasons: list[str | None] = []
     flat = images.detach().flatten(1)
@@ -427,8 +338,8 @@ def divergence(loss: torch.Tensor, images: torch.Tensor, limit: float) -> list[s
     return reasons
 
 
-def signature(target: AttackTarget) -> tuple:
-    """Targets with equal signatures can be solved together in one vmap."""
+def batching_key(target: AttackTarget) -> tuple:
+    """Targets with equal keys (architecture, batch size, recipe) can be solved together in one vmap."""
     shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in target.model.named_parameters())
     recipe = target.recipe
     return (
@@ -466,7 +377,7 @@ def reconstruct_many(
     results: list[Reconstruction | AttackDiverged | None] = [None] * len(targets)
     groups: dict[tuple, list[int]] = {}
     for i, target in enumerate(targets):
-        key = signature(target) if attack.batchable else (i,)
+        key = batching_key(target) if attack.batchable else (i,)
         groups.setdefault(key, []).append(i)
     for indices in groups.values():
         for start in range(0, len(indices), max_group):

@@ -10,24 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from attacks.base import (
-    Attack,
-    AttackTarget,
-    Progress,
-    Run,
-    attack_copy,
-    divergence,
-    functional_gradient,
-    gradient_distance,
-    informed,
-    knowledge,
-    matched_distance,
-    model_state,
-    observed_signal,
-    stack_problems,
-    value_and_grad,
-)
-from attacks.unroll import simulated_signal
+from attacks.base import Attack, AttackTarget, Progress, Trial, divergence_reasons
+from attacks.problems import Problems, stack_problems, stack_targets, value_and_grad
+from attacks.recorder import Recorder
 from fedsim.errors import FedsimError
 
 
@@ -125,22 +110,10 @@ class GRNN(Attack):
 
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
-    ) -> tuple[list[list[Run]], list[dict]]:
-        first, r = targets[0], self.restarts
-        k = len(targets) * r
-        signals = [observed_signal(t, unroll=self.unroll) for t in targets]
-        objective = signals[0][0]
-        n = (first.recipe.num_examples or first.batch_size) if objective == "unrolled" else first.batch_size
-        model = attack_copy(first.model, device)
-        states = [model_state(attack_copy(t.model, device)) for t in targets]
-        params = stack_problems([s[0] for s in states], r, device)
-        consts = stack_problems([s[1] for s in states], r, device)
-        aware = informed(targets)  # defense knowledge: masks and rescaling (attacks.base.matched_distance)
-        known = [knowledge(t, s[1]) if aware else s[1] for t, s in zip(targets, signals, strict=True)]
-        observed = stack_problems(known, r, device)
-        signal = simulated_signal(objective, functional_gradient(model, vmapped=k > 1), first)
-
-        made = [self._initial(seed, i, n, first) for _ in targets for i in range(r)]
+    ) -> tuple[list[list[Trial]], list[dict]]:
+        problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
+        first, r, k = targets[0], self.restarts, problems.k
+        made = [self._initial(seed, i, problems.examples, first) for _ in targets for i in range(r)]
         generators, noises = [g for g, _ in made], [z for _, z in made]
         generator = generators[0].to(device)
         weights = stack_problems([dict(g.named_parameters()) for g in generators], 1, device)
@@ -149,56 +122,54 @@ class GRNN(Attack):
         noise = torch.stack(noises).to(device)
 
         def grnn_loss(gw: dict, z: torch.Tensor, p: dict, c: dict, obs: list) -> tuple[torch.Tensor, tuple]:
+            """GRNN's objective of one problem: ||∇' - ∇||² + ||∇' - ∇|| + λ·TV of the generated batch."""
             x, y = functional_call(generator, gw, (z,))
-            sim = signal(p, c, x, y)
-            distance = matched_distance(sim, obs) if aware else gradient_distance(sim, obs)
+            distance = problems.distance(problems.signal(p, c, x, y), obs)
             loss = distance + torch.sqrt(distance + 1e-30) + self.tv_weight * total_variation(x)
             return loss, (distance, x, y)
 
         fn = value_and_grad(grnn_loss, k, (0, 0, 0, 0, 0), argnum=0, has_aux=True)
         optimizer = torch.optim.RMSprop(list(weights.values()), lr=self.lr, momentum=self.momentum)
-        plain = observed[0] if aware else observed
-        scale = torch.stack([sum((o[i] ** 2).sum() for o in plain) for i in range(k)])
         detached = {name: w.detach() for name, w in weights.items()}  # views: see the optimiser updates
-        runs = self._optimise(
-            lambda: fn(detached, noise, params, consts, observed), weights, optimizer, k, scale, progress
+        trials = self._optimise(
+            lambda: fn(detached, noise, problems.params, problems.consts, problems.observed),
+            weights,
+            optimizer,
+            problems,
+            progress,
         )
-        info = {"objective": objective, "label_method": "grnn-generated", "attack": self.name}
-        return [runs[i * r : (i + 1) * r] for i in range(len(targets))], [dict(info) for _ in targets]
+        info = {"objective": problems.objective, "label_method": "grnn-generated", "attack": self.name}
+        return [trials[i * r : (i + 1) * r] for i in range(len(targets))], [dict(info) for _ in targets]
 
     def _optimise(
         self,
         evaluate,
         weights: dict,
         optimizer: torch.optim.Optimizer,
-        k: int,
-        scale: torch.Tensor,
+        problems: Problems,
         progress: Progress | None,
-    ) -> list[Run]:
+    ) -> list[Trial]:
         """The GRNN loop: generate, match gradients, RMSprop step on the generator; keep each problem's last
         good state, drop diverged ones, stop a problem early once its gradient distance is below tolerance."""
-        runs = [Run(None, None, float("inf"), [], [], 0) for _ in range(k)]
+        k = problems.k
+        recorder = Recorder(k, self.iterations, self.snapshot_interval(self.iterations))
         done = [False] * k
-        every, hist_every = self.snapshot_interval(self.iterations), max(1, self.iterations // 100)
         for it in range(self.iterations + 1):
             grads, (loss, (distance, x, y)) = evaluate()  # state after `it` optimiser steps
             x = x.detach()
-            for i, reason in enumerate(divergence(loss, x, limit=float("inf"))):
+            for i, reason in enumerate(divergence_reasons(loss, x, limit=float("inf"))):
                 if done[i]:
                     continue
-                run = runs[i]
                 if reason:
-                    run.dropped, done[i] = f"{reason} at iteration {it}", True
+                    recorder.drop(i, f"{reason} at iteration {it}")
+                    done[i] = True
                     continue
-                run.loss, run.evaluations = float(distance[i]), it + 1
-                run.images, run.labels = x[i].float().cpu(), y[i].argmax(-1).cpu()
-                last = it == self.iterations or run.loss <= self.tolerance * float(scale[i])
-                if it % hist_every == 0 or it % every == 0 or last:
-                    run.history.append({"iteration": it, "loss": run.loss, "evaluations": run.evaluations})
-                if it % every == 0 or last:
-                    run.snapshots.append((it, x[i].clamp(0, 1).float().cpu()))
-                done[i] = last
-            live = [float(distance[i]) for i in range(k) if not runs[i].dropped]
+                trial = recorder.trials[i]
+                trial.loss, trial.evaluations = float(distance[i]), it + 1
+                trial.images, trial.labels = x[i].float().cpu(), y[i].argmax(-1).cpu()
+                done[i] = it == self.iterations or trial.loss <= self.tolerance * float(problems.scale[i])
+                recorder.record(i, it, trial.loss, trial.evaluations, x[i], last=done[i])
+            live = [float(distance[i]) for i in range(k) if not recorder.trials[i].dropped]
             if progress and live:
                 progress(it, min(live))
             if all(done):
@@ -208,4 +179,4 @@ class GRNN(Attack):
                 for w, g in zip(weights.values(), grads.values(), strict=True):
                     w.grad = torch.where(keep.view(-1, *[1] * (g.dim() - 1)), torch.nan_to_num(g), 0.0)
             optimizer.step()
-        return runs
+        return recorder.trials

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks.base import attack_copy, trainable_parameters
+from attacks.base import trainable_parameters
+from attacks.problems import attack_copy
 from fedsim.errors import FedsimError
 
 METHODS = ("auto", "idlg", "bias", "weight")

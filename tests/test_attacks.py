@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import ATTACKS, AttackDiverged, AttackTarget, get_attack, gradients_from_update, reconstruct_many
-from attacks.base import knowledge, matched_distance, model_gradients
-from attacks.dlg import DLG, BatchedLBFGS
+from attacks.base import defense_aware_observed, matched_distance, model_gradients
+from attacks.dlg import DLG
 from attacks.grnn import GRNN, Generator
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
@@ -212,62 +212,6 @@ def test_reconstruct_many_batches_and_matches_one_by_one(cifar) -> None:
     assert [r.info["batched_targets"] for r in analytic] == [1, 1]  # closed form: sequential
 
 
-def test_batched_lbfgs_follows_torch_lbfgs() -> None:
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(20, 20, generator=gen)
-    a = a @ a.T / 20 + 0.1 * torch.eye(20)
-    b = torch.randn(20, generator=gen)
-
-    def f(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * v @ a @ v - b @ v + 0.1 * (v**4).sum()
-
-    start = torch.randn(20, generator=gen)
-    v = start.clone().requires_grad_()
-    reference = torch.optim.LBFGS([v], history_size=5)
-
-    def closure() -> torch.Tensor:
-        reference.zero_grad()
-        loss = f(v)
-        loss.backward()
-        return loss
-
-    def batched(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = z.detach().requires_grad_()
-        losses = torch.stack([f(row) for row in z])
-        return torch.autograd.grad(losses.sum(), z)[0], losses.detach()
-
-    ours = BatchedLBFGS(torch.stack([start, torch.randn(20, generator=gen), start]), batched, history_size=5)
-    for _ in range(4):
-        reference.step(closure)
-        ours.step()
-    assert torch.allclose(ours.z[0], v.detach(), atol=1e-5) and torch.equal(ours.z[0], ours.z[2])
-    # Float-level differences can move a tolerance_change stop by one evaluation near convergence.
-    assert abs(int(ours.evaluations[0]) - reference.state[v]["func_evals"]) <= 1
-
-
-def test_a_reset_problem_restarts_from_steepest_descent() -> None:
-    """After `reset`, a problem steps exactly as a fresh optimiser started at its current point would."""
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(20, 20, generator=gen)
-    hessian = a @ a.T + torch.eye(20)
-
-    def batched(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = 0.5 * torch.einsum("ki,ij,kj->k", z, hessian, z) + z.sum(1)
-        return z @ hessian + 1, losses
-
-    ours = BatchedLBFGS(torch.randn(2, 20, generator=gen), batched, history_size=5, max_iter=3)
-    for _ in range(3):
-        ours.step()
-    ours.reset(torch.tensor([True, False]))
-    fresh = BatchedLBFGS(ours.z[:1].clone(), batched, history_size=5, max_iter=3)
-    kept, start = ours.z[1].clone(), ours.z[0].clone()
-    ours.step()
-    fresh.step()
-    assert not torch.allclose(fresh.z[0], start)  # not yet converged: the comparison means something
-    assert torch.allclose(ours.z[0], fresh.z[0], atol=1e-6) and int(ours.count[0]) == int(fresh.count[0])
-    assert not torch.equal(ours.z[1], kept)  # the other problem went on with its own memory
-
-
 def test_dlg_rescues_a_restart_that_blows_up(cifar) -> None:
     """A step size 100 times the paper's blows DLG up at once; with rescues it backs off and converges."""
     x, y = tiny(cifar[0][1:2], 16), cifar[1][1:2]
@@ -315,11 +259,11 @@ def test_matched_distance_ignores_masked_entries_and_rescales() -> None:
     o = [torch.tensor([1.0, 0.0, 3.0]), torch.tensor([[0.0, 0.25]])]
     plain = AttackTarget(nn.Linear(1, 1), o, 1, (1, 1, 1), 2)
     masked = AttackTarget(nn.Linear(1, 1), o, 1, (1, 1, 1), 2, mask=[(t != 0).float() for t in o])
-    assert float(matched_distance(g, knowledge(plain, o))) == pytest.approx(4.0 + 0.25)
-    assert float(matched_distance(g, knowledge(masked, o))) == 0.0
+    assert float(matched_distance(g, defense_aware_observed(plain, o))) == pytest.approx(4.0 + 0.25)
+    assert float(matched_distance(g, defense_aware_observed(masked, o))) == 0.0
     scaled = AttackTarget(nn.Linear(1, 1), [0.01 * t for t in g], 1, (1, 1, 1), 2, rescale=True)
-    assert float(matched_distance(g, knowledge(scaled, scaled.gradients))) == pytest.approx(0.0, abs=1e-12)
-    assert float(matched_distance(g, knowledge(plain, [0.01 * t for t in g]))) > 10
+    assert float(matched_distance(g, defense_aware_observed(scaled, scaled.gradients))) == pytest.approx(0.0, abs=1e-12)
+    assert float(matched_distance(g, defense_aware_observed(plain, [0.01 * t for t in g]))) > 10
 
 
 def test_a_pruning_aware_attacker_recovers_what_the_unaware_one_cannot(cifar) -> None:
@@ -336,3 +280,10 @@ def test_a_pruning_aware_attacker_recovers_what_the_unaware_one_cannot(cifar) ->
     except AttackDiverged:  # every restart blew up: the unaware attacker recovered nothing
         unaware_psnr = 0.0
     assert unaware_psnr < 15
+
+
+def test_the_rescues_hint_names_only_attacks_that_have_rescues() -> None:
+    assert ATTACKS["dlg"].supports_rescues and ATTACKS["idlg"].supports_rescues
+    assert all(("rescues" in cls.options()) == cls.supports_rescues for cls in ATTACKS.values())
+    assert "rescues=5" in str(AttackDiverged("idlg", ["restart 0: loss became nan"], supports_rescues=True))
+    assert "rescues" not in str(AttackDiverged("grnn", ["restart 0: loss became nan"]))
