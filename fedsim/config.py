@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,19 @@ RECIPES = ("fedavg", "fedsgd")
 PARTITIONS = ("iid", "dirichlet")
 DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")  # client-side defenses (clients/defenses.py)
 NOISE_TYPES = ("gaussian", "laplace")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one safe folder name (letters, digits, '.', '_', '-'): it can never climb out of out-dir."""
+    if not RUN_NAME.fullmatch(name):
+        raise FedsimError(
+            f"run-name = {name[:80]!r} must be one folder name of letters, digits, '.', '_' and '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -184,6 +198,8 @@ class FedsimConfig:
             raise FedsimError(f"client-num-cpus = {self.client_num_cpus} must be > 0")
         if self.server_lr <= 0:
             raise FedsimError(f"server-lr = {self.server_lr} must be > 0")
+        if self.run_name:
+            check_run_name(self.run_name)
         self._validate_defenses()
 
     # --- defenses ------------------------------------------------------------------------

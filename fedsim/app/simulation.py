@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import tempfile
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedsim.config import FedsimConfig
@@ -35,6 +39,59 @@ def backend_config(config: FedsimConfig) -> dict:
     }
 
 
+def check_writable(run_dir: Path) -> None:
+    """Make the run folder and write a probe file into it: an out-dir that is a file or read-only fails here."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise FedsimError(
+            f"cannot write the run folder {run_dir} ({exc.strerror or exc}); choose a writable --out-dir"
+        ) from None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C so that every `finally` on the way out runs."""
+
+
+@contextmanager
+def stopped_cleanly(run_dir: Path) -> Iterator[None]:
+    """Stop what the simulation started (Ray's head, workers and agents) on every exit Python can catch.
+
+    Normal exit and exceptions go through `finally`; SIGINT is Python's KeyboardInterrupt; SIGTERM and
+    SIGHUP would end the process without any cleanup, so they are turned into one. Only SIGKILL is
+    left: docs/deployment-security.md says how to find and stop that session's processes.
+    """
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    previous = {}
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, stop) for sig in caught}
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
+        raise FedsimError(
+            f"the run was stopped {why}; the captures written so far are kept in {run_dir / 'captures'}"
+        ) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutdown_ray()
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started, if one is still up (never another Ray on the machine)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def simulate(
     config: FedsimConfig,
     run_dir: Path,
@@ -47,6 +104,7 @@ def simulate(
     Federation.from_config(config).build_model()
     if (run_dir / "captures" / "manifest.jsonl").exists():
         raise FedsimError(f"{run_dir} already holds a run; choose another --name or remove that folder")
+    check_writable(run_dir)
     flower_offline()
     from flwr.simulation import run_simulation
 
@@ -55,7 +113,7 @@ def simulate(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stopped_cleanly(run_dir):
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=make_server_app(config, run_dir, on_round, curious),
