@@ -58,7 +58,9 @@ def check_int(field: str, value: Any, low: int = 0, high: int = MAX_ID) -> int:
     return value
 
 
-def check_number(field: str, value: Any, low: float = -math.inf, high: float = math.inf, open_low: bool = False) -> float:
+def check_number(
+    field: str, value: Any, low: float = -math.inf, high: float = math.inf, open_low: bool = False
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadValue(field, f"{value!r} is not a number")
     if not math.isfinite(value):

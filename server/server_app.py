@@ -91,7 +91,11 @@ def run_server(
         }
 
     inner = make_strategy(config)
-    strategy = CuriousStrategy(inner, store, describe, on_round=record_train, num_partitions=config.num_clients) if curious else inner
+    strategy = (
+        CuriousStrategy(inner, store, describe, on_round=record_train, num_partitions=config.num_clients)
+        if curious
+        else inner
+    )
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

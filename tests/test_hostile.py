@@ -230,7 +230,7 @@ def test_a_bad_reply_is_recorded_as_a_failure_and_its_fields_never_reach_the_man
     failure = store.records("failure")[0]
     assert failure["client"] == 12 and reason in failure["reason"], failure
     assert not (store.root / "round-0001" / "client-12.safetensors").exists()
-    assert not set("<>&\"") & set(failure["reason"]), "what the client sent is quoted without markup characters"
+    assert not set('<>&"') & set(failure["reason"]), "what the client sent is quoted without markup characters"
 
 
 # --- 4. a run name is one folder inside out-dir ---------------------------------------------------------------

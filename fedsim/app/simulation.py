@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,32 +58,66 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextmanager
-def stopped_cleanly(run_dir: Path) -> Iterator[None]:
-    """Stop what the simulation started (Ray's head, workers and agents) on every exit Python can catch.
+def private_ray(config: FedsimConfig, run_dir: Path) -> Iterator[None]:
+    """Start this run's Ray, and stop it (head, workers, agents) on every exit Python can catch.
 
     Normal exit and exceptions go through `finally`; SIGINT is Python's KeyboardInterrupt; SIGTERM and
-    SIGHUP would end the process without any cleanup, so they are turned into one. Only SIGKILL is
-    left: docs/deployment-security.md says how to find and stop that session's processes.
+    SIGHUP are turned into one. The handlers are installed after `ray.init`, which installs its own
+    (Ray's would abort the process): that is why fedsim starts Ray itself, as Flower's Ray backend would
+    (Flower then uses the running instance). Only SIGKILL is left: docs/deployment-security.md says how to
+    find and stop that session's processes.
     """
     caught = (signal.SIGTERM, signal.SIGHUP)
-    previous = {}
+    before = {sig: signal.getsignal(sig) for sig in caught}  # Python's own, not the ones ray.init installs
+    main = threading.current_thread() is threading.main_thread()
+    stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
-        raise Stopped(signal.Signals(signum).name)
+        if not stopping.is_set():  # a second signal while Ray shuts down changes nothing
+            stopping.set()
+            raise Stopped(signal.Signals(signum).name)
 
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
+        start_ray(config)
+        if main:
+            for sig in caught:
+                signal.signal(sig, stop)
         yield
     except KeyboardInterrupt as exc:
+        stopping.set()
         why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
+        # Flower's ServerApp thread (not a daemon) keeps waiting for replies that will never come: leave anyway.
+        threading.Thread(target=_exit_soon, args=(2, 5.0), daemon=True).start()
         raise FedsimError(
             f"the run was stopped {why}; the captures written so far are kept in {run_dir / 'captures'}"
         ) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stopping.set()
         shutdown_ray()
+        if main:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+
+def _exit_soon(code: int, seconds: float) -> None:
+    time.sleep(seconds)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_ray(config: FedsimConfig) -> None:
+    """ray.init with the arguments Flower's Ray backend uses (it skips its own init when Ray is running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath  # Ray's workers import fedsim, clients and server from here
+    init_args = {"include_dashboard": False, **backend_config(config)["init_args"]}
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 
 def shutdown_ray() -> None:
@@ -113,7 +149,7 @@ def simulate(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), stopped_cleanly(run_dir):
+    with warnings.catch_warnings(), private_ray(config, run_dir):
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=make_server_app(config, run_dir, on_round, curious),
