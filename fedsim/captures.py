@@ -173,7 +173,7 @@ FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "kind": lambda f, v: _choice(f, v, KINDS),
     "round": lambda f, v: check_int(f, v, 0, 10**9),
     "client": lambda f, v: v if isinstance(v, str) and check_name(f, v) else check_int(f, v),
-    "file": check_text,  # confined to the store by CaptureStore.path
+    "file": check_text,  # and confined to the store by CaptureStore.records and .path
     "reason": lambda f, v: v if isinstance(v, str) else check_text(f, v),
     "run": check_name,
     "model": _model,
@@ -182,7 +182,7 @@ FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "num_classes": lambda f, v: check_int(f, v, 1, MAX_CLASSES),
     "trainable": _names,
     "recipe": _mapping(RECIPE, "a recipe (an object of lr, batch-size, ...)"),
-    "clients": lambda f, v: _ids(f, v),
+    "clients": _ids,
     "num_examples": lambda f, v: check_int(f, v, 0, MAX_EXAMPLES),
     "train_loss": _optional(lambda f, v: check_number(f, v)),
     "partition_id": _optional(lambda f, v: check_int(f, v, 0, 10**9)),
