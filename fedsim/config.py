@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,19 @@ PARTITIONS = ("iid", "dirichlet")
 DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
 """The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one safe folder name (letters, digits, '.', '_', '-'): it can never climb out of out-dir."""
+    if not RUN_NAME.fullmatch(name):
+        raise FedsimError(
+            f"run-name = {name[:80]!r} must be one folder name of letters, digits, '.', '_' and '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -229,6 +243,8 @@ class FedsimConfig:
         }.items():
             if value < 0:
                 raise FedsimError(f"{key} = {value} must be >= 0")
+        if self.run_name:
+            check_run_name(self.run_name)
         self._validate_defenses()
 
     # --- defenses ------------------------------------------------------------------------

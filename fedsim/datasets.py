@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import gzip
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,10 +334,18 @@ def load_image_folder(data_dir: Path, download: bool, size: int = 32) -> ImageDa
         raise FedsimError(
             f"cannot read {data_dir} as an image folder ({exc}); it needs one sub-folder of images per class"
         ) from None
+    if len(folder.classes) < 2:
+        raise FedsimError(
+            f"image folder {data_dir} holds {len(folder.classes)} class ({', '.join(folder.classes)}); a classifier "
+            "needs at least 2: one sub-folder of images per class"
+        )
     side = size or 32
     images = []
     for path, _ in folder.samples:
-        image = folder.loader(path).convert("RGB").resize((side, side))
+        try:
+            image = folder.loader(path).convert("RGB").resize((side, side))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for corrupt and truncated files
+            raise FedsimError(f"image {path} cannot be read ({exc}); remove or replace it") from None
         images.append(np.asarray(image))
     x, y = _from_hwc(np.stack(images)), _labels([t for _, t in folder.samples])
     tr_x, tr_y, te_x, te_y = _split_per_class(x, y, 5)
@@ -390,6 +400,9 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False, imag
     if name not in LOADERS:
         raise FedsimError(f"unknown dataset {name!r}; choose one of: {', '.join(LOADERS)}")
     path = Path(data_dir).expanduser()
-    if name == "imagefolder":
-        return load_image_folder(path, download, image_size)
-    return LOADERS[name](path, download).resized(image_size)
+    try:
+        if name == "imagefolder":
+            return load_image_folder(path, download, image_size)
+        return LOADERS[name](path, download).resized(image_size)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:  # unreadable or corrupt files
+        raise FedsimError(f"dataset {name!r} under {path} cannot be read: {exc}") from None

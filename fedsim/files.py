@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -70,23 +71,48 @@ def append_line(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file, skipping a last line that a crash left unfinished."""
+def read_jsonl(path: str | Path, numbered: bool = False) -> list:
+    """Read a JSON-lines file of objects; `numbered` gives (line number, object) pairs.
+
+    A last line that is not valid JSON is what a crash in the middle of an append leaves: it is
+    skipped with a warning naming it. Anything else that is not a JSON object is refused.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise FedsimError(f"{path} is not a regular file; refused")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise FedsimError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); the file is corrupt") from None
+    except OSError as exc:
+        raise FedsimError(f"cannot read {path}: {exc.strerror}") from None
     records = []
-    lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             if i == len(lines) - 1:
-                break  # interrupted while appending: everything before it is intact
+                _warn_once(f"{path}, line {i + 1}, is cut off (a run stopped while writing it); skipped")
+                break  # everything before it is intact
             raise FedsimError(f"{path}, line {i + 1}, is not valid JSON; the file is corrupt") from None
+        if not isinstance(record, dict):
+            raise FedsimError(f"{path}, line {i + 1}, is not a JSON object; the file is corrupt")
+        records.append((i + 1, record) if numbered else record)
     return records
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning on stderr, once per process (readers re-read the same file many times)."""
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("fedsim").warning("warning: %s", message)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

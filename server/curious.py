@@ -7,6 +7,7 @@ computes. It only reads: the global weights it sends, and each reply it receives
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO
@@ -17,9 +18,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedsim.captures import CaptureStore
+from fedsim.captures import MAX_EXAMPLES, MAX_TEXT, BadValue, CaptureStore, check_declared, check_int, check_number
 
 RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")
+UNSAFE = re.compile(r"[^A-Za-z0-9 .,:;()'_+-]")
+
+
+def plain(text: str, limit: int = 300) -> str:
+    """A refusal that quotes what a client sent, with every character that could be markup replaced by '?'."""
+    return UNSAFE.sub("?", text[:limit])
 
 
 class CuriousStrategy(Strategy):
@@ -32,6 +39,10 @@ class CuriousStrategy(Strategy):
     describe : metadata written with every capture (model name, input shape, dataset, ...).
     on_round : called after each round's aggregation with (round, aggregated train metrics, captures written,
         seconds spent writing captures).
+    num_partitions : the partition ids a client may declare are 0..num_partitions-1 (None: any non-negative).
+
+    What a client sends is untrusted: a reply whose partition id, metrics or declared defenses break the
+    capture schema is recorded as a failure, and none of its fields reach the manifest.
     """
 
     def __init__(
@@ -40,12 +51,14 @@ class CuriousStrategy(Strategy):
         store: CaptureStore | None,
         describe: dict[str, Any] | None = None,
         on_round: Callable[[int, dict, int, float], None] | None = None,
+        num_partitions: int | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
         self.store = store
         self.describe = describe or {}
         self.on_round = on_round
+        self.num_partitions = num_partitions
         self.recipes: dict[int, dict[str, Any]] = {}
         self.train_metrics: dict[int, dict[str, Any]] = {}
         self.capture_seconds: dict[int, float] = {}  # time spent writing captures, per round
@@ -93,25 +106,37 @@ class CuriousStrategy(Strategy):
     def _capture(self, server_round: int, reply: Message) -> int:
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
-            self.store.write_failure(server_round, node, str(reply.error.reason))
+            self.store.write_failure(server_round, node, str(reply.error.reason)[:MAX_TEXT])
             return 0
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             self.store.write_failure(server_round, node, "reply without exactly one ArrayRecord and one MetricRecord")
             return 0
+        try:
+            reported = self._reported(content)
+        except BadValue as exc:
+            self.store.write_failure(server_round, node, f"reply refused: {plain(str(exc))}")
+            return 0
         arrays = next(iter(content.array_records.values()))
-        metrics = dict(next(iter(content.metric_records.values())))
-        declared = dict(content["fedsim"]) if "fedsim" in content.config_records else {}
-        meta = {
-            **self.describe,
-            "recipe": self.recipes.get(server_round, {}),
-            "num_examples": int(metrics.get("num-examples", 0)),
-            "train_loss": metrics.get("train-loss"),
-            "partition_id": declared.pop("partition-id", None),
-            "declared": declared,
-        }
+        meta = {**self.describe, "recipe": self.recipes.get(server_round, {}), **reported}
         self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta)
         return 1
+
+    def _reported(self, content) -> dict[str, Any]:
+        """What the client says about its update, checked against the capture schema (BadValue if it breaks it)."""
+        metrics = dict(next(iter(content.metric_records.values())))
+        declared = dict(content["fedsim"]) if "fedsim" in content.config_records else {}
+        partition_id = declared.pop("partition-id", None)
+        if partition_id is not None:
+            top = self.num_partitions - 1 if self.num_partitions else 10**9
+            check_int("partition-id", partition_id, 0, top)
+        train_loss = metrics.get("train-loss")
+        return {
+            "num_examples": check_int("num-examples", metrics.get("num-examples", 0), 0, MAX_EXAMPLES),
+            "train_loss": None if train_loss is None else check_number("train-loss", train_loss),
+            "partition_id": partition_id,
+            "declared": check_declared(declared),
+        }
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -13,7 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedsim.captures import CaptureStore
-from fedsim.config import FedsimConfig
+from fedsim.config import FedsimConfig, check_run_name
+from fedsim.errors import FedsimError
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
 from server.curious import CuriousStrategy
@@ -25,9 +26,14 @@ UNTESTED = {"test-loss": None, "test-accuracy": None}  # what a round without a 
 
 
 def run_dir_for(config: FedsimConfig) -> Path:
-    """runs/<run-id>/: the run name, or a time stamp with dataset, model and seed."""
+    """runs/<run-id>/: the run name, or a time stamp with dataset, model and seed; always inside out-dir."""
     name = config.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.model}-s{config.seed}"
-    return Path(config.out_dir) / name
+    out_dir = Path(config.out_dir)
+    run_dir = out_dir / check_run_name(name)
+    # A symbolic link named like the run could still lead elsewhere: what is written must stay in out-dir.
+    if not run_dir.resolve().is_relative_to(out_dir.resolve()):
+        raise FedsimError(f"run folder {run_dir} leads outside out-dir {out_dir}; choose another run-name")
+    return run_dir
 
 
 def trainable_names(config: FedsimConfig, model: nn.Module) -> list[str]:
@@ -100,7 +106,11 @@ def run_server(
         }
 
     inner = make_strategy(config)
-    strategy = CuriousStrategy(inner, store, describe, on_round=record_train) if curious else inner
+    strategy = (
+        CuriousStrategy(inner, store, describe, on_round=record_train, num_partitions=config.num_clients)
+        if curious
+        else inner
+    )
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

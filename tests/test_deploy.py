@@ -117,7 +117,10 @@ def test_compose_file_is_valid(case):
             ),
             "superlnk",
         ),
-        (('"127.0.0.1:${FEDSIM_SUPERLINK_PORT:-8000}:8000"', '"127.0.0.1:eighty:8000"'), "eighty"),
+        (
+            ('"${FEDSIM_SUPERLINK_BIND:-127.0.0.1}:${FEDSIM_SUPERLINK_PORT:-8000}:8000"', '"127.0.0.1:eighty:8000"'),
+            "eighty",
+        ),
     ],
     ids=["unknown-key", "unknown-dependency", "bad-port"],
 )

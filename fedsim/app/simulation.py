@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedsim.config import FedsimConfig
@@ -35,6 +41,93 @@ def backend_config(config: FedsimConfig) -> dict:
     }
 
 
+def check_writable(run_dir: Path) -> None:
+    """Make the run folder and write a probe file into it: an out-dir that is a file or read-only fails here."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise FedsimError(
+            f"cannot write the run folder {run_dir} ({exc.strerror or exc}); choose a writable --out-dir"
+        ) from None
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C so that every `finally` on the way out runs."""
+
+
+@contextmanager
+def private_ray(config: FedsimConfig, run_dir: Path) -> Iterator[None]:
+    """Start this run's Ray, and stop it (head, workers, agents) on every exit Python can catch.
+
+    Normal exit and exceptions go through `finally`; SIGINT is Python's KeyboardInterrupt; SIGTERM and
+    SIGHUP are turned into one. The handlers are installed after `ray.init`, which installs its own
+    (Ray's would abort the process): that is why fedsim starts Ray itself, as Flower's Ray backend would
+    (Flower then uses the running instance). Only SIGKILL is left: docs/deployment-security.md says how to
+    find and stop that session's processes.
+    """
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.getsignal(sig) for sig in caught}  # Python's own, not the ones ray.init installs
+    main = threading.current_thread() is threading.main_thread()
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        if not stopping.is_set():  # a second signal while Ray shuts down changes nothing
+            stopping.set()
+            raise Stopped(signal.Signals(signum).name)
+
+    try:
+        start_ray(config)
+        if main:
+            for sig in caught:
+                signal.signal(sig, stop)
+        yield
+    except KeyboardInterrupt as exc:
+        stopping.set()
+        why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
+        # Flower's ServerApp thread (not a daemon) keeps waiting for replies that will never come: leave anyway.
+        threading.Thread(target=_exit_soon, args=(2, 5.0), daemon=True).start()
+        raise FedsimError(
+            f"the run was stopped {why}; the captures written so far are kept in {run_dir / 'captures'}"
+        ) from None
+    finally:
+        stopping.set()
+        shutdown_ray()
+        if main:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+
+def _exit_soon(code: int, seconds: float) -> None:
+    time.sleep(seconds)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_ray(config: FedsimConfig) -> None:
+    """ray.init with the arguments Flower's Ray backend uses (it skips its own init when Ray is running)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath  # Ray's workers import fedsim, clients and server from here
+    init_args = {"include_dashboard": False, **backend_config(config)["init_args"]}
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started, if one is still up (never another Ray on the machine)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def simulate(
     config: FedsimConfig,
     run_dir: Path,
@@ -47,6 +140,7 @@ def simulate(
     Federation.from_config(config).build_model()
     if (run_dir / "captures" / "manifest.jsonl").exists():
         raise FedsimError(f"{run_dir} already holds a run; choose another --name or remove that folder")
+    check_writable(run_dir)
     flower_offline()
     from flwr.simulation import run_simulation
 
@@ -55,7 +149,7 @@ def simulate(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), private_ray(config, run_dir):
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=make_server_app(config, run_dir, on_round, curious),
