@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.app.demo import Scenario, scenario_names
 from fedsim.errors import FedsimError
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 def test_every_shipped_scenario_loads():
@@ -30,7 +30,7 @@ def test_a_bad_scenario_is_refused_with_its_problem(tmp_path):
 
 
 def test_demo_list():
-    result = run_cli("demo", "--list")
+    result = invoke_cli("demo", "--list")
     assert result.returncode == 0 and "dlg" in result.stdout and "grnn-batch" in result.stdout
 
 

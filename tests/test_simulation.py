@@ -22,30 +22,8 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) 
     return {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
 
 
-@pytest.fixture(scope="module")
-def fedsgd_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    config = FedsimConfig.from_mapping(
-        {
-            "dataset": "sample-cifar10",
-            "model": "lenet-dlg",
-            "num-clients": 3,
-            "num-rounds": 2,
-            "recipe": "fedsgd",
-            "batch-size": 2,
-            "lr": 0.1,
-            "save-truth": True,
-            "out-dir": str(out),
-            "run-name": "e2e",
-        }
-    )
-    run_dir = out / "e2e"
-    simulate(config, run_dir)
-    return config, run_dir
-
-
-def test_one_capture_per_client_per_round(fedsgd_run, no_strays):
-    config, run_dir = fedsgd_run
+def test_one_capture_per_client_per_round(finished_run, no_strays):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     updates = store.records("update")
     assert len(updates) == config.num_clients * config.num_rounds
@@ -60,8 +38,8 @@ def test_one_capture_per_client_per_round(fedsgd_run, no_strays):
     assert not store.records("failure")
 
 
-def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(fedsgd_run):
-    config, run_dir = fedsgd_run
+def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(finished_run):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     model = Federation.from_config(config).build_model()
     for record in store.records("update"):
@@ -79,8 +57,8 @@ def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(fedsgd_run)
             torch.testing.assert_close(pseudo, grad, atol=2e-5, rtol=1e-3)
 
 
-def test_aggregate_equals_fedavg_of_the_captured_updates(fedsgd_run):
-    config, run_dir = fedsgd_run
+def test_aggregate_equals_fedavg_of_the_captured_updates(finished_run):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     for server_round, next_global in (
         (1, store.load(store.global_record(2))),
@@ -92,8 +70,8 @@ def test_aggregate_equals_fedavg_of_the_captured_updates(fedsgd_run):
             torch.testing.assert_close(next_global[name].double(), tensor, atol=1e-6, rtol=1e-6)
 
 
-def test_run_folder_has_config_metrics_and_shards(fedsgd_run):
-    config, run_dir = fedsgd_run
+def test_run_folder_has_config_metrics_and_shards(finished_run):
+    config, run_dir = finished_run
     assert FedsimConfig.from_toml(run_dir / "config.toml") == config
     rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
