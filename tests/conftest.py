@@ -24,6 +24,17 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+# A test that asks for one of these starts Ray or Flower (or reads a run that did): it is slow, whatever it is marked.
+STARTS_RAY_OR_FLOWER = {"finished_run", "no_strays", "fleet"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STARTS_RAY_OR_FLOWER & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():

@@ -80,7 +80,8 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
     assert replace[0] in text and (cut is None or cut in text)
     text = text if cut is None else text[: text.index(cut)]
     scenario.write_text(text.replace(*replace))
-    result = run_cli("demo", str(scenario), "--no-open", "--out-dir", str(tmp_path / "demos"))
+    # The attacks run in this process: the Ray fan-out is the photos demo's (and test_attack_runner's) to test.
+    result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
     page = tmp_path / "demos" / "quick" / "report.html"
     assert page.exists() and str(page.resolve()) in result.stdout.replace("\n", "")
