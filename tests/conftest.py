@@ -56,8 +56,11 @@ FLOWER_AND_RAY = (
 
 # Every process this test session starts inherits this tag, even after its parent exits, so the stray check
 # sees this session's processes only, not a Ray or Flower that something else runs on the same machine.
-SESSION_TAG = f"FEDSIM_TEST_SESSION={os.getpid()}-{time.time_ns()}"
-os.environ["FEDSIM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+# One tag per process: this file is imported twice (as pytest's `conftest` and as `tests.conftest` by the test
+# modules), and a second tag would hide every process started after the second import from the first's check.
+if not os.environ.get("FEDSIM_TEST_SESSION", "").startswith(f"{os.getpid()}-"):
+    os.environ["FEDSIM_TEST_SESSION"] = f"{os.getpid()}-{time.time_ns()}"
+SESSION_TAG = f"FEDSIM_TEST_SESSION={os.environ['FEDSIM_TEST_SESSION']}"
 
 
 def _tagged(pid: str) -> bool:
