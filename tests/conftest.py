@@ -4,7 +4,6 @@ and guards that no process outlives a test or the session."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +105,7 @@ def no_strays_at_the_end():
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> tuple:
     """(config, run folder) of one real FedSGD simulation, run once per session: 3 clients, 2 rounds, with the
-    truth saved. Read it; a test that writes into a run copies it first (`copy_run`)."""
+    truth saved. Tests read it; one that writes into a run copies it (shutil.copytree) into its tmp_path first."""
     from fedsim.app.simulation import simulate
     from fedsim.config import FedsimConfig
 
@@ -130,11 +129,6 @@ def finished_run(tmp_path_factory) -> tuple:
     left = wait_for_no_strays(before)
     assert not left, f"the shared simulation left processes behind: {left}"
     return config, run_dir
-
-
-def copy_run(run_dir: Path, into: Path) -> Path:
-    """A copy of a finished run folder that a test may write into (attacks, reports) without touching the shared one."""
-    return Path(shutil.copytree(run_dir, into / run_dir.name))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
