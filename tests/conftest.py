@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline data beside the repository, and a guard that no process outlives a test."""
+"""Shared fixtures: the offline data, one finished simulation for the whole session, the CLI in and out of process,
+and guards that no process outlives a test or the session."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+# A test that asks for one of these starts Ray or Flower (or reads a run that did): it is slow, whatever it is marked.
+STARTS_RAY_OR_FLOWER = {"finished_run", "no_strays", "fleet"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STARTS_RAY_OR_FLOWER & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
@@ -43,8 +55,11 @@ FLOWER_AND_RAY = (
 
 # Every process this test session starts inherits this tag, even after its parent exits, so the stray check
 # sees this session's processes only, not a Ray or Flower that something else runs on the same machine.
-SESSION_TAG = f"FEDSIM_TEST_SESSION={os.getpid()}-{time.time_ns()}"
-os.environ["FEDSIM_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+# One tag per process: this file is imported twice (as pytest's `conftest` and as `tests.conftest` by the test
+# modules), and a second tag would hide every process started after the second import from the first's check.
+if not os.environ.get("FEDSIM_TEST_SESSION", "").startswith(f"{os.getpid()}-"):
+    os.environ["FEDSIM_TEST_SESSION"] = f"{os.getpid()}-{time.time_ns()}"
+SESSION_TAG = f"FEDSIM_TEST_SESSION={os.environ['FEDSIM_TEST_SESSION']}"
 
 
 def _tagged(pid: str) -> bool:
@@ -60,17 +75,60 @@ def stray_processes() -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line and _tagged(line.split()[0])]
 
 
+def wait_for_no_strays(before: set[str] | frozenset = frozenset(), timeout: float = 20) -> list[str]:
+    """The processes beyond `before` still alive after up to `timeout` seconds (Ray stops its own in a moment)."""
+    deadline = time.time() + timeout
+    left = [p for p in stray_processes() if p not in before]
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = [p for p in stray_processes() if p not in before]
+    return left
+
+
 @pytest.fixture
 def no_strays():
     """Fail the test if it leaves Ray or Flower processes behind."""
     before = set(stray_processes())
     yield
-    deadline = time.time() + 20
-    left = [p for p in stray_processes() if p not in before]
-    while left and time.time() < deadline:
-        time.sleep(0.5)
-        left = [p for p in stray_processes() if p not in before]
+    left = wait_for_no_strays(before)
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_strays_at_the_end():
+    """Fail the session if any Ray or Flower process it started outlives it (session fixtures included)."""
+    yield
+    left = wait_for_no_strays()
+    assert not left, f"processes left behind at the end of the session: {left}"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple:
+    """(config, run folder) of one real FedSGD simulation, run once per session: 3 clients, 2 rounds, with the
+    truth saved. Tests read it; one that writes into a run copies it (shutil.copytree) into its tmp_path first."""
+    from fedsim.app.simulation import simulate
+    from fedsim.config import FedsimConfig
+
+    out = tmp_path_factory.mktemp("runs")
+    config = FedsimConfig.from_mapping(
+        {
+            "dataset": "sample-cifar10",
+            "model": "lenet-dlg",
+            "num-clients": 3,
+            "num-rounds": 2,
+            "recipe": "fedsgd",
+            "batch-size": 2,
+            "lr": 0.1,
+            "save-truth": True,
+            "out-dir": str(out),
+            "run-name": "e2e",
+        }
+    )
+    before = set(stray_processes())
+    run_dir = simulate(config, out / "e2e")
+    left = wait_for_no_strays(before)
+    assert not left, f"the shared simulation left processes behind: {left}"
+    return config, run_dir
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -78,3 +136,29 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "fedsim", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
     )
+
+
+class _Entry:
+    """`fedsim.app.cli.main` as click's test runner calls a command, so the in-process CLI takes the path a user's
+    does: user mistakes become `error: ...` and exit status 2 in `main`, not in the runner."""
+
+    name = "fedsim"
+
+    def main(self, args, prog_name: str, **_: object) -> None:
+        from fedsim.app.cli import main
+
+        argv, sys.argv = sys.argv, [prog_name, *args]
+        try:
+            main()
+        finally:
+            sys.argv = argv
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the fedsim CLI in this process (no interpreter start-up); the result reads like `run_cli`'s."""
+    from click.testing import CliRunner  # typer.testing's runner takes a Typer app, which would bypass `main`
+
+    result = CliRunner().invoke(_Entry(), list(args), prog_name="fedsim")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["fedsim", *args], result.exit_code, result.stdout, result.stderr)

@@ -14,7 +14,7 @@ from fedsim.datasets import load_dataset, to_float
 from fedsim.federation import device
 from fedsim.files import save_tensors
 from fedsim.models import build_model
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 def make_run(run_dir, model_name="mlp", size=12, clients=3, batch=1):
@@ -50,6 +50,7 @@ def make_run(run_dir, model_name="mlp", size=12, clients=3, batch=1):
     return store
 
 
+@pytest.mark.slow
 def test_ray_fan_out_scores_resumes_and_isolates_failures(tmp_path, no_strays):
     from fedsim.app.attack_runner import plan, run_attacks
     from fedsim.app.report import write_report
@@ -89,12 +90,12 @@ def test_ray_fan_out_scores_resumes_and_isolates_failures(tmp_path, no_strays):
 def test_cli_attack_and_report_on_a_run(tmp_path):
     run_dir = tmp_path / "run"
     make_run(run_dir, clients=2)
-    result = run_cli("attack", str(run_dir), "--attack", "analytic", "--executor", "local")
+    result = invoke_cli("attack", str(run_dir), "--attack", "analytic", "--executor", "local")
     assert result.returncode == 0, result.stderr
     assert "2 reconstructed, 0 failed" in " ".join(result.stdout.split())
-    result = run_cli("attack", str(run_dir), "--attack", "analytic", "--executor", "local")
+    result = invoke_cli("attack", str(run_dir), "--attack", "analytic", "--executor", "local")
     assert "all 2 reconstructions already done" in " ".join(result.stdout.split())
-    result = run_cli("report", str(run_dir))
+    result = invoke_cli("report", str(run_dir))
     assert result.returncode == 0 and (run_dir / "report.html").exists()
 
 
@@ -111,7 +112,7 @@ def test_cli_attack_and_report_on_a_run(tmp_path):
 def test_attack_cli_mistakes(tmp_path, args, expected):
     run_dir = tmp_path / "run"
     make_run(run_dir, clients=1)
-    result = run_cli(*[a.replace("{run}", str(run_dir)) for a in args])
+    result = invoke_cli(*[a.replace("{run}", str(run_dir)) for a in args])
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in " ".join(result.stderr.split()) and "Traceback" not in result.stderr
 

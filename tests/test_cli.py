@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ from tests.conftest import run_cli
     ],
 )
 def test_user_mistakes(args, expected, tmp_path):
-    result = run_cli("run", "--out-dir", str(tmp_path), *args)
+    result = invoke_cli("run", "--out-dir", str(tmp_path), *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
@@ -37,7 +37,7 @@ def test_user_mistakes(args, expected, tmp_path):
 
 
 def test_help_reads_well():
-    result = run_cli("run", "--help")
+    result = invoke_cli("run", "--help")
     assert result.returncode == 0
     for option in ("--config", "--dataset", "--set", "--clients", "--rounds"):
         assert option in result.stdout
@@ -46,10 +46,26 @@ def test_help_reads_well():
 def test_config_command_prints_a_valid_config(tmp_path):
     from fedsim.config import FedsimConfig
 
-    result = run_cli("config")
+    result = invoke_cli("config")
     path = tmp_path / "c.toml"
     path.write_text(result.stdout)
     assert FedsimConfig.from_toml(path) == FedsimConfig()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "--set", "num-round=3"], "error: unknown config key 'num-round' (did you mean 'num-rounds'?)"),
+        (["attack", "/nonexistent"], "error: /nonexistent does not exist"),
+    ],
+)
+def test_the_command_in_its_own_process_prints_one_line_without_a_traceback(args, expected, tmp_path):
+    """What a user's shell sees: the interpreter starts, the mistake is one line on stderr, status 2."""
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 @pytest.mark.slow

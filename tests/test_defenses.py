@@ -27,7 +27,7 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation, tldmi_layers
 from server.server_app import trainable_names
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 BASE = {
     "dataset": "sample-mnist",
@@ -431,7 +431,7 @@ def test_tldmi_deeper_than_the_model_is_refused_where_the_model_is_built():
 
 
 def test_cli_refuses_a_bad_defense_in_one_line_with_status_2(tmp_path):
-    result = run_cli("run", "--out-dir", str(tmp_path), "--set", "defenses=noise", "--set", "noise-scale=-1")
+    result = invoke_cli("run", "--out-dir", str(tmp_path), "--set", "defenses=noise", "--set", "noise-scale=-1")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: noise-scale = -1.0 must be >= 0 (Gaussian std or Laplace scale)"]
@@ -440,7 +440,7 @@ def test_cli_refuses_a_bad_defense_in_one_line_with_status_2(tmp_path):
 
 
 def test_cli_refuses_tldmi_deeper_than_the_model_before_ray(tmp_path):
-    result = run_cli(
+    result = invoke_cli(
         "run", "--out-dir", str(tmp_path), "--model", "lenet-dlg",
         "--set", "defenses=tldmi", "--set", "tldmi-public=sample-cifar10", "--set", "tldmi-layers=7",
     )  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.app.demo import SCENARIO_DIR, Scenario, scenario_names
 from fedsim.errors import FedsimError
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 def test_every_shipped_scenario_loads():
@@ -68,7 +68,7 @@ def test_a_scenario_mistake_exits_2_without_training(tmp_path):
 
 
 def test_demo_list():
-    result = run_cli("demo", "--list")
+    result = invoke_cli("demo", "--list")
     assert result.returncode == 0 and "dlg" in result.stdout and "grnn-batch" in result.stdout
 
 
@@ -127,7 +127,8 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
     assert replace[0] in text and (cut is None or cut in text)
     text = text if cut is None else text[: text.index(cut)]
     scenario.write_text(text.replace(*replace))
-    result = run_cli("demo", str(scenario), "--no-open", "--out-dir", str(tmp_path / "demos"))
+    # The attacks run in this process: the Ray fan-out is the photos demo's (and test_attack_runner's) to test.
+    result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
     page = tmp_path / "demos" / "quick" / "report.html"
     assert page.exists() and str(page.resolve()) in result.stdout.replace("\n", "")

@@ -14,7 +14,7 @@ from attacks.contract import Recipe, RunTrajectory
 from attacks.membership_metrics import membership_report, roc_auc, roc_curve, roc_png, sample_metrics, tpr_at_fpr
 from attacks.seqmia import AttentionLSTM, loss_baselines, metric_sequences, train_attack_model
 from attacks.seqmia_fl import frozen_parameters, level_states, replay_client
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 def test_five_metrics_match_hand_computed_values():
@@ -185,7 +185,7 @@ def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
 
     # `fedsim invert` as a user types it (the command is registered in fedsim/app/cli.py)
     args = ["invert", str(run_dir), "--steps", "4", "--batch-size", "8", "--per-class", "2", "--size", "2"]
-    done = run_cli(*args, "--evaluator-epochs", "1")
+    done = invoke_cli(*args, "--evaluator-epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ensemble vs single-model inversion" in done.stdout
     inverted = json.loads((run_dir / "inversion" / "results-client.json").read_text())

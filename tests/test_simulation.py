@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from fedsim.app.simulation import simulate
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.federation import Federation
 from fedsim.files import load_tensors
-
-pytestmark = pytest.mark.slow
+from tests.conftest import stray_processes, wait_for_no_strays
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
@@ -22,30 +21,9 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) 
     return {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=True)) for k in states[0]}
 
 
-@pytest.fixture(scope="module")
-def fedsgd_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    config = FedsimConfig.from_mapping(
-        {
-            "dataset": "sample-cifar10",
-            "model": "lenet-dlg",
-            "num-clients": 3,
-            "num-rounds": 2,
-            "recipe": "fedsgd",
-            "batch-size": 2,
-            "lr": 0.1,
-            "save-truth": True,
-            "out-dir": str(out),
-            "run-name": "e2e",
-        }
-    )
-    run_dir = out / "e2e"
-    simulate(config, run_dir)
-    return config, run_dir
-
-
-def test_one_capture_per_client_per_round(fedsgd_run, no_strays):
-    config, run_dir = fedsgd_run
+@pytest.mark.slow
+def test_one_capture_per_client_per_round(finished_run, no_strays):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     updates = store.records("update")
     assert len(updates) == config.num_clients * config.num_rounds
@@ -60,8 +38,9 @@ def test_one_capture_per_client_per_round(fedsgd_run, no_strays):
     assert not store.records("failure")
 
 
-def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(fedsgd_run):
-    config, run_dir = fedsgd_run
+@pytest.mark.slow
+def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(finished_run):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     model = Federation.from_config(config).build_model()
     for record in store.records("update"):
@@ -79,8 +58,9 @@ def test_fedsgd_update_is_exactly_the_gradient_of_the_recorded_batch(fedsgd_run)
             torch.testing.assert_close(pseudo, grad, atol=2e-5, rtol=1e-3)
 
 
-def test_aggregate_equals_fedavg_of_the_captured_updates(fedsgd_run):
-    config, run_dir = fedsgd_run
+@pytest.mark.slow
+def test_aggregate_equals_fedavg_of_the_captured_updates(finished_run):
+    config, run_dir = finished_run
     store = CaptureStore(run_dir / "captures")
     for server_round, next_global in (
         (1, store.load(store.global_record(2))),
@@ -92,8 +72,9 @@ def test_aggregate_equals_fedavg_of_the_captured_updates(fedsgd_run):
             torch.testing.assert_close(next_global[name].double(), tensor, atol=1e-6, rtol=1e-6)
 
 
-def test_run_folder_has_config_metrics_and_shards(fedsgd_run):
-    config, run_dir = fedsgd_run
+@pytest.mark.slow
+def test_run_folder_has_config_metrics_and_shards(finished_run):
+    config, run_dir = finished_run
     assert FedsimConfig.from_toml(run_dir / "config.toml") == config
     rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -116,10 +97,50 @@ def captured_updates(run_dir) -> tuple[CaptureStore, list[dict], dict[str, torch
     return store, last, load_tensors(run_dir / "model.safetensors")
 
 
-def test_the_curious_wrapper_keeps_any_strategy_exact_fedmedian(tmp_path, no_strays):
-    config = mlp_config(tmp_path, "median", num_clients=3, num_rounds=1, strategy="fedmedian", examples_per_client=64)
-    simulate(config, tmp_path / "median")
-    store, records, final = captured_updates(tmp_path / "median")
+STRATEGIES = {"fedmedian": {}, "fedprox": {"proximal_mu": 0.5}, "krum": {}}
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(tmp_path_factory) -> dict[str, tuple[FedsimConfig, Path]]:
+    """FedMedian, FedProx (mu 0.5) and Krum, one round each, one after another on the same three SuperNodes:
+    one real Flower simulation (one Ray) whose ServerApp runs the three federations, each into its own folder."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import make_client_app
+    from fedsim.app.simulation import backend_config, flower_offline
+    from server.server_app import run_server
+
+    out = tmp_path_factory.mktemp("strategies")
+    configs = {
+        name: mlp_config(out, name, num_clients=3, num_rounds=1, strategy=name, examples_per_client=48, **keys)
+        for name, keys in STRATEGIES.items()
+    }
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, config in configs.items():
+            run_server(grid, config, out / name)
+
+    flower_offline()
+    before = set(stray_processes())
+    first = configs["fedmedian"]  # the clients' data and model: the same in the three configs
+    run_simulation(
+        server_app=app, client_app=make_client_app(first), num_supernodes=3, backend_config=backend_config(first)
+    )
+    left = wait_for_no_strays(before)
+    assert not left, f"processes left behind: {left}"
+    for name in configs:
+        assert (out / name / "training.json").exists(), f"the {name} federation did not finish"
+    return {name: (config, out / name) for name, config in configs.items()}
+
+
+@pytest.mark.slow
+def test_the_curious_wrapper_keeps_any_strategy_exact_fedmedian(strategy_runs):
+    config, run_dir = strategy_runs["fedmedian"]
+    store, records, final = captured_updates(run_dir)
     states = [store.load(r) for r in records]
     for name in final:
         median = torch.stack([s[name].double() for s in states]).median(dim=0).values
@@ -136,14 +157,12 @@ def krum_choice(states: list[dict[str, torch.Tensor]], num_malicious: int) -> in
     return min(range(n), key=scores.__getitem__)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedprox", "krum"])
-def test_the_curious_wrapper_keeps_fedprox_and_krum_exact(strategy, tmp_path, no_strays):
+def test_the_curious_wrapper_keeps_fedprox_and_krum_exact(strategy, strategy_runs):
     """FedProx aggregates as FedAvg (its mu goes to the clients' recipe); Krum keeps exactly one client's model."""
-    config = mlp_config(
-        tmp_path, strategy, num_clients=4, num_rounds=1, strategy=strategy, proximal_mu=0.5, examples_per_client=48
-    )
-    simulate(config, tmp_path / strategy)
-    store, records, final = captured_updates(tmp_path / strategy)
+    config, run_dir = strategy_runs[strategy]
+    store, records, final = captured_updates(run_dir)
     states = [store.load(r) for r in records]
     if strategy == "fedprox":
         assert all(r["recipe"]["proximal-mu"] == 0.5 for r in records)
@@ -154,6 +173,7 @@ def test_the_curious_wrapper_keeps_fedprox_and_krum_exact(strategy, tmp_path, no
         torch.testing.assert_close(final[name].double(), expected[name], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigkill_keeps_every_capture_written_before(tmp_path, no_strays):
     import os
     import signal
@@ -212,6 +232,7 @@ def test_a_supernode_whose_partition_count_differs_from_the_run_is_refused():
         partition_of(context({"partition-id": 3, "num-partitions": 3}), config)
 
 
+@pytest.mark.slow
 def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_path, no_strays):
     """A real ClientApp that raises for partition 1: its error reply is captured, the others are aggregated."""
     from flwr.app import Context, Message
