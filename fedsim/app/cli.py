@@ -252,6 +252,7 @@ def attack(
         fail("--redo and --keep contradict each other; give one")
     options = _attack_options(option or [], names)
     attempted = failures = 0
+    where: Path | None = None  # the run the failures are in, or the folder of runs
     warned: set[str] = set()
 
     def warn(line: str) -> None:
@@ -304,6 +305,7 @@ def attack(
                 )
             failed = [s for s in summaries if s["status"] != "ok"]
             attempted, failures = attempted + len(summaries), failures + len(failed)
+            where = run_dir if where in (None, run_dir) else path / "<run>"
             console.print(
                 f"{run_dir}: {len(jobs) - todo} already done, {todo - len(failed)} reconstructed, "
                 f"{len(failed)} failed -> {run_dir / 'attacks'}",
@@ -320,7 +322,7 @@ def attack(
     if attempted and failures == attempted:
         err.print(
             f"[bold red]error:[/] all {failures} reconstruction(s) failed; the reasons are above and in "
-            f"{escape(str(path))}/.../attacks/<attack>/<capture>/result.json",
+            f"{escape(str(where))}/attacks/<attack>/<capture>/result.json",
             highlight=False,
             soft_wrap=True,
         )
