@@ -201,10 +201,18 @@ def test_option_mistakes_name_the_option_flag(run_dir, capsys, option, expected)
 # ----------------------------------------------------------------------------------------------
 
 HTML = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
-VALUES = ["x", 7, -3, 2.5, [1], {"a": 1}, None, math.nan, math.inf, "../../x", "/etc/passwd", "a/../../b", *HTML]
+PATHS = ["../../x", "/etc/passwd", "a/../../b", "/../../../../elsewhere"]
+VALUES = ["x", 7, -3, 2.5, [1], {"a": 1}, None, math.nan, math.inf, *PATHS, *HTML]
 FIELDS = ["kind", "round", "client", "file", "model", "input_shape", "num_classes", "trainable", "recipe"]
 FIELDS += ["num_examples", "partition_id"]
-MISSING = object()
+
+
+class Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = Missing()
 
 
 class Tags(HTMLParser):
@@ -217,9 +225,13 @@ class Tags(HTMLParser):
             self.bad.append((tag, attrs))
 
 
-def cases(n: int = 60, seed: int = 0) -> list[tuple[int, str, object]]:
+def cases(n: int = 60, seed: int = 0) -> list:
+    """Every path and HTML string in the fields that name folders or reach the page first (quick), then random."""
+    fixed = [(1, field, value) for field in ("client", "file") for value in PATHS + HTML]
+    fixed += [(0, "round", "../../x"), (1, "model", HTML[0]), (2, "recipe", {"recipe": HTML[1]}), (2, "kind", 7)]
     rng = random.Random(seed)
-    return [(rng.randrange(3), rng.choice(FIELDS), rng.choice([*VALUES, MISSING])) for _ in range(n)]
+    more = [(rng.randrange(3), rng.choice(FIELDS), rng.choice([*VALUES, MISSING])) for _ in range(n - len(fixed))]
+    return fixed + [pytest.param(*case, marks=pytest.mark.slow) for case in more]
 
 
 @pytest.mark.parametrize(("index", "field", "value"), cases(), ids=lambda v: repr(v)[:24])

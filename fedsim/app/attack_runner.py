@@ -128,11 +128,13 @@ def record_problem(record: Any, root: Path) -> str | None:
         _whole(record, "round")
         if kind == "update":
             _whole(record, "client")
-            for key in ("partition_id", "num_examples"):
-                if record.get(key) is not None:
-                    _whole(record, key)
+            if record.get("num_examples") is not None:
+                _whole(record, "num_examples")
     except FedsimError as exc:
         return str(exc)
+    partition = record.get("partition_id")  # the client's own word, shown as text, never part of a path
+    if isinstance(partition, bool) or not isinstance(partition, (int, str, type(None))):
+        return f"partition_id must be a whole number, got {_shown(partition)}"
     file = record.get("file")
     if not isinstance(file, str) or not file:
         return f"file must be a path inside the captures folder, got {_shown(file)}"
