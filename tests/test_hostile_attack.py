@@ -257,3 +257,25 @@ def test_mutated_records_never_escape_inject_or_crash(run_dir, tmp_path, capsys,
         tags = Tags()
         tags.feed(page.read_text())
         assert tags.bad == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("input_shape", [3, 100_000, 100_000], "input_shape must be"),
+        ("input_shape", [3, 12, True], "input_shape must be"),
+        ("num_classes", 10**12, "num_classes must be"),
+        ("file", "../../../outside.safetensors", "outside the captures folder"),
+        ("partition_id", [0], "partition_id must be"),
+    ],
+)
+def test_a_record_that_would_hang_or_escape_is_left_out(run_dir, tmp_path, capsys, field, value, expected):
+    recs = records(run_dir)
+    recs[1][field] = value
+    write_records(run_dir, recs)
+    (tmp_path / "outside.safetensors").write_bytes(  # a real capture where the path points: still refused
+        (run_dir / "captures" / recs[2]["file"]).read_bytes()
+    )
+    code, out, err = fedsim(capsys, "attack", run_dir, *ANALYTIC)
+    assert code == 0 and "0 already done, 1 reconstructed, 0 failed" in out
+    assert "left out 1 unusable capture record(s)" in err and expected in err

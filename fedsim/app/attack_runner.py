@@ -11,6 +11,7 @@ write must land inside the run's attacks folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from fedsim.images import gif_bytes, grid, png_bytes
 
 Progress = Callable[[dict], None]
 RESULT = "result.json"
+MAX_INPUT = 3 * 1024 * 1024  # values in one example: a 1024x1024 colour image
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -132,6 +134,17 @@ def record_problem(record: Any, root: Path) -> str | None:
                 _whole(record, "num_examples")
     except FedsimError as exc:
         return str(exc)
+    shape = record.get("input_shape")  # sizes the model rebuilt for the attack: a huge one would never finish
+    if shape is not None and not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in shape)
+        and math.prod(shape) <= MAX_INPUT
+    ):
+        return f"input_shape must be 1 to 3 sizes of at most {MAX_INPUT} values in all, got {_shown(shape)}"
+    classes = record.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= 10**5):
+        return f"num_classes must be a whole number from 1 to 100000, got {_shown(classes)}"
     partition = record.get("partition_id")  # the client's own word, shown as text, never part of a path
     if isinstance(partition, bool) or not isinstance(partition, (int, str, type(None))):
         return f"partition_id must be a whole number, got {_shown(partition)}"
