@@ -229,6 +229,7 @@ def cases(n: int = 60, seed: int = 0) -> list:
     """Every path and HTML string in the fields that name folders or reach the page first (quick), then random."""
     fixed = [(1, field, value) for field in ("client", "file") for value in PATHS + HTML]
     fixed += [(0, "round", "../../x"), (1, "model", HTML[0]), (2, "recipe", {"recipe": HTML[1]}), (2, "kind", 7)]
+    fixed += [(1, "num_examples", None)]  # once compared with --max-batch as it came
     rng = random.Random(seed)
     more = [(rng.randrange(3), rng.choice(FIELDS), rng.choice([*VALUES, MISSING])) for _ in range(n - len(fixed))]
     return fixed + [pytest.param(*case, marks=pytest.mark.slow) for case in more]

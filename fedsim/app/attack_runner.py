@@ -237,7 +237,7 @@ def plan(
         if record["round"] not in globals_seen:
             skipped.append({**_ident(record), "reason": "the global model of this round was not captured"})
             continue
-        if record.get("num_examples", 0) > max_batch:
+        if (record.get("num_examples") or 0) > max_batch:  # None: the client did not say
             skipped.append(
                 {
                     **_ident(record),
