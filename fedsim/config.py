@@ -357,12 +357,12 @@ class FedsimConfig:
         return "\n".join(lines) + "\n"
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str], flag: str = "--set", example: str = "num-rounds=5") -> dict[str, Any]:
     """Parse `key=value` pairs, values read as TOML (so 0.1 is a float and true a bool; bare words are strings)."""
     values: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise FedsimError(f"--set {pair!r} must look like key=value, e.g. --set num-rounds=5")
+            raise FedsimError(f"{flag} {pair!r} must look like key=value, e.g. {flag} {example}")
         key, raw = (part.strip() for part in pair.split("=", 1))
         try:
             values[key] = tomllib.loads(f"v = {raw}")["v"]

@@ -4,12 +4,16 @@ A job is one (attack, captured update). Results land in `runs/<id>/attacks/<atta
 `result.json` (written last: its presence means done), `reconstruction.safetensors`,
 `reconstruction.png`, `snapshots.safetensors` and `animation.gif`. A re-run skips finished jobs and
 retries failed ones; a crashed or diverged reconstruction is recorded as failed and never stops the others.
+A capture store may come from someone else: its records are checked before they name a folder, and every
+write must land inside the run's attacks folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -26,6 +30,9 @@ from fedsim.files import atomic_write_bytes, atomic_write_json, save_tensors
 from fedsim.images import gif_bytes, grid, png_bytes
 
 Progress = Callable[[dict], None]
+RESULT = "result.json"
+MAX_INPUT = 3 * 1024 * 1024  # values in one example: a 1024x1024 colour image
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 @dataclass
@@ -39,7 +46,8 @@ class AttackJob:
 
     @property
     def name(self) -> str:
-        return f"round-{self.record['round']:04d}-client-{self.record['client']}"
+        """The job's folder name, built only from integers the record was checked to hold."""
+        return f"round-{_whole(self.record, 'round'):04d}-client-{_whole(self.record, 'client')}"
 
     @property
     def label(self) -> str:
@@ -48,7 +56,12 @@ class AttackJob:
 
     @property
     def out(self) -> Path:
-        return self.run_dir / "attacks" / self.label / self.name
+        """The job's folder; refused unless it resolves inside the run's attacks folder (symlinks followed)."""
+        base = Path(self.run_dir).resolve() / "attacks"
+        out = (base / self.label / self.name).resolve()
+        if not out.is_relative_to(base) or len(out.relative_to(base).parts) != 2:
+            raise FedsimError(f"refusing to write {out}: it is outside {base}")
+        return out
 
     def seed(self, base: int) -> int:
         """A seed per job that depends only on the run's seed and the capture, never on scheduling order."""
@@ -56,9 +69,139 @@ class AttackJob:
         who = self.record.get("partition_id", self.record["client"])
         return (base * 1_000_003 + zlib.crc32(f"{self.attack}/{self.record['round']}/{who}".encode())) % 2**31
 
+    def result(self, warn: Callable[[str], None] | None = None) -> dict | None:
+        """The job's stored result; None if there is none or it is unreadable (then it is recomputed)."""
+        path = self.out / RESULT
+        if not path.exists():
+            return None
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            result = None
+        if not isinstance(result, dict) or not isinstance(result.get("status"), str):
+            if warn:
+                warn(f"{path} is unreadable (truncated, not JSON or wrong types); recomputing it")
+            return None
+        return result
+
     def status(self) -> str | None:
-        path = self.out / "result.json"
-        return json.loads(path.read_text()).get("status") if path.exists() else None
+        result = self.result()
+        return result["status"] if result else None
+
+    def settings(self, options: dict, seed: int) -> dict:
+        """What a finished result was made with: a re-run with other settings must not pass for done."""
+        from attacks import ATTACKS
+
+        effective = {**ATTACKS[self.attack].options(), **options}
+        return _jsonable({"attack": self.attack, "options": effective, "defense_aware": self.aware, "seed": seed})
+
+    def state(self, options: dict, seed: int, warn: Callable[[str], None] | None = None) -> str:
+        """`done`, `todo` (never run, failed or unreadable) or `other` (done, with other settings)."""
+        result = self.result(warn)
+        if result is None or result["status"] != "ok":
+            return "todo"
+        return "done" if result.get("settings") == self.settings(options, seed) else "other"
+
+
+def _whole(record: dict, key: str) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise FedsimError(f"capture record's {key} must be a whole number >= 0, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    return clean_text(repr(value))[:80]
+
+
+def clean_text(text: str, limit: int = 2000) -> str:
+    """`text` without terminal escape codes or control characters, on one line: safe to store and print."""
+    return _ESCAPES.sub("", str(text).replace("\n", " ").replace("\t", " "))[:limit]
+
+
+def record_problem(record: Any, root: Path) -> str | None:
+    """Why a manifest record cannot be used by the attacks (None: it can). `root` is the captures folder."""
+    if not isinstance(record, dict):
+        return f"not a JSON object: {_shown(record)}"
+    kind = record.get("kind")
+    if kind not in ("global", "update"):
+        return None if isinstance(kind, str) else f"kind must be a string, got {_shown(kind)}"
+    try:
+        _whole(record, "round")
+        if kind == "update":
+            _whole(record, "client")
+            if record.get("num_examples") is not None:
+                _whole(record, "num_examples")
+    except FedsimError as exc:
+        return str(exc)
+    shape = record.get("input_shape")  # sizes the model rebuilt for the attack: a huge one would never finish
+    if shape is not None and not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in shape)
+        and math.prod(shape) <= MAX_INPUT
+    ):
+        return f"input_shape must be 1 to 3 sizes of at most {MAX_INPUT} values in all, got {_shown(shape)}"
+    classes = record.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= 10**5):
+        return f"num_classes must be a whole number from 1 to 100000, got {_shown(classes)}"
+    partition = record.get("partition_id")  # the client's own word, shown as text, never part of a path
+    if isinstance(partition, bool) or not isinstance(partition, (int, str, type(None))):
+        return f"partition_id must be a whole number, got {_shown(partition)}"
+    file = record.get("file")
+    if not isinstance(file, str) or not file:
+        return f"file must be a path inside the captures folder, got {_shown(file)}"
+    base = Path(root).resolve()
+    if Path(file).is_absolute() or not (base / file).resolve().is_relative_to(base):
+        return f"file {_shown(file)} is outside the captures folder"
+    return None
+
+
+class CheckedStore(CaptureStore):
+    """A capture store read as untrusted: unusable records are left out, and said so once."""
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        self.warnings: list[str] = []
+        self._checked: list[dict] | None = None
+
+    def records(self, kind: str | None = None) -> list[dict]:
+        if self._checked is None:
+            self._checked, refused = [], []
+            for record in super().records():
+                problem = record_problem(record, self.root)
+                (refused.append(problem) if problem else self._checked.append(record))
+            if refused:
+                self.warnings.append(
+                    f"{self.manifest}: left out {len(refused)} unusable capture record(s); first: {refused[0]}"
+                )
+            if _last_line_cut(self.manifest):
+                self.warnings.append(f"{self.manifest}: the last line is incomplete (cut off while written); left out")
+        return [r for r in self._checked if kind is None or r.get("kind") == kind]
+
+    def load(self, record: dict) -> dict:
+        problem = record_problem(record, self.root)
+        if problem:
+            raise FedsimError(f"capture record refused: {problem}")
+        return super().load(record)
+
+
+def _last_line_cut(path: Path) -> bool:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def manifest_warnings(run_dir: Path) -> list[str]:
+    """One line per problem with the run's manifest (unusable records, a cut-off last line)."""
+    store = CheckedStore(Path(run_dir) / "captures")
+    store.records()
+    return store.warnings
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -83,7 +226,7 @@ def plan(
     aware: bool = True,
 ) -> tuple[list[AttackJob], list[dict]]:
     """The jobs for `attacks` on the run's captured updates, and the captures skipped (with why)."""
-    store = CaptureStore(run_dir / "captures")
+    store = CheckedStore(run_dir / "captures")
     jobs, skipped = [], []
     globals_seen = {r["round"] for r in store.records("global")}
     for record in store.records("update"):
@@ -94,7 +237,7 @@ def plan(
         if record["round"] not in globals_seen:
             skipped.append({**_ident(record), "reason": "the global model of this round was not captured"})
             continue
-        if record.get("num_examples", 0) > max_batch:
+        if (record.get("num_examples") or 0) > max_batch:  # None: the client did not say
             skipped.append(
                 {
                     **_ident(record),
@@ -156,8 +299,9 @@ def execute(
     return outcomes
 
 
-def write_result(job: AttackJob, outcome: dict, options: dict) -> dict:
+def write_result(job: AttackJob, outcome: dict, options: dict, seed: int = 0) -> dict:
     """Store one finished job; result.json goes last so a crash never leaves a half-done job marked done."""
+    out = job.out  # refused before anything is written if it would land outside the run
     summary = {
         "status": outcome["status"],
         "attack": job.label,
@@ -168,15 +312,16 @@ def write_result(job: AttackJob, outcome: dict, options: dict) -> dict:
         "recipe": job.record.get("recipe"),
         "num_examples": job.record.get("num_examples"),
         "options": options,
+        "settings": job.settings(options, seed),
         "seconds": round(outcome.get("seconds", 0.0), 3),
     }
     if outcome["status"] == "ok":
         images, snapshots = outcome["images"], outcome["snapshots"]
-        save_tensors(job.out / "reconstruction.safetensors", {"images": images, "labels": outcome["labels"]})
-        atomic_write_bytes(job.out / "reconstruction.png", png_bytes(grid(images)))
+        save_tensors(out / "reconstruction.safetensors", {"images": images, "labels": outcome["labels"]})
+        atomic_write_bytes(out / "reconstruction.png", png_bytes(grid(images)))
         if snapshots:
-            save_tensors(job.out / "snapshots.safetensors", {f"it{i:06d}": s for i, s in snapshots})
-            atomic_write_bytes(job.out / "animation.gif", gif_bytes([s for _, s in snapshots]))
+            save_tensors(out / "snapshots.safetensors", {f"it{i:06d}": s for i, s in snapshots})
+            atomic_write_bytes(out / "animation.gif", gif_bytes([s for _, s in snapshots]))
         summary.update(
             loss=outcome["loss"],
             labels=outcome["labels"].tolist(),
@@ -185,8 +330,8 @@ def write_result(job: AttackJob, outcome: dict, options: dict) -> dict:
             device=outcome.get("device"),
         )
     else:
-        summary["reason"] = outcome["reason"]
-    atomic_write_json(job.out / "result.json", summary)
+        summary["reason"] = clean_text(outcome["reason"])
+    atomic_write_json(out / RESULT, summary)
     return summary
 
 
@@ -208,14 +353,15 @@ def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
 
 def _load_group(group: list[AttackJob], seed: int, options: dict, emit: Progress) -> tuple[list, list, list]:
     """Payloads of the jobs whose captures load; a corrupt capture fails its own job only."""
-    store = CaptureStore(group[0].run_dir / "captures")
+    store = CheckedStore(group[0].run_dir / "captures")
     jobs, payloads, summaries = [], [], []
     for job in group:
         try:
             payloads.append(_payload(job, store, seed))
             jobs.append(job)
-        except FedsimError as exc:
-            summaries += _finish([job], [{"status": "failed", "reason": str(exc)}], options, emit)
+        except Exception as exc:  # a corrupt or hostile capture fails its own job only
+            reason = str(exc) if isinstance(exc, FedsimError) else f"{type(exc).__name__}: {exc}"
+            summaries += _finish([job], [{"status": "failed", "reason": reason}], options, seed, emit)
     return jobs, payloads, summaries
 
 
@@ -230,15 +376,20 @@ def run_attacks(
     batch: int = 1,
     device: str | None = None,
     on_event: Progress | None = None,
+    redo: bool = True,
 ) -> list[dict]:
-    """Run `jobs` (skipping finished ones), writing each result as it finishes; returns their summaries."""
+    """Run `jobs` (skipping finished ones), writing each result as it finishes; returns their summaries.
+
+    A result made with other settings (options, seed) is recomputed when `redo`, else kept.
+    """
     options = options or {}
-    todo = [job for job in jobs if job.status() != "ok"]
+    emit = on_event or (lambda event: None)
+    states = triage(jobs, options, seed, lambda line: emit({"event": "warning", "message": line}))
+    todo = states["todo"] + (states["other"] if redo else [])
     groups: list[list[AttackJob]] = []
     for label in dict.fromkeys(job.label for job in todo):
         same = [job for job in todo if job.label == label]
         groups.extend(same[i : i + batch] for i in range(0, len(same), batch))
-    emit = on_event or (lambda event: None)
     emit({"event": "start", "total": len(jobs), "todo": len(todo)})
     if executor == "local":
         return _run_local(groups, options, seed, device, emit)
@@ -247,10 +398,20 @@ def run_attacks(
     raise FedsimError(f"executor {executor!r} is not known; choose ray or local")
 
 
-def _finish(group: list[AttackJob], outcomes: list[dict], options: dict, emit: Progress) -> list[dict]:
+def triage(
+    jobs: list[AttackJob], options: dict[str, dict], seed: int, warn: Callable[[str], None] | None = None
+) -> dict[str, list[AttackJob]]:
+    """The jobs by state: `done`, `todo` (never run, failed, unreadable), `other` (done with other settings)."""
+    states: dict[str, list[AttackJob]] = {"done": [], "todo": [], "other": []}
+    for job in jobs:
+        states[job.state(options.get(job.attack, {}), seed, warn)].append(job)
+    return states
+
+
+def _finish(group: list[AttackJob], outcomes: list[dict], options: dict, seed: int, emit: Progress) -> list[dict]:
     summaries = []
     for job, outcome in zip(group, outcomes, strict=True):
-        summary = write_result(job, outcome, options.get(job.attack, {}))
+        summary = write_result(job, outcome, options.get(job.attack, {}), seed)
         summaries.append(summary)
         emit({"event": "done", **summary})
     return summaries
@@ -265,7 +426,7 @@ def _run_local(groups, options, seed, device, emit) -> list[dict]:
             continue
         report = lambda name, it, loss: emit({"event": "loss", "job": name, "iteration": it, "loss": loss})  # noqa: E731
         outcomes = execute(payloads, group[0].attack, options.get(group[0].attack, {}), device, report)
-        summaries += _finish(group, outcomes, options, emit)
+        summaries += _finish(group, outcomes, options, seed, emit)
     return summaries
 
 
@@ -317,7 +478,7 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
                     outcomes = ray.get(ref)
                 except Exception as exc:  # the worker itself died (e.g. out of memory)
                     outcomes = [{"status": "failed", "reason": f"worker failed: {exc}"} for _ in group]
-                summaries += _finish(group, outcomes, options, emit)
+                summaries += _finish(group, outcomes, options, seed, emit)
         return summaries
     finally:
         if started_here:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
@@ -47,7 +49,7 @@ def options(
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # '[' in a path is text
     raise typer.Exit(2)
 
 
@@ -142,15 +144,49 @@ def _ids(text: str | None, what: str) -> set[int] | None:
 
 
 def _attack_options(pairs: list[str], attacks: list[str]) -> dict[str, dict]:
-    """`--option iterations=100` applies to every attack; `--option grnn.iterations=500` to one."""
+    """`--option iterations=100` applies to every attack; `--option grnn.iterations=500` to one.
+
+    Every value is checked against the kind of the option's default, and each attack is built once with
+    its options, so a bad one is refused (naming `--option`) before any work starts.
+    """
+    from attacks import ATTACKS, get_attack
+
     options: dict[str, dict] = {name: {} for name in attacks}
-    for key, value in parse_overrides(pairs).items():
+    for key, value in parse_overrides(pairs, flag="--option", example="iterations=100").items():
         target, _, name = key.rpartition(".")
         for attack in [target] if target else attacks:
             if attack not in options:
                 fail(f"--option {key}: {attack!r} is not among the attacks of this command ({', '.join(attacks)})")
-            options[attack][name.replace("-", "_")] = value
+            name = name.replace("-", "_")
+            allowed = ATTACKS[attack].options()
+            if name not in allowed:
+                fail(f"--option {key}: {attack} has no option {name!r}; its options: {', '.join(sorted(allowed))}")
+            problem = _option_problem(value, allowed[name])
+            if problem:
+                fail(f"--option {key}={value!r}: {attack}'s {name} must be {problem} (default {allowed[name]!r})")
+            options[attack][name] = value
+    for attack in attacks:
+        try:
+            get_attack(attack, **options[attack])
+        except Exception as exc:  # the attack's own range checks: 'rescues must be 0 or more'
+            given = " ".join(f"{k}={v!r}" for k, v in options[attack].items())
+            fail(f"--option {given}: {exc}; {attack}'s options: {', '.join(sorted(ATTACKS[attack].options()))}")
     return options
+
+
+def _option_problem(value: object, default: object) -> str | None:
+    """What kind of value an attack option takes, if `value` is not of it (None: it is)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int) or default is None:  # None: an optional count (snapshot_every)
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
 
 
 class _AttackCommand(TyperCommand):
@@ -194,11 +230,15 @@ def attack(
             "unaware results go to attacks/<attack>-unaware",
         ),
     ] = True,
+    redo: Annotated[
+        bool, typer.Option("--redo", help="recompute results made with other options or seed than these")
+    ] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="keep results made with other options or seed")] = False,
 ) -> None:
     """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
     from attacks import ATTACKS
     from fedsim.app.attack_progress import AttackProgress
-    from fedsim.app.attack_runner import plan, run_attacks, run_dirs
+    from fedsim.app.attack_runner import manifest_warnings, plan, run_attacks, run_dirs, triage
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
@@ -208,29 +248,50 @@ def attack(
         fail(f"--executor {executor!r} is not allowed; choose ray or local")
     if batch < 1 or num_cpus <= 0 or num_gpus < 0:
         fail("--batch must be >= 1, --num-cpus > 0 and --num-gpus >= 0")
+    if redo and keep:
+        fail("--redo and --keep contradict each other; give one")
     options = _attack_options(option or [], names)
-    from attacks import get_attack
+    attempted = failures = 0
+    where: Path | None = None  # the run the failures are in, or the folder of runs
+    warned: set[str] = set()
 
-    for name in names:
-        get_attack(name, **options[name])  # refuse unknown options before any work starts
+    def warn(line: str) -> None:
+        if line not in warned:  # once per problem, not once per --watch pass
+            warned.add(line)
+            err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
     while True:
         for run_dir in run_dirs(path):
             run_seed = seed if seed is not None else _run_seed(run_dir)
+            for line in manifest_warnings(run_dir):
+                warn(line)
             jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch, aware)
             for item in skipped:
                 console.print(
-                    f"[yellow]skipped[/] round {item['round']} client {item['partition_id']}: {item['reason']}"
+                    escape(f"skipped round {item['round']} client {item['partition_id']}: {item['reason']}"),
+                    style="yellow",
                 )
             if not jobs:
                 if not watch:
-                    console.print(f"{run_dir}: nothing to attack")
+                    console.print(f"{run_dir}: nothing to attack", markup=False)
                 continue
-            todo = sum(job.status() != "ok" for job in jobs)
+            states = triage(jobs, options, run_seed, warn)
+            if states["other"] and not (redo or keep):
+                job = states["other"][0]
+                fail(
+                    f"{len(states['other'])} finished result(s) in {run_dir / 'attacks'} were made with other options "
+                    f"or seed than these (e.g. {job.out / 'result.json'}); add --redo to recompute them "
+                    "or --keep to keep them"
+                )
+            todo = len(states["todo"]) + (len(states["other"]) if redo else 0)
             if not todo:
                 if not watch:
-                    console.print(f"{run_dir}: all {len(jobs)} reconstructions already done -> {run_dir / 'attacks'}")
+                    console.print(
+                        f"{run_dir}: all {len(jobs)} reconstructions already done -> {run_dir / 'attacks'}",
+                        markup=False,
+                    )
                 continue
-            with AttackProgress(console, run_dir.name) as progress:
+            with AttackProgress(console, escape(run_dir.name)) as progress:
                 summaries = run_attacks(
                     jobs,
                     options,
@@ -240,19 +301,32 @@ def attack(
                     num_gpus=num_gpus,
                     batch=batch,
                     on_event=progress.update,
+                    redo=redo,
                 )
             failed = [s for s in summaries if s["status"] != "ok"]
+            attempted, failures = attempted + len(summaries), failures + len(failed)
+            where = run_dir if where in (None, run_dir) else path / "<run>"
             console.print(
                 f"{run_dir}: {len(jobs) - todo} already done, {todo - len(failed)} reconstructed, "
-                f"{len(failed)} failed -> {run_dir / 'attacks'}"
+                f"{len(failed)} failed -> {run_dir / 'attacks'}",
+                markup=False,
             )
             for s in failed:
                 console.print(
-                    f"[red]failed[/] {s['attack']} round {s['round']} client {s['partition_id']}: {s['reason']}"
+                    escape(f"failed {s['attack']} round {s['round']} client {s['partition_id']}: {s['reason']}"),
+                    style="red",
                 )
         if not watch:
             break
         time.sleep(5)
+    if attempted and failures == attempted:
+        err.print(
+            f"[bold red]error:[/] all {failures} reconstruction(s) failed; the reasons are above and in "
+            f"{escape(str(where))}/attacks/<attack>/<capture>/result.json",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
 
 
 def _run_seed(run_dir: Path) -> int:
@@ -368,7 +442,7 @@ def main() -> None:
     try:
         app()
     except FedsimError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
