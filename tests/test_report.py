@@ -15,6 +15,7 @@ from fedsim.app.attack_runner import plan, run_attacks
 from fedsim.app.report import write_report
 from fedsim.config import FedsimConfig
 from fedsim.datasets import load_dataset
+from fedsim.errors import FedsimError
 from tests.test_attack_runner import make_run
 
 HOSTILE = '<script>alert("x")</script>'
@@ -77,7 +78,8 @@ def hostile_run(tmp_path):
     make_run(run_dir, clients=3)
     manifest = run_dir / "captures" / "manifest.jsonl"
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    partition_ids = {100: 2, 101: HOSTILE, 102: 0}  # a client names its own partition in its reply
+    # Clients name their own partitions; markup there is refused by the store's schema (tests/test_hostile.py).
+    partition_ids = {100: 2, 101: 1, 102: 0}
     for record in records:
         if record["kind"] == "update":
             record["partition_id"] = partition_ids[record["client"]]
@@ -94,7 +96,8 @@ def hostile_run(tmp_path):
     first, second = (json.loads(p.read_text()) for p in results[:2])
     first["info"]["objective"] = HOSTILE
     first["labels"] = [HOSTILE]
-    second.update(status="failed", reason=HOSTILE, attack=HOSTILE)
+    # result files from elsewhere are untrusted too: a partition id with markup is shown as text
+    second.update(status="failed", reason=HOSTILE, attack=HOSTILE, partition_id=HOSTILE)
     results[0].write_text(json.dumps(first))
     results[1].write_text(json.dumps(second))
     return run_dir
@@ -112,6 +115,15 @@ def test_cards_come_by_round_then_client(hostile_run):
     page = Page(write_report(hostile_run).read_text())
     clients = [h.rsplit("client ", 1)[1] for h in page.headings]
     assert clients == ["0", "2", HOSTILE]
+
+
+def test_a_partition_id_with_markup_is_refused_before_any_attack(hostile_run):
+    manifest = hostile_run / "captures" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    next(r for r in records if r["kind"] == "update")["partition_id"] = HOSTILE
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(FedsimError, match="field partition_id"):
+        plan(hostile_run, ["analytic"])
 
 
 def test_a_dataset_without_test_images_says_so(hostile_run):

@@ -11,7 +11,6 @@ write must land inside the run's attacks folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -31,7 +30,6 @@ from fedsim.images import gif_bytes, grid, png_bytes
 
 Progress = Callable[[dict], None]
 RESULT = "result.json"
-MAX_INPUT = 3 * 1024 * 1024  # values in one example: a 1024x1024 colour image
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -119,91 +117,6 @@ def clean_text(text: str, limit: int = 2000) -> str:
     return _ESCAPES.sub("", str(text).replace("\n", " ").replace("\t", " "))[:limit]
 
 
-def record_problem(record: Any, root: Path) -> str | None:
-    """Why a manifest record cannot be used by the attacks (None: it can). `root` is the captures folder."""
-    if not isinstance(record, dict):
-        return f"not a JSON object: {_shown(record)}"
-    kind = record.get("kind")
-    if kind not in ("global", "update"):
-        return None if isinstance(kind, str) else f"kind must be a string, got {_shown(kind)}"
-    try:
-        _whole(record, "round")
-        if kind == "update":
-            _whole(record, "client")
-            if record.get("num_examples") is not None:
-                _whole(record, "num_examples")
-    except FedsimError as exc:
-        return str(exc)
-    shape = record.get("input_shape")  # sizes the model rebuilt for the attack: a huge one would never finish
-    if shape is not None and not (
-        isinstance(shape, list)
-        and 1 <= len(shape) <= 3
-        and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 4096 for n in shape)
-        and math.prod(shape) <= MAX_INPUT
-    ):
-        return f"input_shape must be 1 to 3 sizes of at most {MAX_INPUT} values in all, got {_shown(shape)}"
-    classes = record.get("num_classes")
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= 10**5):
-        return f"num_classes must be a whole number from 1 to 100000, got {_shown(classes)}"
-    partition = record.get("partition_id")  # the client's own word, shown as text, never part of a path
-    if isinstance(partition, bool) or not isinstance(partition, (int, str, type(None))):
-        return f"partition_id must be a whole number, got {_shown(partition)}"
-    file = record.get("file")
-    if not isinstance(file, str) or not file:
-        return f"file must be a path inside the captures folder, got {_shown(file)}"
-    base = Path(root).resolve()
-    if Path(file).is_absolute() or not (base / file).resolve().is_relative_to(base):
-        return f"file {_shown(file)} is outside the captures folder"
-    return None
-
-
-class CheckedStore(CaptureStore):
-    """A capture store read as untrusted: unusable records are left out, and said so once."""
-
-    def __init__(self, root: str | Path) -> None:
-        super().__init__(root)
-        self.warnings: list[str] = []
-        self._checked: list[dict] | None = None
-
-    def records(self, kind: str | None = None) -> list[dict]:
-        if self._checked is None:
-            self._checked, refused = [], []
-            for record in super().records():
-                problem = record_problem(record, self.root)
-                (refused.append(problem) if problem else self._checked.append(record))
-            if refused:
-                self.warnings.append(
-                    f"{self.manifest}: left out {len(refused)} unusable capture record(s); first: {refused[0]}"
-                )
-            if _last_line_cut(self.manifest):
-                self.warnings.append(f"{self.manifest}: the last line is incomplete (cut off while written); left out")
-        return [r for r in self._checked if kind is None or r.get("kind") == kind]
-
-    def load(self, record: dict) -> dict:
-        problem = record_problem(record, self.root)
-        if problem:
-            raise FedsimError(f"capture record refused: {problem}")
-        return super().load(record)
-
-
-def _last_line_cut(path: Path) -> bool:
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def manifest_warnings(run_dir: Path) -> list[str]:
-    """One line per problem with the run's manifest (unusable records, a cut-off last line)."""
-    store = CheckedStore(Path(run_dir) / "captures")
-    store.records()
-    return store.warnings
-
-
 def run_dirs(path: Path) -> list[Path]:
     """`path` itself if it is a run, else every run folder directly inside it."""
     path = Path(path)
@@ -226,7 +139,7 @@ def plan(
     aware: bool = True,
 ) -> tuple[list[AttackJob], list[dict]]:
     """The jobs for `attacks` on the run's captured updates, and the captures skipped (with why)."""
-    store = CheckedStore(run_dir / "captures")
+    store = CaptureStore(run_dir / "captures")
     jobs, skipped = [], []
     globals_seen = {r["round"] for r in store.records("global")}
     for record in store.records("update"):
@@ -353,7 +266,7 @@ def _payload(job: AttackJob, store: CaptureStore, seed: int) -> dict:
 
 def _load_group(group: list[AttackJob], seed: int, options: dict, emit: Progress) -> tuple[list, list, list]:
     """Payloads of the jobs whose captures load; a corrupt capture fails its own job only."""
-    store = CheckedStore(group[0].run_dir / "captures")
+    store = CaptureStore(group[0].run_dir / "captures")
     jobs, payloads, summaries = [], [], []
     for job in group:
         try:

@@ -238,7 +238,7 @@ def attack(
     """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
     from attacks import ATTACKS
     from fedsim.app.attack_progress import AttackProgress
-    from fedsim.app.attack_runner import manifest_warnings, plan, run_attacks, run_dirs, triage
+    from fedsim.app.attack_runner import plan, run_attacks, run_dirs, triage
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
@@ -263,8 +263,6 @@ def attack(
     while True:
         for run_dir in run_dirs(path):
             run_seed = seed if seed is not None else _run_seed(run_dir)
-            for line in manifest_warnings(run_dir):
-                warn(line)
             jobs, skipped = plan(run_dir, names, _ids(rounds, "--rounds"), _ids(clients, "--clients"), max_batch, aware)
             for item in skipped:
                 console.print(
