@@ -185,10 +185,16 @@ def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
         for report in result["results"][key].values():
             assert 0 <= report["auc"] <= 1 and 0 <= report["tpr@1%fpr"] <= 1
             assert report["members"] == 48 and report["non-members"] > 0
+    raw = result["pooled-raw"]["fl/client"]["seqmia"]
+    assert raw["members"] == 48 and 0 <= raw["tpr@0.1%fpr"] <= raw["tpr@0.1%fpr-interpolated"] <= 1
+    spread = result["per-client-spread"]["fl/client"]["seqmia"]
+    assert spread["count"] == 2 and spread["auc"]["min"] <= spread["auc"]["mean"] <= spread["auc"]["max"]
     out = run_dir / "membership"
     assert (out / "roc-fl-client.png").read_bytes().startswith(b"\x89PNG") and (out / "results.json").is_file()
     scores = load_tensors(out / "scores.safetensors")
     assert all(torch.isfinite(t.double()).all() for t in scores.values())
+    calibrated = scores["fl/client/seqmia/scores"]
+    assert ((calibrated >= 0) & (calibrated <= 1)).all() and "fl/client-raw/seqmia/scores" in scores
     again = run_membership(run_dir, modes=("fl",), clients=[0], **kwargs)  # same seed, same attack
     assert again["per-client"]["0"] == result["per-client"]["0"]
 

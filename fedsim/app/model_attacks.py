@@ -108,7 +108,7 @@ def run_membership(
     *,
     modes: tuple[str, ...] = ("fl",),
     clients: list[int] | None = None,
-    num_shadows: int = 4,
+    num_shadows: int = 8,
     epochs: int = 150,
     distill_epochs: int = 10,
     max_nonmembers: int = 2000,
