@@ -22,7 +22,7 @@ from attacks.membership_metrics import (
     tpr_at_fpr_interpolated,
 )
 from attacks.seqmia import AttentionLSTM, loss_baselines, metric_sequences, train_attack_model
-from attacks.seqmia_fl import frozen_parameters, level_states, replay_client
+from attacks.seqmia_fl import calibration_references, frozen_parameters, level_states, replay_client
 from tests.conftest import run_cli
 
 
@@ -245,3 +245,16 @@ def test_calibration_puts_two_clients_scores_on_one_scale():
         assert roc_auc(c, truth) == pytest.approx(roc_auc(s, truth))  # a client's own ranking is kept
     assert (np.diff(calibrated_scores(np.sort(a), ref_a)) > 0).all()  # strictly increasing, tails included
     np.testing.assert_allclose(calibrated_scores(np.array([0.0]), np.array([-1.0, 1.0])), [0.5])
+
+
+def test_calibration_references_are_the_held_out_shadow_non_members():
+    x, y = toy_sequences(200, 0)
+    clf = train_attack_model(x, y, epochs=2, seed=0)
+    notes: list[str] = []
+    refs = calibration_references(clf, x, y, notes)
+    held = clf.held_out[y[clf.held_out] == 0]
+    assert len(clf.held_out) == 40 and not notes
+    np.testing.assert_array_equal(refs["seqmia"], clf.score(x[held]))
+    assert len(refs["loss-final"]) == (y == 0).sum()  # the baselines learn nothing: every shadow non-member
+    unheld = train_attack_model(x, y, epochs=2, seed=0, validation=0)
+    assert len(calibration_references(unheld, x, y, notes)["seqmia"]) == (y == 0).sum() and len(notes) == 1
