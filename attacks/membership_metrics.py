@@ -80,8 +80,9 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 def tpr_at_fpr_interpolated(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     """Interpolated TPR, as SeqMIA's paper computes it: the ROC's polyline read at `target` (numpy.interp on the
-    ROC points). Between the last point with FPR <= target and the next one it draws a straight line, so it
-    credits a share of members that no threshold separates at that FPR: never below the step TPR."""
+    ROC points). Never below the step TPR; equal to it wherever the scores are distinct (the ROC is then a
+    staircase, flat from a false positive to the next member), above it only across a score that members and
+    non-members share, whose diagonal segment credits members no threshold separates."""
     return float(np.interp(target, fpr, tpr))
 
 

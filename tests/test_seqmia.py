@@ -222,6 +222,12 @@ def test_step_and_interpolated_tpr_on_a_hand_made_roc():
     assert tpr_at_fpr_interpolated(fpr, tpr, 0.5) == pytest.approx(1.0)
     report = membership_report(scores, members)
     assert report["tpr@1%fpr"] == 0.5 and report["tpr@1%fpr-interpolated"] == pytest.approx(0.51)
+    # distinct scores make a staircase ROC: the interpolation then reads the step TPR at every FPR, even below 1/n
+    rng = np.random.default_rng(1)
+    truth = np.r_[np.ones(50, bool), np.zeros(500, bool)]
+    fpr, tpr, _ = roc_curve(rng.normal(size=550) + truth, truth)
+    for target in (0.0005, 0.001, 0.0031, 0.01, 0.1):
+        assert tpr_at_fpr_interpolated(fpr, tpr, target) == tpr_at_fpr(fpr, tpr, target)
 
 
 def test_calibration_puts_two_clients_scores_on_one_scale():
