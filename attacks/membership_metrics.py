@@ -73,16 +73,50 @@ def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    """The highest TPR among thresholds whose FPR is at most `target` (0 if none but the empty one)."""
+    """Step TPR: the highest TPR among thresholds whose FPR is at most `target` (0 if none but the empty one)."""
     ok = fpr <= target + 1e-12
     return float(tpr[ok].max())
+
+
+def tpr_at_fpr_interpolated(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """Interpolated TPR, as SeqMIA's paper computes it: the ROC's polyline read at `target` (numpy.interp on the
+    ROC points). Never below the step TPR; equal to it wherever the scores are distinct (the ROC is then a
+    staircase, flat from a false positive to the next member), above it only across a score that members and
+    non-members share, whose diagonal segment credits members no threshold separates."""
+    return float(np.interp(target, fpr, tpr))
+
+
+def calibrated_scores(scores: np.ndarray, reference: np.ndarray, tail: float = 0.1) -> np.ndarray:
+    """Scores mapped onto one scale: 1 - the empirical p-value against `reference`, held-out non-member scores of
+    the same attack model (the share of reference scores below a score, ties counting one half).
+
+    Between reference scores the map is linear, so it is strictly increasing and a client's own ranking is kept;
+    beyond the largest (smallest) reference score it decays exponentially towards 1 (0) with the mean excess of
+    the top (bottom) `tail` share of the references as the scale (a peaks-over-threshold exponential tail).
+    Returns values in [0, 1], float64.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    if ref.ndim != 1 or len(ref) < 2 or not np.isfinite(ref).all() or not np.isfinite(s).all():
+        raise ValueError("calibration needs at least two finite reference scores and finite scores")
+    m = len(ref)
+    cdf = (np.arange(m) + 0.5) / m  # mid-ranks: distinct references, and ties averaged by the interpolation
+    out = np.interp(s, ref, cdf)
+    k = max(2, int(np.ceil(tail * m)))
+    top = max(float(np.mean(ref[-k:] - ref[-k])), 1e-12)
+    bottom = max(float(np.mean(ref[k - 1] - ref[:k])), 1e-12)
+    hi, lo = s > ref[-1], s < ref[0]
+    out[hi] = 1.0 - (0.5 / m) * np.exp(-(s[hi] - ref[-1]) / top)
+    out[lo] = (0.5 / m) * np.exp(-(ref[0] - s[lo]) / bottom)
+    return out
 
 
 def membership_report(scores: np.ndarray, is_member: np.ndarray) -> dict:
     """AUC, TPR at 1 % and 0.1 % FPR, balanced accuracy, and the counts that bound what is measurable.
 
-    A TPR at FPR f is only measured when there are at least 1/f non-members (`measurable`); the smallest
-    measurable FPR is 1 / non-members.
+    `tpr@X%fpr` is the step TPR (a threshold that reaches it exists); `tpr@X%fpr-interpolated` is the paper's
+    linear interpolation of the ROC at X %. A TPR at FPR f is only measured when there are at least 1/f
+    non-members (`measurable`); the smallest measurable FPR is 1 / non-members.
     """
     fpr, tpr, _ = roc_curve(scores, is_member)
     m = np.asarray(is_member, dtype=bool)
@@ -97,8 +131,27 @@ def membership_report(scores: np.ndarray, is_member: np.ndarray) -> dict:
     for target in FPR_TARGETS:
         key = f"tpr@{target * 100:g}%fpr"
         report[key] = tpr_at_fpr(fpr, tpr, target)
+        report[f"{key}-interpolated"] = tpr_at_fpr_interpolated(fpr, tpr, target)
         report[f"{key}-measurable"] = bool(n_neg * target >= 1)
     return report
+
+
+SUMMARY_KEYS = ("auc", "balanced-accuracy") + tuple(
+    f"tpr@{t * 100:g}%fpr{suffix}" for t in FPR_TARGETS for suffix in ("", "-interpolated")
+)
+
+
+def spread(reports: list[Mapping]) -> dict:
+    """Mean, standard deviation (n - 1), min and max of each report figure over several reports (e.g. clients)."""
+    out: dict = {"count": len(reports)}
+    for key in SUMMARY_KEYS:
+        values = np.array([r[key] for r in reports], dtype=np.float64)
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[key] = {"mean": float(values.mean()), "std": std, "min": float(values.min()), "max": float(values.max())}
+    out["measurable"] = {
+        f"tpr@{t * 100:g}%fpr": all(r[f"tpr@{t * 100:g}%fpr-measurable"] for r in reports) for t in FPR_TARGETS
+    }
+    return out
 
 
 def format_report(name: str, report: Mapping) -> str:

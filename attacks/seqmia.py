@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,12 +49,14 @@ class AttentionLSTM(nn.Module):
 
 @dataclass
 class SeqMIAClassifier:
-    """A trained attack model with the per-metric standardisation fitted on its training sequences."""
+    """A trained attack model with the per-metric standardisation fitted on its training sequences, and the
+    indices of the sequences it held out for validation (never trained on; they calibrate its scores)."""
 
     model: AttentionLSTM
     mean: np.ndarray
     std: np.ndarray
     history: list[float]
+    held_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def score(self, sequences: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """Membership score of each sequence [N, T, F]: the member-vs-non-member log-odds, float64."""
@@ -114,7 +116,7 @@ def train_attack_model(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.9)
-    classifier = SeqMIAClassifier(model, mean, std, [])
+    classifier = SeqMIAClassifier(model, mean, std, [], np.sort(val))
     inputs, targets = torch.from_numpy(classifier.standardise(x)), torch.from_numpy(y)
     data = (inputs[train], targets[train], inputs[val], targets[val])
     with single_thread():

@@ -12,6 +12,7 @@ ever touching a client's data. Other strategies (median, Krum) are approximated 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from attacks.contract import Recipe, RunTrajectory, StateDict
-from attacks.membership_metrics import membership_report
+from attacks.membership_metrics import calibrated_scores, membership_report, spread
 from attacks.seqmia import (
     SeqMIAClassifier,
     distill_snapshots,
@@ -349,26 +350,44 @@ MODES = ("fl", "blackbox")
 
 @dataclass
 class MembershipScores:
-    """Every attack's scores by setting ("<mode>/<level>"), each part with who is a member, and what was noted."""
+    """Every attack's scores by setting ("<mode>/<level>"), each part with who is a member, and what was noted.
+
+    `parts` holds the scores that are pooled into one ROC per setting: at the FL client level each client's
+    scores calibrated against its own attack model's held-out shadow non-members (one scale for all clients);
+    `raw_parts` the same settings' uncalibrated scores, each client's on its own attack model's scale.
+    """
 
     parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=dict)
+    raw_parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=dict)
     per_client: dict[str, dict] = field(default_factory=dict)  # client -> attack -> report, FL client level
     notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time by phase (shadow replays, attack models)
 
-    def add(self, key: str, attack_scores: dict[str, np.ndarray], n_members: int) -> None:
-        """Scores of queries whose first `n_members` are members."""
+    def timed(self, phase: str, start: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def add(self, key: str, attack_scores: dict[str, np.ndarray], n_members: int, raw: bool = False) -> None:
+        """Scores of queries whose first `n_members` are members (raw=True: the uncalibrated ones)."""
+        parts = self.raw_parts if raw else self.parts
         for name, s in attack_scores.items():
-            self.parts.setdefault(key, {}).setdefault(name, []).append((s, _truth(len(s), n_members)))
+            parts.setdefault(key, {}).setdefault(name, []).append((s, _truth(len(s), n_members)))
 
-    def pooled(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    def pooled(self, raw: bool = False) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """setting -> attack -> (scores, is_member), every part of a setting together."""
         return {
             key: {
                 name: (np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
                 for name, parts in attacks.items()
             }
-            for key, attacks in self.parts.items()
+            for key, attacks in (self.raw_parts if raw else self.parts).items()
         }
+
+    def per_client_spread(self) -> dict[str, dict]:
+        """attack -> mean, spread, min and max over the clients of their own reports (FL client level)."""
+        if not self.per_client:
+            return {}
+        names = next(iter(self.per_client.values()))
+        return {name: spread([reports[name] for reports in self.per_client.values()]) for name in names}
 
 
 def _truth(n: int, n_members: int) -> np.ndarray:
@@ -378,6 +397,20 @@ def _truth(n: int, n_members: int) -> np.ndarray:
 def level_scores(classifier: SeqMIAClassifier, queries: np.ndarray) -> dict[str, np.ndarray]:
     """SeqMIA's scores of query sequences, and the two loss baselines'."""
     return {"seqmia": classifier.score(queries), **loss_baselines(queries)}
+
+
+def calibration_references(
+    classifier: SeqMIAClassifier, sequences: np.ndarray, labels: np.ndarray, notes: list[str]
+) -> dict[str, np.ndarray]:
+    """Each attack's scores of shadow non-members it never learnt from: the reference its scores are calibrated
+    against. SeqMIA: the non-members of the attack model's held-out validation share; the loss baselines learn
+    nothing, so every shadow non-member. With fewer than 2 held-out non-members SeqMIA falls back to every shadow
+    non-member (noted: its training non-members score lower than unseen ones, which skews the scale)."""
+    held = classifier.held_out[labels[classifier.held_out] == 0]
+    if len(held) < 2:
+        held = np.flatnonzero(labels == 0)
+        notes.append("too few held-out shadow non-members: SeqMIA's scores calibrated on its training non-members")
+    return {"seqmia": classifier.score(sequences[held]), **loss_baselines(sequences[labels == 0])}
 
 
 def shadow_sizes(run: RunTrajectory, clients: list[int], aux: int, notes: list[str]) -> dict[int, int]:
@@ -430,6 +463,7 @@ def attack_run(
         global_train: list[tuple[np.ndarray, np.ndarray]] = []
         non_cache: dict[int, np.ndarray] = {}
         for i, k in enumerate(clients):
+            start = time.perf_counter()
             shadows = shadow_dataset(
                 template,
                 run,
@@ -443,12 +477,15 @@ def attack_run(
                 progress=lambda d, t, k=k: progress(f"shadow replays of client {k}", d, t),
             )
             global_train.append(shadows["global"])
+            out.timed("shadow replays", start)
+            start = time.perf_counter()
             classifier = train_attack_model(
                 *shadows["client"],
                 epochs=epochs,
                 seed=seed + k,
                 progress=lambda d, t, _l, k=k: progress(f"attack model of client {k}", d, t),
             )
+            out.timed("client attack models", start)
             mx, my = shards[k]
             queries = np.concatenate(
                 [
@@ -457,7 +494,9 @@ def attack_run(
                 ]
             )
             scores = level_scores(classifier, queries)
-            out.add("fl/client", scores, len(my))
+            out.add("fl/client", scores, len(my), raw=True)
+            references = calibration_references(classifier, *shadows["client"], out.notes)
+            out.add("fl/client", {n: calibrated_scores(s, references[n]) for n, s in scores.items()}, len(my))
             truth = _truth(len(queries), len(my))
             out.per_client[str(k)] = {name: membership_report(s, truth) for name, s in scores.items()}
             progress("clients", i + 1, len(clients))

@@ -11,9 +11,18 @@ import torch
 from torch import nn
 
 from attacks.contract import Recipe, RunTrajectory
-from attacks.membership_metrics import membership_report, roc_auc, roc_curve, roc_png, sample_metrics, tpr_at_fpr
+from attacks.membership_metrics import (
+    calibrated_scores,
+    membership_report,
+    roc_auc,
+    roc_curve,
+    roc_png,
+    sample_metrics,
+    tpr_at_fpr,
+    tpr_at_fpr_interpolated,
+)
 from attacks.seqmia import AttentionLSTM, loss_baselines, metric_sequences, train_attack_model
-from attacks.seqmia_fl import frozen_parameters, level_states, replay_client
+from attacks.seqmia_fl import calibration_references, frozen_parameters, level_states, replay_client
 from tests.conftest import invoke_cli
 
 
@@ -176,10 +185,16 @@ def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
         for report in result["results"][key].values():
             assert 0 <= report["auc"] <= 1 and 0 <= report["tpr@1%fpr"] <= 1
             assert report["members"] == 48 and report["non-members"] > 0
+    raw = result["pooled-raw"]["fl/client"]["seqmia"]
+    assert raw["members"] == 48 and 0 <= raw["tpr@0.1%fpr"] <= raw["tpr@0.1%fpr-interpolated"] <= 1
+    spread = result["per-client-spread"]["fl/client"]["seqmia"]
+    assert spread["count"] == 2 and spread["auc"]["min"] <= spread["auc"]["mean"] <= spread["auc"]["max"]
     out = run_dir / "membership"
     assert (out / "roc-fl-client.png").read_bytes().startswith(b"\x89PNG") and (out / "results.json").is_file()
     scores = load_tensors(out / "scores.safetensors")
     assert all(torch.isfinite(t.double()).all() for t in scores.values())
+    calibrated = scores["fl/client/seqmia/scores"]
+    assert ((calibrated >= 0) & (calibrated <= 1)).all() and "fl/client-raw/seqmia/scores" in scores
     again = run_membership(run_dir, modes=("fl",), clients=[0], **kwargs)  # same seed, same attack
     assert again["per-client"]["0"] == result["per-client"]["0"]
 
@@ -194,3 +209,58 @@ def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
         assert len(entry["chosen"]) == 2 and 0 <= entry["ensemble"]["accuracy"] <= 1
         assert np.isfinite(entry["single"]["nearest-private-rmse"])
         assert (run_dir / "inversion" / f"{target}-ensemble.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_step_and_interpolated_tpr_on_a_hand_made_roc():
+    # scores 3 (member), 2 (member, non-member tied), 1 (non-member): ROC (0, 0) (0, .5) (.5, 1) (1, 1)
+    scores, members = np.array([3.0, 2.0, 2.0, 1.0]), np.array([1, 1, 0, 0], bool)
+    fpr, tpr, _ = roc_curve(scores, members)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
+    assert tpr_at_fpr(fpr, tpr, 0.25) == 0.5  # no threshold separates more without FPR 0.5
+    assert tpr_at_fpr_interpolated(fpr, tpr, 0.25) == pytest.approx(0.75)  # halfway along the tied segment
+    assert tpr_at_fpr_interpolated(fpr, tpr, 0.5) == pytest.approx(1.0)
+    report = membership_report(scores, members)
+    assert report["tpr@1%fpr"] == 0.5 and report["tpr@1%fpr-interpolated"] == pytest.approx(0.51)
+    # distinct scores make a staircase ROC: the interpolation then reads the step TPR at every FPR, even below 1/n
+    rng = np.random.default_rng(1)
+    truth = np.r_[np.ones(50, bool), np.zeros(500, bool)]
+    fpr, tpr, _ = roc_curve(rng.normal(size=550) + truth, truth)
+    for target in (0.0005, 0.001, 0.0031, 0.01, 0.1):
+        assert tpr_at_fpr_interpolated(fpr, tpr, target) == tpr_at_fpr(fpr, tpr, target)
+
+
+def test_calibration_puts_two_clients_scores_on_one_scale():
+    """Two clients' attack models score on different scales: pooled raw scores rank client B's non-members above
+    client A's members; mapped to p-values against each client's own non-members, they pool cleanly."""
+    rng = np.random.default_rng(0)
+    truth = np.r_[np.ones(200, bool), np.zeros(2000, bool)]
+
+    def client(offset: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        scores = offset + scale * (rng.normal(size=len(truth)) + 2.0 * truth)
+        return scores, offset + scale * rng.normal(size=1000)  # (queries, held-out shadow non-members)
+
+    (a, ref_a), (b, ref_b) = client(0.0, 1.0), client(10.0, 5.0)
+    both = np.r_[truth, truth]
+    raw = roc_auc(np.r_[a, b], both)
+    ca, cb = calibrated_scores(a, ref_a), calibrated_scores(b, ref_b)
+    calibrated = roc_auc(np.r_[ca, cb], both)
+    assert raw < 0.8 < calibrated
+    for c, s in ((ca, a), (cb, b)):
+        assert ((0 <= c) & (c <= 1)).all()
+        assert roc_auc(c, truth) == pytest.approx(roc_auc(s, truth))  # a client's own ranking is kept
+    assert (np.diff(calibrated_scores(np.sort(a), ref_a)) > 0).all()  # strictly increasing, tails included
+    np.testing.assert_allclose(calibrated_scores(np.array([0.0]), np.array([-1.0, 1.0])), [0.5])
+
+
+def test_calibration_references_are_the_held_out_shadow_non_members():
+    x, y = toy_sequences(200, 0)
+    clf = train_attack_model(x, y, epochs=2, seed=0)
+    notes: list[str] = []
+    refs = calibration_references(clf, x, y, notes)
+    held = clf.held_out[y[clf.held_out] == 0]
+    assert len(clf.held_out) == 40 and not notes
+    np.testing.assert_array_equal(refs["seqmia"], clf.score(x[held]))
+    assert len(refs["loss-final"]) == (y == 0).sum()  # the baselines learn nothing: every shadow non-member
+    unheld = train_attack_model(x, y, epochs=2, seed=0, validation=0)
+    assert len(calibration_references(unheld, x, y, notes)["seqmia"]) == (y == 0).sum() and len(notes) == 1

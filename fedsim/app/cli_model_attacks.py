@@ -54,7 +54,7 @@ def membership(
         list[str] | None, typer.Option("--mode", "-m", help="fl (the captured trajectory) and/or blackbox")
     ] = None,
     client: Clients = None,
-    shadows: Annotated[int, typer.Option(help="shadow replays per client (attack-model training data)")] = 4,
+    shadows: Annotated[int, typer.Option(help="shadow replays per client (attack-model training data)")] = 8,
     epochs: Annotated[int, typer.Option(help="epochs of the attention LSTM (the paper: 150)")] = 150,
     distill_epochs: Annotated[int, typer.Option("--distill-epochs", help="black-box distillation snapshots")] = 10,
     max_nonmembers: Annotated[int, typer.Option("--max-nonmembers", help="cap on non-member queries")] = 2000,
@@ -85,19 +85,40 @@ def membership(
             seed=seed,
             progress=bars,
         )
-    table = Table(title=f"membership inference on {run_dir.name}")
-    for column in ("setting", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR", "members", "non-members"):
-        table.add_column(column, justify="right" if column not in ("setting", "attack") else "left")
-    for key, attacks in results["results"].items():
-        for name, r in attacks.items():
-            low = f"{r['tpr@0.1%fpr']:.4f}" + ("" if r["tpr@0.1%fpr-measurable"] else " (<1/n)")
-            table.add_row(
-                key, name, f"{r['auc']:.4f}", f"{r['tpr@1%fpr']:.4f}", low, str(r["members"]), str(r["non-members"])
-            )
-    console.print(table)
+    console.print(membership_table(results, f"membership inference on {run_dir.name}"))
+    console.print(f"note: {results['calibration']}")
     for note in results["notes"]:
         console.print(f"note: {note}")
     console.print(f"results, ROC curves (log-log) and scores in [bold]{run_dir / 'membership'}[/]")
+
+
+def membership_table(results: dict, title: str) -> Table:
+    """Every setting's pooled reports, then fl/client's raw pooling and the mean of its clients' own reports.
+
+    TPR is given as a step (a threshold reaching it exists) and interpolated along the ROC (as SeqMIA's paper)."""
+    table = Table(title=title)
+    columns = ("setting", "attack", "AUC", "TPR@1% step", "interp", "TPR@0.1% step", "interp", "members", "non-members")
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("setting", "attack") else "left")
+    views = list(results["results"].items())
+    views += [(f"{k} (pooled raw)", a) for k, a in results.get("pooled-raw", {}).items()]
+    for key, attacks in views:
+        for name, r in attacks.items():
+            low = "" if r["tpr@0.1%fpr-measurable"] else " (<1/n)"
+            cells = [f"{r['auc']:.4f}", f"{r['tpr@1%fpr']:.4f}", f"{r['tpr@1%fpr-interpolated']:.4f}"]
+            cells += [f"{r['tpr@0.1%fpr']:.4f}{low}", f"{r['tpr@0.1%fpr-interpolated']:.4f}{low}"]
+            table.add_row(key, name, *cells, str(r["members"]), str(r["non-members"]))
+    for key, attacks in results.get("per-client-spread", {}).items():
+        first = next(iter(results["per-client"].values()))
+        for name, f in attacks.items():
+            low = "" if f["measurable"]["tpr@0.1%fpr"] else " (<1/n)"
+            cells = [f"{f[c]['mean']:.4f} ± {f[c]['std']:.4f}" for c in ("auc", "tpr@1%fpr", "tpr@1%fpr-interpolated")]
+            cells += [
+                f"{f[c]['mean']:.4f} ± {f[c]['std']:.4f}{low}" for c in ("tpr@0.1%fpr", "tpr@0.1%fpr-interpolated")
+            ]
+            label = f"{key} (mean of {f['count']} clients)"
+            table.add_row(label, name, *cells, str(first[name]["members"]), str(first[name]["non-members"]))
+    return table
 
 
 def invert(

@@ -96,12 +96,19 @@ def membership_split(fed: Federation, seed: int, max_nonmembers: int = 2000) -> 
     return {"aux": (aux_x, aux_y), "nonmembers": (non_x[:max_nonmembers], non_y[:max_nonmembers])}
 
 
+CALIBRATION = (
+    "fl/client pools every client's scores after mapping each onto one scale: 1 - its empirical p-value against "
+    "that client's attack model's held-out shadow non-members (pooled-raw: the uncalibrated scores, each client's "
+    "on its own attack model's scale; per-client-spread: mean and spread of the clients' own reports)"
+)
+
+
 def run_membership(
     run_dir: str | Path,
     *,
     modes: tuple[str, ...] = ("fl",),
     clients: list[int] | None = None,
-    num_shadows: int = 4,
+    num_shadows: int = 8,
     epochs: int = 150,
     distill_epochs: int = 10,
     max_nonmembers: int = 2000,
@@ -109,6 +116,9 @@ def run_membership(
     progress: Progress = _quiet,
 ) -> dict:
     """SeqMIA against a run, with the two loss baselines, at client and global level; writes <run>/membership/.
+
+    results.json: `results` (setting -> attack -> report; fl/client pooled after per-client calibration),
+    `pooled-raw` (fl/client pooled uncalibrated), `per-client` and `per-client-spread` (see CALIBRATION).
 
     fl: sequences over the captured trajectory, attack model learnt from the server's shadow replays.
     blackbox: the paper's mode against the final models: distillation snapshots and a shadow federation.
@@ -145,11 +155,19 @@ def run_membership(
         "clients": clients,
         "num-shadows": num_shadows,
         "notes": scores.notes,
+        "calibration": CALIBRATION,
         "results": {},
+        "pooled-raw": {},
         "per-client": scores.per_client,
+        "per-client-spread": {"fl/client": scores.per_client_spread()} if scores.per_client else {},
+        "seconds": scores.seconds,
     }
     out = run_dir / "membership"
     tensors = {}
+    for key, pooled in scores.pooled(raw=True).items():
+        results["pooled-raw"][key] = {name: membership_report(s, m) for name, (s, m) in pooled.items()}
+        for name, (s, _m) in pooled.items():
+            tensors[f"{key}-raw/{name}/scores"] = torch.from_numpy(s)
     for key, pooled in scores.pooled().items():
         results["results"][key] = {name: membership_report(s, m) for name, (s, m) in pooled.items()}
         atomic_write_bytes(out / f"roc-{key.replace('/', '-')}.png", roc_png(pooled, f"{run_dir.name}: {key}"))
