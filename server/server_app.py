@@ -16,7 +16,9 @@ from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
+from fedsim.imprint import imprint_state
 from server.curious import CuriousStrategy
+from server.imprint import TamperingStrategy, server_field, tamper_with
 from server.nodes import BoundedGrid
 from server.strategies import make_strategy
 
@@ -65,6 +67,7 @@ def run_server(
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
+    tampering = tamper_with(fed, model) if config.server_mode == "imprint" else None
     if "tldmi" in config.defense_list():
         # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
         pretrain = fed.pretrain_public(model)
@@ -88,6 +91,7 @@ def run_server(
         "input_shape": list(fed.data.input_shape),
         "num_classes": fed.data.num_classes,
         "trainable": trainable_names(config, model),
+        "server": server_field(config, tampering),
     }
     store = CaptureStore(run_dir / "captures") if config.capture else None
     rounds: dict[int, dict] = {}
@@ -101,6 +105,8 @@ def run_server(
 
     inner = make_strategy(config)
     strategy = CuriousStrategy(inner, store, describe, on_round=record_train) if curious else inner
+    if tampering is not None:  # outside the curious wrapper: the captured global model is the tampered one
+        strategy = TamperingStrategy(strategy, imprint_state(model))
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

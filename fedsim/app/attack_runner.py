@@ -130,6 +130,11 @@ def load_target(
     from fedsim.models import build_model
 
     model = build_model(record["model"], tuple(record["input_shape"]), record["num_classes"])
+    server = record.get("server") or {}
+    if server.get("mode") == "imprint":  # the cheating server's own architecture: its block in front of the model
+        from fedsim.imprint import imprinted
+
+        model = imprinted(model, tuple(record["input_shape"]), int(server["bins"]))
     model.load_state_dict(global_state)
     model.train()  # clients compute their gradients in training mode (BatchNorm uses batch statistics)
     declared, defenses = record.get("declared") or {}, declared_defenses(record)
