@@ -118,4 +118,6 @@ class Imprint(Attack):
         params = trainable_parameters(model)
         loss = _ce(model(x.to(params[0].device, params[0].dtype)), labels.to(params[0].device))
         grads = torch.autograd.grad(loss, params)
-        return float(sum(((a.double() - b.to(a.device).double()) ** 2).sum() for a, b in zip(grads, signal)))
+        return float(
+            sum(((a.double() - b.to(a.device).double()) ** 2).sum() for a, b in zip(grads, signal, strict=True))
+        )

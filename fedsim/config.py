@@ -19,7 +19,7 @@ DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
 """The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
 SERVER_MODES = ("curious", "imprint")
-"""curious: the honest-but-curious server; imprint: a cheating server that tampers with the model (docs/malicious_server.md)."""
+"""curious: honest-but-curious; imprint: a server that tampers with the model (docs/malicious_server.md)."""
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -335,8 +335,9 @@ class FedsimConfig:
         if self.server_mode == "imprint":
             if self.imprint_bins < self.captured_examples():
                 raise FedsimError(
-                    f"imprint-bins = {self.imprint_bins} is fewer than the {self.captured_examples()} images behind one "
-                    "capture: no bin could hold an image alone; use at least that many (4x recovers about 78%)"
+                    f"imprint-bins = {self.imprint_bins} is fewer than the {self.captured_examples()} images "
+                    "behind one capture: no bin could hold an image alone; use at least that many "
+                    "(4x recovers about 78%)"
                 )
             if "tldmi" in self.defense_list():
                 raise FedsimError(
@@ -351,12 +352,14 @@ class FedsimConfig:
                 )
             if sampled < max(self.secagg_threshold, 2):
                 raise FedsimError(
-                    f"secure-aggregation needs at least secagg-threshold = {self.secagg_threshold} clients per round; "
-                    f"this run samples {sampled} (num-clients = {self.num_clients}, fraction-train = {self.fraction_train})"
+                    f"secure-aggregation needs at least secagg-threshold = {self.secagg_threshold} clients "
+                    f"per round; this run samples {sampled} "
+                    f"(num-clients = {self.num_clients}, fraction-train = {self.fraction_train})"
                 )
             if not 1 <= self.secagg_quantization_range < 2**32 // max(sampled, 1):
                 raise FedsimError(
-                    f"secagg-quantization-range = {self.secagg_quantization_range} must be in [1, 2^32 / clients per round)"
+                    f"secagg-quantization-range = {self.secagg_quantization_range} must be in "
+                    "[1, 2^32 / clients per round)"
                 )
 
     # --- files ---------------------------------------------------------------------------

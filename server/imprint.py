@@ -15,7 +15,7 @@ from fedsim.config import FedsimConfig
 from fedsim.datasets import to_float
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation
-from fedsim.imprint import ImprintedModel, imprint_state, tamper
+from fedsim.imprint import ImprintedModel, tamper
 
 
 def tamper_with(fed: Federation, model: ImprintedModel) -> dict:
