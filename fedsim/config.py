@@ -344,6 +344,11 @@ class FedsimConfig:
                     "server-mode = imprint cannot wrap a TL-DMI model: its clients freeze the first layers"
                 )
         if self.secure_aggregation:
+            if self.defense_list():
+                raise FedsimError(
+                    "secure-aggregation with client defenses is not supported: the defense mods read the "
+                    "Message-API reply, which SecAgg+ replaces with its legacy masked one; drop one of them"
+                )
             sampled = max(1, math.floor(self.fraction_train * self.num_clients))
             if self.secagg_threshold < 2 or self.secagg_num_shares < self.secagg_threshold:
                 raise FedsimError(

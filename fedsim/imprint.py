@@ -22,10 +22,11 @@ from torch import nn
 from fedsim.errors import FedsimError
 
 STATISTICS = ("brightness", "random")
-GAIN = 1e-3
+GAIN = 1e-4
 """The rows' weights and biases are scaled by GAIN and their activations by 1/GAIN: the forward pass is the
 same, but the gradients grow by 1/GAIN while the weights shrink by GAIN, so the update a client sends
-(weights - lr·gradient, in float32) keeps the gradient's digits instead of drowning them in the weights'."""
+(weights - lr·gradient, in float32) keeps the gradient's digits instead of drowning them in the weights', and
+SecAgg+'s quantisation (steps of 16 / 2^22 by default) stays far below one image's share of the update."""
 MAX_PARAMETERS = 50_000_000
 """Above this many imprint weights (bins x input size) the block is refused: it would not fit a client."""
 

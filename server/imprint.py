@@ -36,10 +36,9 @@ def server_field(config: FedsimConfig, tampering: dict | None) -> dict:
 
 
 class TamperingStrategy(Strategy):
-    """Delegates everything to the inner strategy, but first writes the imprint rows into the weights it sends.
-
-    Aggregation moves the rows a little each round; resetting them every round keeps every round's bins where the
-    public data put them.
+    """Delegates everything to the inner strategy, but writes the imprint rows into the weights it sends and into
+    the aggregate it keeps: one client step moves the rows far from where the public data put the bins, and a
+    global model with moved rows would shift its inputs by far more than a brightness change.
     """
 
     def __init__(self, strategy: Strategy, tampered: dict[str, torch.Tensor]) -> None:
@@ -54,14 +53,18 @@ class TamperingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        state = arrays.to_torch_state_dict()
-        state.update({k: v.clone() for k, v in self.tampered.items()})
-        return self.strategy.configure_train(server_round, ArrayRecord(state), config, grid)
+        return self.strategy.configure_train(server_round, self._reimprint(arrays), config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        return (self._reimprint(arrays) if arrays is not None else None), metrics
+
+    def _reimprint(self, arrays: ArrayRecord) -> ArrayRecord:
+        state = arrays.to_torch_state_dict()
+        state.update({k: v.clone() for k, v in self.tampered.items()})
+        return ArrayRecord(state)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

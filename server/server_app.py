@@ -20,6 +20,7 @@ from fedsim.imprint import imprint_state
 from server.curious import CuriousStrategy
 from server.imprint import TamperingStrategy, server_field, tamper_with
 from server.nodes import BoundedGrid
+from server.secagg import run_secure
 from server.strategies import make_strategy
 
 RoundHook = Callable[[dict], None]
@@ -52,6 +53,7 @@ def run_server(
     on_round: RoundHook | None = None,
     curious: bool = True,
     flower_run_id: int | None = None,
+    context: Context | None = None,
 ) -> dict:
     """Train for `num-rounds`, capturing every update; write the final model and per-round metrics.
 
@@ -125,13 +127,28 @@ def run_server(
     }
     if config.save_truth:
         train_config["truth-dir"] = str((run_dir / "truth").resolve())
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.num_rounds,
-        train_config=ConfigRecord(train_config),
-        evaluate_fn=global_evaluate,
-    )
+    if config.secure_aggregation:  # Flower's SecAgg+ through the legacy workflow API (server/secagg.py)
+        result = run_secure(
+            grid,
+            context,
+            config,
+            model.state_dict(),
+            store=store,
+            describe=describe,
+            recipe=train_config,
+            tampered=imprint_state(model) if tampering is not None else None,
+            evaluate=global_evaluate,
+            on_round=record_train,
+            max_examples=max(len(shard) for shard in fed.shards),
+        )
+    else:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=config.num_rounds,
+            train_config=ConfigRecord(train_config),
+            evaluate_fn=global_evaluate,
+        )
 
     model.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"model": config.model})
@@ -158,7 +175,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FedsimConfig.from_run_config(context.run_config)
-        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round, curious, flower_run_id=context.run_id)
+        run_server(
+            grid, cfg, run_dir or run_dir_for(cfg), on_round, curious, flower_run_id=context.run_id, context=context
+        )
 
     return app
 
