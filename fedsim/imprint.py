@@ -5,7 +5,7 @@ brightness, or a random projection), with biases -q_k that cut the statistic's d
 ReLU. Row k passes gradient for exactly the images with s(x) > q_k, so the difference of two consecutive rows'
 weight gradients, divided by the difference of their bias gradients, is the one image whose statistic lies in
 [q_k, q_k+1), when it is alone there. The block's output is mapped back to the input's shape (the input plus a
-brightness shift, the mean of the rows' activations) so that the rest of the model runs unchanged; that map is
+brightness shift, a bounded function of the mean of the rows' activations) so that the rest of the model runs unchanged; that map is
 fixed, the same for every row, which is what keeps every row's gradient a multiple of the same image.
 
 The clients build the architecture from the run config (`server-mode = "imprint"`); the server sets the rows'
@@ -31,8 +31,14 @@ MAX_PARAMETERS = 50_000_000
 """Above this many imprint weights (bins x input size) the block is refused: it would not fit a client."""
 
 
+SHIFT = 0.5
+"""The largest brightness shift the block adds. The map back is bounded (a tanh) because one client step moves
+the rows by about 1/GAIN^2 times their size: unbounded, the next step's inputs would be ruined; saturated, the
+block passes no more gradient and the rest of the model trains on x plus a constant."""
+
+
 class ImprintBlock(nn.Module):
-    """Linear(C·H·W -> bins) + ReLU, mapped back to (C, H, W) as x + mean_k(h_k) / GAIN."""
+    """Linear(C·H·W -> bins) + ReLU, mapped back to (C, H, W) as x + SHIFT·tanh(mean_k(h_k) / GAIN)."""
 
     def __init__(self, input_shape: tuple[int, int, int], bins: int) -> None:
         super().__init__()
@@ -41,7 +47,8 @@ class ImprintBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.linear(x.flatten(1)))
-        return x + (h.mean(1) / GAIN).view(-1, *([1] * (x.dim() - 1)))
+        shift = SHIFT * torch.tanh(h.mean(1) / GAIN)  # the same for every row: each row's gradient is c_n·x_n
+        return x + shift.view(-1, *([1] * (x.dim() - 1)))
 
 
 class ImprintedModel(nn.Module):
