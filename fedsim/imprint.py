@@ -5,8 +5,8 @@ brightness, or a random projection), with biases -q_k that cut the statistic's d
 ReLU. Row k passes gradient for exactly the images with s(x) > q_k, so the difference of two consecutive rows'
 weight gradients, divided by the difference of their bias gradients, is the one image whose statistic lies in
 [q_k, q_k+1), when it is alone there. The block's output is mapped back to the input's shape (the input plus a
-brightness shift, a bounded function of the mean of the rows' activations) so that the rest of the model runs unchanged; that map is
-fixed, the same for every row, which is what keeps every row's gradient a multiple of the same image.
+brightness shift, a bounded function of the mean of the rows' activations) so that the rest of the model runs
+unchanged; that map is fixed, the same for every row, which keeps every row's gradient a multiple of one image.
 
 The clients build the architecture from the run config (`server-mode = "imprint"`); the server sets the rows'
 weights (`tamper`) in every global model it sends.
