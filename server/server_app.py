@@ -139,7 +139,8 @@ def run_server(
             tampered=imprint_state(model) if tampering is not None else None,
             evaluate=global_evaluate,
             on_round=record_train,
-            max_examples=max(len(shard) for shard in fed.shards),
+            # the most examples one reply can weigh: a FedSGD batch, or a whole shard under FedAvg
+            max_examples=config.batch_size if config.recipe == "fedsgd" else max(len(s) for s in fed.shards),
         )
     else:
         result = strategy.start(
