@@ -355,10 +355,13 @@ class FedsimConfig:
                     f"secagg-threshold = {self.secagg_threshold} must be at least 2 and at most "
                     f"secagg-num-shares = {self.secagg_num_shares}"
                 )
-            if sampled < max(self.secagg_threshold, 2):
+            if self.secagg_num_shares < 3:  # Flower's SecAggPlusWorkflow refuses fewer
+                raise FedsimError(f"secagg-num-shares = {self.secagg_num_shares} must be at least 3 (SecAgg+)")
+            if sampled < max(self.secagg_threshold, 3):
                 raise FedsimError(
-                    f"secure-aggregation needs at least secagg-threshold = {self.secagg_threshold} clients "
-                    f"per round; this run samples {sampled} "
+                    f"secure-aggregation needs at least {max(self.secagg_threshold, 3)} clients per round "
+                    f"(SecAgg+ shares each key among at least 3; secagg-threshold = {self.secagg_threshold}); "
+                    f"this run samples {sampled} "
                     f"(num-clients = {self.num_clients}, fraction-train = {self.fraction_train})"
                 )
             if not 1 <= self.secagg_quantization_range < 2**32 // max(sampled, 1):

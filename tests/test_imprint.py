@@ -143,7 +143,7 @@ def base(**keys) -> dict:
         ),
         (
             base(**{"secure-aggregation": True, "num-clients": 2, "secagg-threshold": 3, "secagg-num-shares": 3}),
-            "at least secagg-threshold = 3",
+            "needs at least 3 clients per round",
         ),
         (base(**{"secure-aggregation": True, "num-clients": 3, "secagg-threshold": 4}), "at most secagg-num-shares"),
         (base(**{"imprint-statistic": "colour"}), "imprint-statistic = 'colour' is not allowed"),
