@@ -2,14 +2,14 @@
 each with and without Flower's SecAgg+.
 
     nice -n 10 python benchmarks/bench_malicious.py [--data-dir ../shared/data] [--clients 1,2,4,8] [--batch 8]
-        [--dlg-iterations 20] [--dlg-clients 1,4] [--no-secagg] [--out benchmarks/results/malicious.json]
+        [--dlg-iterations 20] [--dlg-clients 1] [--dlg-secure 4] [--no-secagg] [--out benchmarks/results/malicious.json]
 
 N clients of B = 8 real CIFAR-10 training images each (the 200 lossless ones in ../shared/data/cifar10), one
 FedSGD round (lr 0.1) of the ConvNet; the imprint server's bins come from the CIFAR-10 test split (its public
 data). Rows:
 
 * curious + dlg: DLG (`--dlg-iterations` L-BFGS steps, tiny on purpose: the machine is shared) on each client's
-  update (no secure aggregation) or on the one aggregate (with it), only for `--dlg-clients`;
+  update (no secure aggregation) or on the one aggregate (with it), only for N in `--dlg-clients` (per update) and `--dlg-secure` (aggregate);
   SecAgg+ needs at least 3 clients (Flower's workflow refuses fewer than 3 shares), so N = 1, 2 have no secure rows;
 * imprint: the imprint attack on each client's update, or on the aggregate of N x B images.
 
@@ -156,7 +156,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bins", type=int, default=256)
     parser.add_argument("--dlg-iterations", type=int, default=20)
-    parser.add_argument("--dlg-clients", default="1,4")
+    parser.add_argument("--dlg-clients", default="1")
+    parser.add_argument("--dlg-secure", default="4")
     parser.add_argument("--no-secagg", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "malicious.json"))
     args = parser.parse_args()
@@ -165,6 +166,7 @@ def main() -> None:
     x_all, y_all = to_float(data.train_x), torch.as_tensor(data.train_y).long()
     clients = [int(c) for c in args.clients.split(",")]
     dlg_clients = {int(c) for c in args.dlg_clients.split(",") if c}
+    dlg_secure = {int(c) for c in args.dlg_secure.split(",") if c}
     dlg = {"iterations": args.dlg_iterations}
     b, rows = args.batch, []
     models = {s: model_for(data, s, args.bins) for s in ("curious", "imprint")}
@@ -179,7 +181,7 @@ def main() -> None:
         if args.no_secagg or n < 3:  # SecAgg+ shares each key among at least 3 clients
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            if n in dlg_clients:
+            if n in dlg_secure:
                 target, truth, sim = secure_run(args.data_dir, n, b, "curious", Path(tmp))
                 rows.append(
                     row(
