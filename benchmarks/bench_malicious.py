@@ -9,8 +9,9 @@ FedSGD round (lr 0.1) of the ConvNet; the imprint server's bins come from the CI
 data). Rows:
 
 * curious + dlg: DLG (`--dlg-iterations` L-BFGS steps, tiny on purpose: the machine is shared) on each client's
-  update (no secure aggregation) or on the one aggregate (with it), only for N in `--dlg-clients` (per update) and `--dlg-secure` (aggregate);
-  SecAgg+ needs at least 3 clients (Flower's workflow refuses fewer than 3 shares), so N = 1, 2 have no secure rows;
+  update (no secure aggregation) for N in `--dlg-clients`, or on the one aggregate (with it) for N in
+  `--dlg-secure`. SecAgg+ needs at least 3 clients (Flower's workflow refuses fewer than 3 shares), so N = 1, 2
+  have no secure rows;
 * imprint: the imprint attack on each client's update, or on the aggregate of N x B images.
 
 Without secure aggregation a client's update is computed with the clients' own training step
