@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks import get_attack  # noqa: E402
+from attacks import AttackDiverged, get_attack  # noqa: E402
 from attacks.base import AttackTarget  # noqa: E402
 from clients.training import train_fedavg, train_fedsgd  # noqa: E402
 from fedsim.config import FedsimConfig  # noqa: E402
@@ -93,7 +93,10 @@ def update_target(model, x, y, recipe: dict) -> AttackTarget:
 
 def attack(name: str, target: AttackTarget, truth: torch.Tensor, options: dict) -> dict:
     start = time.perf_counter()
-    result = get_attack(name, **options).reconstruct(target)
+    try:
+        result = get_attack(name, **options).reconstruct(target)
+    except AttackDiverged as exc:  # nothing recovered: every true image counts at 0 dB
+        return {"psnr": [0.0] * len(truth), "exact": 0, "seconds": time.perf_counter() - start, "diverged": str(exc)}
     return {**scores(result.images, truth), "seconds": time.perf_counter() - start}
 
 
@@ -108,6 +111,7 @@ def row(label: str, n: int, b: int, parts: list[dict], **extra) -> dict:
         "exact": sum(part["exact"] for part in parts),
         "median_psnr": statistics.median(psnr) if psnr else None,
         "seconds": round(sum(part["seconds"] for part in parts), 2),
+        "diverged": sum("diverged" in part for part in parts),
         **extra,
     }
     print(json.dumps(out), flush=True)
