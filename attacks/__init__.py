@@ -17,10 +17,11 @@ from attacks.contract import AttackTarget, Recipe
 from attacks.dlg import DLG
 from attacks.grnn import GRNN
 from attacks.idlg import IDLG
+from attacks.imprint import Imprint
 from attacks.labels import infer_labels
 from fedsim.errors import FedsimError
 
-ATTACKS: dict[str, type[Attack]] = {"dlg": DLG, "idlg": IDLG, "grnn": GRNN, "analytic": Analytic}
+ATTACKS: dict[str, type[Attack]] = {"dlg": DLG, "idlg": IDLG, "grnn": GRNN, "analytic": Analytic, "imprint": Imprint}
 
 
 def get_attack(name: str, **options: Any) -> Attack:

@@ -134,6 +134,11 @@ def target_from_capture(
     unaware attacker takes every update as a plain gradient of every parameter.
     """
     model = build_model(record["model"], tuple(record["input_shape"]), record["num_classes"])
+    server = record.get("server") or {}
+    if server.get("mode") == "imprint":  # the cheating server's own architecture: its block in front of the model
+        from fedsim.imprint import imprinted
+
+        model = imprinted(model, tuple(record["input_shape"]), int(server["bins"]))
     model.load_state_dict(global_state)
     model.train()  # clients compute their gradients in training mode (BatchNorm uses batch statistics)
     declared, defenses = record.get("declared") or {}, declared_defenses(record)

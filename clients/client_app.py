@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.defenses import defense_mods
+from clients.secagg import is_secure, secaggplus_when_asked, secure_train
 from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
 from fedsim.config import FedsimConfig
 from fedsim.federation import device, federation_for, freeze_for_tldmi
@@ -35,14 +36,20 @@ def partition_of(context: Context, config: FedsimConfig) -> int:
 
 def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message:
     """Train on this client's shard with the recipe in the message's config, reply with the new weights."""
+    if is_secure(msg):  # SecAgg+'s legacy-format round (clients/secagg.py)
+        return secure_train(msg, context, config, train_on_shard)
+    return Message(content=train_on_shard(msg.content["arrays"], msg.content["config"], context, config), reply_to=msg)
+
+
+def train_on_shard(arrays: ArrayRecord, recipe: ConfigRecord, context: Context, config: FedsimConfig) -> RecordDict:
+    """The reply's content: the weights after local training, the metrics and what the client declares."""
     fed = federation_for(config)
     partition_id = partition_of(context, config)
-    recipe = msg.content["config"]
     server_round = int(recipe["server-round"])
     dev = device()
 
     model = fed.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(arrays.to_torch_state_dict())
     if config.defends(partition_id, "tldmi"):  # TL-DMI: train only the last k layers (clients/defenses.py)
         freeze_for_tldmi(model, config.tldmi_layers)
     model.to(dev)
@@ -65,14 +72,13 @@ def local_train(msg: Message, context: Context, config: FedsimConfig) -> Message
             {"partition-id": str(partition_id), "recipe": mode},
         )
 
-    content = RecordDict(
+    return RecordDict(
         {
             "arrays": ArrayRecord(model.cpu().state_dict()),
             "metrics": MetricRecord({"num-examples": len(x), "train-loss": loss}),
             "fedsim": ConfigRecord({"partition-id": partition_id, "recipe": mode}),
         }
     )
-    return Message(content=content, reply_to=msg)
 
 
 def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
@@ -82,7 +88,7 @@ def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
     """
     app = ClientApp()
 
-    @app.train(mods=defense_mods(config))
+    @app.train(mods=[secaggplus_when_asked, *defense_mods(config)])
     def train(msg: Message, context: Context) -> Message:
         return local_train(msg, context, config or FedsimConfig.from_run_config(context.run_config))
 

@@ -168,6 +168,21 @@ DECLARED = {
 }
 """What a client may declare in its reply's "fedsim" ConfigRecord (clients/defenses.py `declare`)."""
 
+
+def _flag(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadValue(field, f"{str(value)[:80]!r} is not true or false")
+    return value
+
+
+SERVER = {
+    "mode": lambda f, v: _choice(f, v, ("curious", "imprint")),
+    "statistic": check_name,
+    "bins": lambda f, v: check_int(f, v, 2, 65536),  # sizes the imprint block the attack rebuilds
+    "secure-aggregation": _flag,
+}
+"""How the server behaved, as its capture records say (server/imprint.py `server_field`)."""
+
 FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "time": lambda f, v: check_number(f, v, 0),
     "kind": lambda f, v: _choice(f, v, KINDS),
@@ -187,6 +202,8 @@ FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "train_loss": _optional(lambda f, v: check_number(f, v)),
     "partition_id": _optional(lambda f, v: check_int(f, v, 0, 10**9)),
     "declared": _mapping(DECLARED, "an object of declared defenses"),
+    "server": _mapping(SERVER, "an object saying how the server behaved"),
+    "aggregate_of": _ids,
 }
 """Every field a reader of the capture store uses, with its type and range."""
 

@@ -19,6 +19,8 @@ PARTITIONS = ("iid", "dirichlet")
 DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
 """The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
+SERVER_MODES = ("curious", "imprint")
+"""curious: honest-but-curious; imprint: a server that tampers with the model (docs/malicious_server.md)."""
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -174,6 +176,27 @@ class FedsimConfig:
     tldmi_pretrain_epochs: int = field(
         default=3, metadata={"help": "TL-DMI: server epochs of pre-training on the public dataset"}
     )
+    # A server that cheats (fedsim/imprint.py, server/secagg.py; docs/malicious_server.md)
+    server_mode: str = field(
+        default="curious", metadata={"help": "what the server does to the model it sends", **_choice(*SERVER_MODES)}
+    )
+    imprint_bins: int = field(
+        default=256, metadata={"help": "imprint: rows of the imprint block (bins of the statistic)"}
+    )
+    imprint_statistic: str = field(
+        default="brightness",
+        metadata={"help": "imprint: the statistic the rows measure", **_choice("brightness", "random")},
+    )
+    secure_aggregation: bool = field(
+        default=False, metadata={"help": "Flower's SecAgg+: the server receives only the sum of the updates"}
+    )
+    secagg_num_shares: int = field(default=3, metadata={"help": "SecAgg+: shares of each client's secret key"})
+    secagg_threshold: int = field(
+        default=2, metadata={"help": "SecAgg+: shares needed to reconstruct a key (the fewest clients a round needs)"}
+    )
+    secagg_quantization_range: int = field(
+        default=4194304, metadata={"help": "SecAgg+: integer levels each parameter is quantised to"}
+    )
     # Resources
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor", "range": POSITIVE})
     client_num_gpus: float = field(
@@ -246,6 +269,7 @@ class FedsimConfig:
         if self.run_name:
             check_run_name(self.run_name)
         self._validate_defenses()
+        self._validate_server()
 
     # --- defenses ------------------------------------------------------------------------
     def defense_list(self) -> list[str]:
@@ -316,6 +340,51 @@ class FedsimConfig:
                 f"tldmi-public = {public!r} is neither a dataset (one of: {', '.join(LOADERS)}) "
                 "nor an existing checkpoint path"
             )
+
+    # --- a server that cheats, secure aggregation -----------------------------------------
+    def captured_examples(self) -> int:
+        """Examples behind one capture in FedSGD: one client's batch, or every client's under secure aggregation."""
+        clients = max(1, math.floor(self.fraction_train * self.num_clients)) if self.secure_aggregation else 1
+        return self.batch_size * clients
+
+    def _validate_server(self) -> None:
+        if self.server_mode == "imprint":
+            if self.imprint_bins < self.captured_examples():
+                raise FedsimError(
+                    f"imprint-bins = {self.imprint_bins} is fewer than the {self.captured_examples()} images "
+                    "behind one capture: no bin could hold an image alone; use at least that many "
+                    "(4x recovers about 78%)"
+                )
+            if "tldmi" in self.defense_list():
+                raise FedsimError(
+                    "server-mode = imprint cannot wrap a TL-DMI model: its clients freeze the first layers"
+                )
+        if self.secure_aggregation:
+            if self.defense_list():
+                raise FedsimError(
+                    "secure-aggregation with client defenses is not supported: the defense mods read the "
+                    "Message-API reply, which SecAgg+ replaces with its legacy masked one; drop one of them"
+                )
+            sampled = max(1, math.floor(self.fraction_train * self.num_clients))
+            if self.secagg_threshold < 2 or self.secagg_num_shares < self.secagg_threshold:
+                raise FedsimError(
+                    f"secagg-threshold = {self.secagg_threshold} must be at least 2 and at most "
+                    f"secagg-num-shares = {self.secagg_num_shares}"
+                )
+            if self.secagg_num_shares < 3:  # Flower's SecAggPlusWorkflow refuses fewer
+                raise FedsimError(f"secagg-num-shares = {self.secagg_num_shares} must be at least 3 (SecAgg+)")
+            if sampled < max(self.secagg_threshold, 3):
+                raise FedsimError(
+                    f"secure-aggregation needs at least {max(self.secagg_threshold, 3)} clients per round "
+                    f"(SecAgg+ shares each key among at least 3; secagg-threshold = {self.secagg_threshold}); "
+                    f"this run samples {sampled} "
+                    f"(num-clients = {self.num_clients}, fraction-train = {self.fraction_train})"
+                )
+            if not 1 <= self.secagg_quantization_range < 2**32 // max(sampled, 1):
+                raise FedsimError(
+                    f"secagg-quantization-range = {self.secagg_quantization_range} must be in "
+                    "[1, 2^32 / clients per round)"
+                )
 
     # --- files ---------------------------------------------------------------------------
     @classmethod

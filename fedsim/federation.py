@@ -13,6 +13,7 @@ from torch import nn
 from fedsim.config import FedsimConfig
 from fedsim.datasets import LOADERS, ImageDataset, load_dataset, to_float
 from fedsim.errors import FedsimError
+from fedsim.imprint import imprinted
 from fedsim.models import build_model, load_pretrained
 from fedsim.shards import check_batch_size, partition, summary
 
@@ -42,6 +43,8 @@ class Federation:
         model = build_model(self.config.model, self.data.input_shape, self.data.num_classes, seed=self.config.seed)
         if self.config.pretrained:
             load_pretrained(model, self.config.pretrained)
+        if self.config.server_mode == "imprint":  # the cheating server's architecture, which the clients run too
+            model = imprinted(model, self.data.input_shape, self.config.imprint_bins)
         if "tldmi" in self.config.defense_list():
             tldmi_layers(model, self.config.tldmi_layers)  # refuses a k deeper than the model
         return model

@@ -17,8 +17,11 @@ from fedsim.config import FedsimConfig, check_run_name
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
+from fedsim.imprint import imprint_state
 from server.curious import CuriousStrategy
+from server.imprint import TamperingStrategy, server_field, tamper_with
 from server.nodes import BoundedGrid
+from server.secagg import run_secure
 from server.strategies import make_strategy
 
 RoundHook = Callable[[dict], None]
@@ -56,6 +59,7 @@ def run_server(
     on_round: RoundHook | None = None,
     curious: bool = True,
     flower_run_id: int | None = None,
+    context: Context | None = None,
 ) -> dict:
     """Train for `num-rounds`, capturing every update; write the final model and per-round metrics.
 
@@ -71,6 +75,7 @@ def run_server(
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
+    tampering = tamper_with(fed, model) if config.server_mode == "imprint" else None
     if "tldmi" in config.defense_list():
         # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
         pretrain = fed.pretrain_public(model)
@@ -94,6 +99,7 @@ def run_server(
         "input_shape": list(fed.data.input_shape),
         "num_classes": fed.data.num_classes,
         "trainable": trainable_names(config, model),
+        "server": server_field(config, tampering),
     }
     store = CaptureStore(run_dir / "captures") if config.capture else None
     rounds: dict[int, dict] = {}
@@ -111,6 +117,8 @@ def run_server(
         if curious
         else inner
     )
+    if tampering is not None:  # outside the curious wrapper: the captured global model is the tampered one
+        strategy = TamperingStrategy(strategy, imprint_state(model))
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -129,13 +137,29 @@ def run_server(
     }
     if config.save_truth:
         train_config["truth-dir"] = str((run_dir / "truth").resolve())
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.num_rounds,
-        train_config=ConfigRecord(train_config),
-        evaluate_fn=global_evaluate,
-    )
+    if config.secure_aggregation:  # Flower's SecAgg+ through the legacy workflow API (server/secagg.py)
+        result = run_secure(
+            grid,
+            context,
+            config,
+            model.state_dict(),
+            store=store,
+            describe=describe,
+            recipe=train_config,
+            tampered=imprint_state(model) if tampering is not None else None,
+            evaluate=global_evaluate,
+            on_round=record_train,
+            # the most examples one reply can weigh: a FedSGD batch, or a whole shard under FedAvg
+            max_examples=config.batch_size if config.recipe == "fedsgd" else max(len(s) for s in fed.shards),
+        )
+    else:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=config.num_rounds,
+            train_config=ConfigRecord(train_config),
+            evaluate_fn=global_evaluate,
+        )
 
     model.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"model": config.model})
@@ -162,7 +186,9 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FedsimConfig.from_run_config(context.run_config)
-        run_server(grid, cfg, run_dir or run_dir_for(cfg), on_round, curious, flower_run_id=context.run_id)
+        run_server(
+            grid, cfg, run_dir or run_dir_for(cfg), on_round, curious, flower_run_id=context.run_id, context=context
+        )
 
     return app
 

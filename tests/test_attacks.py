@@ -226,7 +226,7 @@ def test_dlg_rescues_a_restart_that_blows_up(cifar) -> None:
 
 
 def test_registry_and_option_errors() -> None:
-    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic"}
+    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "imprint"}
     assert get_attack("dlg").iterations == 300 and get_attack("grnn").lr == 1e-4
     with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic"):
         get_attack("dgl")

@@ -164,7 +164,8 @@ def plan(
 
 
 def _ident(record: dict) -> dict:
-    return {"round": record["round"], "client": record["client"], "partition_id": record.get("partition_id")}
+    ident = {"round": record["round"], "client": record["client"], "partition_id": record.get("partition_id")}
+    return {**ident, "aggregate_of": record["aggregate_of"]} if record.get("aggregate_of") else ident
 
 
 def execute(

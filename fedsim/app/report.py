@@ -18,6 +18,11 @@ from fedsim.images import enlarged_gif, grid, png_bytes
 
 
 def truth_for(run_dir: Path, result: dict) -> dict[str, torch.Tensor] | None:
+    if result.get("aggregate_of"):  # a secure aggregate: the batch of every client it sums, in that order
+        parts = [truth_for(run_dir, {**result, "client": c, "aggregate_of": None}) for c in result["aggregate_of"]]
+        if any(p is None for p in parts):
+            return None
+        return {k: torch.cat([p[k] for p in parts]) for k in ("images", "labels")}
     path = run_dir / "truth" / f"round-{result['round']:04d}" / f"client-{result['client']}.safetensors"
     return load_tensors(path) if path.exists() else None
 
