@@ -79,11 +79,7 @@ class Imprint(Attack):
     def _attack(self, target: AttackTarget, device: torch.device) -> tuple[Trial, dict]:
         imprint_block(target)
         objective, signal = observed_signal(target, unroll=False)
-        n = (
-            target.batch_size
-            if objective == "gradient"
-            else (target.recipe.num_examples or target.batch_size)
-        )
+        n = target.batch_size if objective == "gradient" else (target.recipe.num_examples or target.batch_size)
         d_w, d_b = bin_differences(signal[0].detach().double(), signal[1].detach().double())
         filled = (d_b.abs() > self.min_bias_grad * d_b.abs().max()).nonzero().squeeze(1)
         if filled.numel() == 0 or not torch.isfinite(d_b).all():
