@@ -279,7 +279,7 @@ class FedsimConfig:
             chosen = parse_partitions(self.capture_partitions)
         except ValueError:
             raise FedsimError(
-                f"capture-partitions = {self.capture_partitions[:80]!r} must be comma-separated partition ids, e.g. '0,3'"
+                f"capture-partitions = {self.capture_partitions[:80]!r} must be comma-separated ids, e.g. 0,3"
             ) from None
         for pid in chosen:
             if not 0 <= pid < self.num_clients:
