@@ -263,6 +263,8 @@ class CaptureStore:
         self.root = Path(root)
         self.dtype = dtype
         self._globals: dict[int, dict] = {}
+        self._folders: dict[Path, Path] = {}  # resolved folders of tensor files, checked once each
+        self._root: Path | None = None
 
     @property
     def manifest(self) -> Path:
@@ -335,7 +337,7 @@ class CaptureStore:
             try:
                 check_record(record)
                 if "file" in record:
-                    self._confined(record["file"])
+                    self._confined(record["file"], whole=False)
             except BadValue as exc:
                 raise FedsimError(f"{manifest}, line {number}, field {exc}; the capture store is corrupt") from None
             records.append(record)
@@ -378,9 +380,10 @@ class CaptureStore:
             return None
         if offset < 0 or length < 2 or offset + length > size or length > 2**24:
             return None
-        f.seek(offset)
+        f.seek(max(offset - 1, 0))
+        before = f.read(1) if offset > 0 else b"\n"  # a whole line starts after a newline
         line = f.read(length)
-        if not line.endswith(b"\n") or (offset > 0 and (f.seek(offset - 1) or f.read(1) != b"\n")):
+        if before != b"\n" or not line.endswith(b"\n") or b"\n" in line[:-1]:
             return None
         try:
             record = json.loads(line)
@@ -388,14 +391,30 @@ class CaptureStore:
             return None
         return record if isinstance(record, dict) and record.get("round") == server_round else None
 
-    def _confined(self, rel: Any) -> Path:
-        """The resolved path of a record's file, if it stays inside the store (BadValue otherwise)."""
+    def _confined(self, rel: Any, whole: bool = True) -> Path:
+        """The resolved path of a record's file, if it stays inside the store (BadValue otherwise).
+
+        Reading the manifest resolves each folder once (10^5 records share a few) and the file itself only
+        when it is a symbolic link; `whole` resolves the whole path, as loading it does.
+        """
         if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BadValue("file", f"{str(rel)[:200]!r} leads outside the capture store (absolute or '..')")
-        resolved = (self.root / rel).resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
+        root = self._resolved_root()
+        if whole or os.path.islink(self.root / rel):
+            whole, resolved = True, (self.root / rel).resolve()
+        else:
+            parent = Path(rel).parent
+            if parent not in self._folders:
+                self._folders[parent] = (self.root / parent).resolve()
+            resolved = self._folders[parent]
+        if not resolved.is_relative_to(root):
             raise BadValue("file", f"{rel!r} leads outside the capture store (through a symbolic link)")
-        return resolved
+        return resolved if whole else resolved / Path(rel).name
+
+    def _resolved_root(self) -> Path:
+        if self._root is None:
+            self._root = self.root.resolve()
+        return self._root
 
     def path(self, record: dict) -> Path:
         """The tensor file of a record: a relative path that stays inside the store, or refused."""

@@ -67,7 +67,7 @@ def test_capture_keys_are_validated_in_one_line():
         ({"capture-policy": "some"}, "capture-policy = 'some' is not allowed"),
         ({"capture-fraction": 0.0}, r"capture-fraction = 0.0 must be in \(0, 1\]"),
         ({"capture-fraction": float("nan")}, "capture-fraction = nan must be a finite number"),
-        ({"capture-partitions": "0,x"}, "capture-partitions = '0,x' must be comma-separated partition ids"),
+        ({"capture-partitions": "0,x"}, "capture-partitions = '0,x' must be comma-separated ids"),
         ({"capture-partitions": "0,12"}, r"capture-partitions: partition id 12 is outside 0..9"),
         ({"capture-policy": "partitions"}, "capture-policy = partitions needs capture-partitions"),
         ({"capture-dtype": "int8"}, "capture-dtype = 'int8' is not allowed"),
