@@ -110,7 +110,7 @@ def bench_psnr(images: int, idlg: int) -> None:
                     record = fedsgd_capture(store, x, y)
                     global_state, client_state = capture_states(store, store.records("update")[0])
                     start = time.perf_counter()
-                    options = {"max_iterations": 300} if attack == "idlg" else {}
+                    options = {"iterations": 30} if attack == "idlg" else {}
                     result = get_attack(attack, **options).reconstruct(
                         target_from_capture(global_state, client_state, record)
                     )
@@ -193,6 +193,7 @@ def bench_run(clients: int, rounds: int, fraction: float, examples: int, policy:
                 f"capture={capture}",
                 f"capture-dtype={dtype}",
                 "eval-examples=500",
+                f"batch-size={min(32, examples)}",
                 *policy,
             ]
             cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
