@@ -176,3 +176,45 @@ def test_a_corrupt_record_reached_through_the_index_is_still_refused(tmp_path):
     store.manifest.write_text(text)
     with pytest.raises(FedsimError, match="field client: -1 is outside"):
         store.records(rounds=[1])
+
+
+# --- a real two-node Ray cluster -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fedsim_attack_runs_on_a_two_node_ray_cluster(finished_run, tmp_path, monkeypatch):
+    """Ray's own multi-node tool on one machine: a head and a second node; `fedsim attack` joins through RAY_ADDRESS.
+
+    Cluster.shutdown stops exactly the node processes this test started (never `ray stop`).
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import run_cli
+
+    _, run_dir = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "attacks", ignore_errors=True)
+    temp = tempfile.mkdtemp(prefix="fsray-")  # short: Ray's socket paths must fit in 107 characters
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp}
+    )
+    try:
+        cluster.add_node(num_cpus=1, resources={"node2": 1})
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        result = run_cli("attack", str(run), "-a", "idlg", "-o", "iterations=2", "--rounds", "1", timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outcomes = [json.loads(p.read_text()) for p in (run / "attacks").rglob("result.json")]
+        assert outcomes and all(o["status"] == "ok" for o in outcomes), outcomes
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
