@@ -174,7 +174,9 @@ def timed_run(args: list[str], env: dict) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 2), "peak_gb": round(peak[0] / 2**30, 3)}
 
 
-def bench_run(clients: int, rounds: int, fraction: float, examples: int, policy: list[str], dtype: str) -> None:
+def bench_run(
+    clients: int, rounds: int, fraction: float, examples: int, policy: list[str], dtype: str, batch: int = 0
+) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -193,7 +195,7 @@ def bench_run(clients: int, rounds: int, fraction: float, examples: int, policy:
                 f"capture={capture}",
                 f"capture-dtype={dtype}",
                 "eval-examples=500",
-                f"batch-size={max(1, min(32, examples // 2))}",  # shards of many clients are uneven
+                f"batch-size={batch or max(1, min(32, examples // 2))}",  # shards of many clients are uneven
                 *policy,
             ]
             cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
@@ -237,6 +239,7 @@ def main() -> None:
     run.add_argument("--fraction", type=float, default=0.25)
     run.add_argument("--examples", type=int, default=10)
     run.add_argument("--dtype", default="float32")
+    run.add_argument("--batch", type=int, default=0, help="client batch size (0: half the examples, at most 32)")
     run.add_argument("--policy", nargs="*", default=[], help="extra capture keys, e.g. capture-policy=sample")
     args = parser.parse_args()
     if args.part == "index":
@@ -244,7 +247,7 @@ def main() -> None:
     elif args.part == "psnr":
         bench_psnr(args.images, args.idlg)
     else:
-        bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype)
+        bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
 
 
 if __name__ == "__main__":
