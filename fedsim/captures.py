@@ -2,8 +2,13 @@
 
 Layout of `runs/<run-id>/captures/`:
     manifest.jsonl                 one JSON record per capture, appended after its file is complete
+    index/round-0003.idx           "offset length" of each of round 3's lines in the manifest, so that one
+                                   round is read without reading the others (a store without it is scanned)
     round-0003/global.safetensors  the global weights sent to the clients in round 3
     round-0003/client-<node>.safetensors  client <node>'s weights as it sent them back
+Updates may be stored in float16 (`capture-dtype`): then the file holds the update minus the round's
+global weights (which stay float32), so that half the bytes keep most of the update's precision;
+`load` gives float32 weights back either way.
 Tensor files are written atomically and listed in the manifest only once complete, so a run killed
 at any moment leaves every listed capture readable.
 
@@ -16,9 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,8 @@ from fedsim.errors import FedsimError
 from fedsim.files import append_line, load_tensors, read_jsonl, save_tensors
 
 MANIFEST = "manifest.jsonl"
+INDEX = "index"
+DTYPES = ("float32", "float16")
 KINDS = ("global", "update", "failure")
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_ID = 2**64 - 1  # Flower's node ids are unsigned 64-bit integers
@@ -116,6 +124,12 @@ def _model(field: str, value: Any) -> str:
     return _choice(field, check_name(field, value), tuple(MODELS))
 
 
+def _flag(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadValue(field, f"{str(value)[:80]!r} is not true or false")
+    return value
+
+
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda field, value: None if value is None else check(field, value)
 
@@ -169,12 +183,6 @@ DECLARED = {
 """What a client may declare in its reply's "fedsim" ConfigRecord (clients/defenses.py `declare`)."""
 
 
-def _flag(field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise BadValue(field, f"{str(value)[:80]!r} is not true or false")
-    return value
-
-
 SERVER = {
     "mode": lambda f, v: _choice(f, v, ("curious", "imprint")),
     "statistic": check_name,
@@ -204,6 +212,8 @@ FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "declared": _mapping(DECLARED, "an object of declared defenses"),
     "server": _mapping(SERVER, "an object saying how the server behaved"),
     "aggregate_of": _ids,
+    "dtype": lambda f, v: _choice(f, v, DTYPES),
+    "delta": _flag,
 }
 """Every field a reader of the capture store uses, with its type and range."""
 
@@ -256,66 +266,166 @@ def check_declared(declared: dict[str, Any]) -> dict[str, Any]:
 
 
 class CaptureStore:
-    """Writes and reads the captures of one run."""
+    """Writes and reads the captures of one run; `dtype` is how client updates are stored."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise FedsimError(f"capture dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
         self.root = Path(root)
+        self.dtype = dtype
+        self._globals: dict[int, dict] = {}
+        self._folders: dict[Path, Path] = {}  # resolved folders of tensor files, checked once each
+        self._root: Path | None = None
 
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
 
+    def index_path(self, server_round: int) -> Path:
+        return self.root / INDEX / f"round-{server_round:04d}.idx"
+
     def _append(self, record: dict[str, Any]) -> dict[str, Any]:
         record = {"time": round(time.time(), 3), **record}
-        append_line(self.manifest, json.dumps(record, sort_keys=False, allow_nan=False))
+        line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+            end = os.lseek(fd, 0, os.SEEK_CUR)  # one writer per store: the line just written ends here
+        finally:
+            os.close(fd)
+        # After the manifest line: a crash in between leaves the index short, which `_indexed` detects.
+        append_line(self.index_path(record["round"]), f"{end - len(line)} {len(line)}")
         return record
 
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
-        """Store the global weights of a round (once per round)."""
+        """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
         rel = f"round-{server_round:04d}/global.safetensors"
         save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
     def write_update(
-        self, server_round: int, client: int, state: dict[str, torch.Tensor], meta: dict[str, Any]
+        self,
+        server_round: int,
+        client: int,
+        state: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        base: dict[str, torch.Tensor] | None = None,
     ) -> dict:
-        """Store one client's reply: its full local weights, as it sent them."""
+        """Store one client's reply: its local weights as it sent them, or in float16 as weights minus `base`.
+
+        `base` is the round's global state; without it a float16 update stores the weights themselves.
+        """
         rel = f"round-{server_round:04d}/client-{client}.safetensors"
+        extra: dict[str, Any] = {}
+        if self.dtype == "float16":
+            state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
+            extra = {"dtype": "float16", "delta": base is not None}
         save_tensors(self.root / rel, state, {"kind": "update", "round": str(server_round), "client": str(client)})
-        return self._append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta})
+        return self._append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
 
     def write_failure(self, server_round: int, client: int, reason: str) -> dict:
         """Record that a client's reply was an error: the round goes on without it."""
         return self._append({"kind": "failure", "round": server_round, "client": client, "reason": reason})
 
-    def records(self, kind: str | None = None) -> list[dict]:
-        """The manifest's records, optionally of one kind ("global", "update", "failure"), each checked.
+    def records(self, kind: str | None = None, rounds: Iterable[int] | None = None) -> list[dict]:
+        """The manifest's records, optionally of one kind ("global", "update", "failure") and of some rounds only.
 
-        A record that breaks the schema, or whose file leads outside the store, is refused with one line
-        naming the manifest, the line and the field.
+        With `rounds`, only those rounds' lines are read, through the index (a store without one, or whose
+        index does not match the manifest, is read whole). A record that breaks the schema, or whose file
+        leads outside the store, is refused with one line naming the manifest, the line and the field.
         """
         manifest = self.manifest
         if not manifest.resolve().is_relative_to(self.root.resolve()):
             raise FedsimError(f"{manifest} leads outside the capture store {self.root}; refused")
+        wanted = None if rounds is None else sorted(set(rounds))
+        numbered = self._indexed(wanted) if wanted is not None else None
+        if numbered is None:
+            numbered = read_jsonl(manifest, numbered=True)
         records = []
-        for number, record in read_jsonl(manifest, numbered=True):
+        for number, record in numbered:
             try:
                 check_record(record)
                 if "file" in record:
-                    self._confined(record["file"])
+                    self._confined(record["file"], whole=False)
             except BadValue as exc:
                 raise FedsimError(f"{manifest}, line {number}, field {exc}; the capture store is corrupt") from None
             records.append(record)
-        return [r for r in records if kind is None or r["kind"] == kind]
+        return [r for r in records if (kind is None or r["kind"] == kind) and (wanted is None or r["round"] in wanted)]
 
-    def _confined(self, rel: Any) -> Path:
-        """The resolved path of a record's file, if it stays inside the store (BadValue otherwise)."""
+    def _indexed(self, rounds: list[int]) -> list[tuple[str, Any]] | None:
+        """The records of `rounds`, read through the index; None when the index is missing or does not match."""
+        if not (self.root / INDEX).is_dir() or not self.manifest.is_file():
+            return None
+        size = self.manifest.stat().st_size
+        last = max((int(p.stem.removeprefix("round-")) for p in (self.root / INDEX).glob("round-*.idx")), default=None)
+        if last is None or not self._ends_at(last, size):
+            return None  # a crash between manifest and index, or a manifest appended by another writer
+        found: list[tuple[str, Any]] = []
+        with open(self.manifest, "rb") as f:
+            for server_round in rounds:
+                path = self.index_path(server_round)
+                if not path.is_file():
+                    continue
+                for entry in path.read_text(encoding="ascii", errors="replace").splitlines():
+                    record = self._indexed_line(f, entry, size, server_round)
+                    if record is None:
+                        return None
+                    found.append((f"at byte {entry.split()[0]}", record))
+        return found
+
+    def _ends_at(self, server_round: int, size: int) -> bool:
+        entries = self.index_path(server_round).read_text(encoding="ascii", errors="replace").split()
+        try:
+            return len(entries) >= 2 and int(entries[-2]) + int(entries[-1]) == size
+        except ValueError:
+            return False
+
+    @staticmethod
+    def _indexed_line(f, entry: str, size: int, server_round: int) -> dict | None:
+        """The record an index entry points at, if it is one whole manifest line of that round."""
+        try:
+            offset, length = (int(x) for x in entry.split())
+        except ValueError:
+            return None
+        if offset < 0 or length < 2 or offset + length > size or length > 2**24:
+            return None
+        f.seek(max(offset - 1, 0))
+        before = f.read(1) if offset > 0 else b"\n"  # a whole line starts after a newline
+        line = f.read(length)
+        if before != b"\n" or not line.endswith(b"\n") or b"\n" in line[:-1]:
+            return None
+        try:
+            record = json.loads(line)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("round") == server_round else None
+
+    def _confined(self, rel: Any, whole: bool = True) -> Path:
+        """The resolved path of a record's file, if it stays inside the store (BadValue otherwise).
+
+        Reading the manifest resolves each folder once (10^5 records share a few) and the file itself only
+        when it is a symbolic link; `whole` resolves the whole path, as loading it does.
+        """
         if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise BadValue("file", f"{str(rel)[:200]!r} leads outside the capture store (absolute or '..')")
-        resolved = (self.root / rel).resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
+        root = self._resolved_root()
+        if whole or os.path.islink(self.root / rel):
+            whole, resolved = True, (self.root / rel).resolve()
+        else:
+            parent = Path(rel).parent
+            if parent not in self._folders:
+                self._folders[parent] = (self.root / parent).resolve()
+            resolved = self._folders[parent]
+        if not resolved.is_relative_to(root):
             raise BadValue("file", f"{rel!r} leads outside the capture store (through a symbolic link)")
-        return resolved
+        return resolved if whole else resolved / Path(rel).name
+
+    def _resolved_root(self) -> Path:
+        if self._root is None:
+            self._root = self.root.resolve()
+        return self._root
 
     def path(self, record: dict) -> Path:
         """The tensor file of a record: a relative path that stays inside the store, or refused."""
@@ -327,11 +437,35 @@ class CaptureStore:
             raise FedsimError(f"capture {exc} of {self.root}; refused") from None
 
     def load(self, record: dict) -> dict[str, torch.Tensor]:
-        """The tensors of one capture record."""
-        return load_tensors(self.path(record))
+        """The tensors of one capture record; float16 updates come back as float32 weights."""
+        tensors = load_tensors(self.path(record))
+        if record.get("dtype") != "float16":
+            return tensors
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        if record.get("delta") is True:
+            base = load_tensors(self.path(self.global_record(record["round"])))
+            for name, value in tensors.items():
+                if name not in base or base[name].shape != value.shape:
+                    raise FedsimError(f"{self.path(record)}: {name!r} does not match the round's global weights")
+                if value.is_floating_point():
+                    tensors[name] = base[name].float() + value
+        return tensors
 
     def global_record(self, server_round: int) -> dict:
-        for r in self.records("global"):
-            if r["round"] == server_round:
-                return r
+        if server_round not in self._globals:
+            for r in self.records("global", rounds=[server_round]):
+                self._globals[server_round] = r
+        if server_round in self._globals:
+            return self._globals[server_round]
         raise FedsimError(f"no global model captured for round {server_round} in {self.root}")
+
+
+def _half(value: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """A floating tensor in float16 (minus `base` when given, in float32 first); other tensors as they are."""
+    if not value.is_floating_point():
+        return value
+    if base is not None and base.shape == value.shape:
+        value = value.float() - base.float()
+    half = value.to(torch.float16)
+    # float16 ends at 65504: a value beyond it stays float32 rather than turn into infinity
+    return half if bool(torch.isfinite(half).all()) or not bool(torch.isfinite(value).all()) else value.float()

@@ -115,6 +115,30 @@ class FedsimConfig:
     local_epochs: int = field(default=2, metadata={"help": "FedAvg local epochs"})
     # What the curious server keeps, and where
     capture: bool = field(default=True, metadata={"help": "write every client update to the capture store"})
+    capture_policy: str = field(
+        default="all",
+        metadata={
+            "help": "which updates to capture: all, a seeded sample (capture-fraction), or capture-partitions",
+            **_choice("all", "sample", "partitions"),
+        },
+    )
+    capture_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "capture-policy = sample: share of each round's replies captured (seeded by seed and round)",
+            "range": Range(0.0, 1.0, low_open=True),
+        },
+    )
+    capture_partitions: str = field(
+        default="", metadata={"help": "capture-policy = partitions: comma-separated partition ids, e.g. '0,3,7'"}
+    )
+    capture_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "precision of captured updates; float16 halves the disk (stored relative to the global weights)",
+            **_choice("float32", "float16"),
+        },
+    )
     save_truth: bool = field(
         default=False, metadata={"help": "simulation only: clients record the examples they trained on, for scoring"}
     )
@@ -270,6 +294,22 @@ class FedsimConfig:
             check_run_name(self.run_name)
         self._validate_defenses()
         self._validate_server()
+        self._validate_capture()
+
+    def _validate_capture(self) -> None:
+        from fedsim.capture_policy import parse_partitions
+
+        try:
+            chosen = parse_partitions(self.capture_partitions)
+        except ValueError:
+            raise FedsimError(
+                f"capture-partitions = {self.capture_partitions[:80]!r} must be comma-separated ids, e.g. 0,3"
+            ) from None
+        for pid in chosen:
+            if not 0 <= pid < self.num_clients:
+                raise FedsimError(f"capture-partitions: partition id {pid} is outside 0..{self.num_clients - 1}")
+        if self.capture_policy == "partitions" and not chosen:
+            raise FedsimError("capture-policy = partitions needs capture-partitions, e.g. capture-partitions = '0,3'")
 
     # --- defenses ------------------------------------------------------------------------
     def defense_list(self) -> list[str]:

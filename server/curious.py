@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from fedsim.capture_policy import CapturePolicy
 from fedsim.captures import MAX_EXAMPLES, MAX_TEXT, BadValue, CaptureStore, check_declared, check_int, check_number
 
 RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")
@@ -40,6 +41,8 @@ class CuriousStrategy(Strategy):
     on_round : called after each round's aggregation with (round, aggregated train metrics, captures written,
         seconds spent writing captures).
     num_partitions : the partition ids a client may declare are 0..num_partitions-1 (None: any non-negative).
+    policy : which of a round's updates are written (fedsim.capture_policy; default: all). A client that
+        declares no partition id is selected by its node id. Failures and the global weights are always written.
 
     What a client sends is untrusted: a reply whose partition id, metrics or declared defenses break the
     capture schema is recorded as a failure, and none of its fields reach the manifest.
@@ -52,6 +55,7 @@ class CuriousStrategy(Strategy):
         describe: dict[str, Any] | None = None,
         on_round: Callable[[int, dict, int, float], None] | None = None,
         num_partitions: int | None = None,
+        policy: CapturePolicy | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -59,6 +63,8 @@ class CuriousStrategy(Strategy):
         self.describe = describe or {}
         self.on_round = on_round
         self.num_partitions = num_partitions
+        self.policy = policy or CapturePolicy()
+        self._global: tuple[int, dict] | None = None  # the round's global state, the base of float16 updates
         self.recipes: dict[int, dict[str, Any]] = {}
         self.train_metrics: dict[int, dict[str, Any]] = {}
         self.capture_seconds: dict[int, float] = {}  # time spent writing captures, per round
@@ -76,9 +82,11 @@ class CuriousStrategy(Strategy):
         sent = dict(messages[0].content["config"]) if messages else dict(config)
         self.recipes[server_round] = {k: sent[k] for k in RECIPE_KEYS if k in sent}
         if self.store is not None and messages:
+            state = arrays.to_torch_state_dict()
+            self._global = (server_round, state)
             self.store.write_global(
                 server_round,
-                arrays.to_torch_state_dict(),
+                state,
                 {
                     **self.describe,
                     "recipe": self.recipes[server_round],
@@ -94,8 +102,7 @@ class CuriousStrategy(Strategy):
         replies = list(replies)
         written, start = 0, time.perf_counter()
         if self.store is not None:
-            for reply in replies:
-                written += self._capture(server_round, reply)
+            written = self._capture_round(server_round, replies)
         self.capture_seconds[server_round] = self.capture_seconds.get(server_round, 0.0) + time.perf_counter() - start
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         self.train_metrics[server_round] = dict(metrics) if metrics is not None else {}
@@ -103,24 +110,42 @@ class CuriousStrategy(Strategy):
             self.on_round(server_round, self.train_metrics[server_round], written, self.capture_seconds[server_round])
         return arrays, metrics
 
+    def _capture_round(self, server_round: int, replies: list[Message]) -> int:
+        """Write the round's failures, and the updates the policy selects; the number of updates written."""
+        accepted = []
+        for reply in replies:
+            checked = self._checked(server_round, reply)
+            if checked is not None:
+                accepted.append(checked)
+        chosen = self.policy.select(server_round, [key for key, *_ in accepted])
+        base = self._global[1] if self._global is not None and self._global[0] == server_round else None
+        for key, node, arrays, reported in accepted:
+            if key in chosen:
+                meta = {**self.describe, "recipe": self.recipes.get(server_round, {}), **reported}
+                self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta, base=base)
+        return sum(key in chosen for key, *_ in accepted)
+
     def _capture(self, server_round: int, reply: Message) -> int:
+        """Capture one reply (as if it were the round's only one)."""
+        return self._capture_round(server_round, [reply])
+
+    def _checked(self, server_round: int, reply: Message) -> tuple[int, int, ArrayRecord, dict] | None:
+        """(selection key, node, arrays, what it reported) of a usable reply; None after writing its failure."""
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
             self.store.write_failure(server_round, node, str(reply.error.reason)[:MAX_TEXT])
-            return 0
+            return None
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             self.store.write_failure(server_round, node, "reply without exactly one ArrayRecord and one MetricRecord")
-            return 0
+            return None
         try:
             reported = self._reported(content)
         except BadValue as exc:
             self.store.write_failure(server_round, node, f"reply refused: {plain(str(exc))}")
-            return 0
-        arrays = next(iter(content.array_records.values()))
-        meta = {**self.describe, "recipe": self.recipes.get(server_round, {}), **reported}
-        self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta)
-        return 1
+            return None
+        key = node if reported["partition_id"] is None else reported["partition_id"]
+        return key, node, next(iter(content.array_records.values())), reported
 
     def _reported(self, content) -> dict[str, Any]:
         """What the client says about its update, checked against the capture schema (BadValue if it breaks it)."""

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from fedsim.capture_policy import CapturePolicy, parse_partitions
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig, check_run_name
 from fedsim.errors import FedsimError
@@ -50,6 +51,13 @@ def trainable_names(config: FedsimConfig, model: nn.Module) -> list[str]:
         last = set(tldmi_layers(model, config.tldmi_layers))
         names = [name for name in names if name.rpartition(".")[0] in last]
     return names
+
+
+def policy_of(config: FedsimConfig) -> CapturePolicy:
+    """The capture policy the run's capture-* keys name."""
+    return CapturePolicy(
+        config.capture_policy, config.capture_fraction, parse_partitions(config.capture_partitions), config.seed
+    )
 
 
 def run_server(
@@ -101,7 +109,7 @@ def run_server(
         "trainable": trainable_names(config, model),
         "server": server_field(config, tampering),
     }
-    store = CaptureStore(run_dir / "captures") if config.capture else None
+    store = CaptureStore(run_dir / "captures", config.capture_dtype) if config.capture else None
     rounds: dict[int, dict] = {}
 
     def record_train(server_round: int, train_metrics: dict, captured: int, seconds: float) -> None:
@@ -113,7 +121,9 @@ def run_server(
 
     inner = make_strategy(config)
     strategy = (
-        CuriousStrategy(inner, store, describe, on_round=record_train, num_partitions=config.num_clients)
+        CuriousStrategy(
+            inner, store, describe, on_round=record_train, num_partitions=config.num_clients, policy=policy_of(config)
+        )
         if curious
         else inner
     )

@@ -141,8 +141,9 @@ def plan(
     """The jobs for `attacks` on the run's captured updates, and the captures skipped (with why)."""
     store = CaptureStore(run_dir / "captures")
     jobs, skipped = [], []
-    globals_seen = {r["round"] for r in store.records("global")}
-    for record in store.records("update"):
+    wanted = sorted(rounds) if rounds else None  # only these rounds' lines are read (the store's index)
+    globals_seen = {r["round"] for r in store.records("global", rounds=wanted)}
+    for record in store.records("update", rounds=wanted):
         if rounds and record["round"] not in rounds:
             continue
         if clients and record.get("partition_id") not in clients:

@@ -1,0 +1,254 @@
+"""How far fedsim goes on one machine: manifest index, float16 captures, and `fedsim run` with many clients.
+
+    python benchmarks/bench_scale.py index --records 100000 --rounds 100
+    python benchmarks/bench_scale.py psnr --images 4
+    python benchmarks/bench_scale.py run --clients 200 --rounds 2 --fraction 0.25 --examples 10
+
+Each writes benchmarks/results/scale-<part>.json. `run` samples the resident memory of the whole process
+tree (the CLI, Ray and its workers) from /proc every 0.5 s and runs the same federation with capture on
+and off, so the capture overhead is the ratio of the two wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))
+
+from fedsim.captures import CaptureStore  # noqa: E402
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def save(part: str, result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"scale-{part}.json"
+    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"-> {path}")
+
+
+# --- the manifest index ------------------------------------------------------------------------------------
+
+
+def bench_index(records: int, rounds: int) -> None:
+    """Write `records` update records through CaptureStore, then time reading one round with and without the index."""
+    per_round = records // rounds
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 10, "partition_id": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = CaptureStore(Path(tmp) / "captures")
+        start = time.perf_counter()
+        # Only the reading is measured: syncing 10^5 lines one by one would time the disk, not the store.
+        with mock.patch("os.fsync"):
+            for server_round in range(1, rounds + 1):
+                store.write_global(server_round, {"w": torch.zeros(1)}, meta)
+                for client in range(per_round):
+                    store._append({"kind": "update", "round": server_round, "client": client, "file": "x", **meta})
+        write_s = time.perf_counter() - start
+        middle = rounds // 2
+        timings = {}
+        for label, reader in {
+            "one-round-indexed": lambda: store.records("update", rounds=[middle]),
+            "one-round-full-scan": lambda: [r for r in store.records("update") if r["round"] == middle],
+        }.items():
+            start = time.perf_counter()
+            got = reader()
+            timings[label] = round(time.perf_counter() - start, 4)
+            assert len(got) == per_round, (label, len(got))
+        size = store.manifest.stat().st_size
+    save(
+        "index",
+        {
+            "records": rounds * (per_round + 1),
+            "rounds": rounds,
+            "manifest_mb": round(size / 2**20, 2),
+            "write_s_without_fsync": round(write_s, 2),
+            "read_s": timings,
+        },
+    )
+
+
+# --- float16 against float32 under attack -------------------------------------------------------------------
+
+
+def bench_psnr(images: int, idlg: int) -> None:
+    """Analytic (and optionally iDLG) on single-image FedSGD captures of an MLP / LeNet, stored float32 and float16."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from attacks import get_attack
+    from attacks.contract import capture_states, target_from_capture
+    from fedsim.scoring import score
+    from tests.test_scale import fedsgd_capture
+
+    data = np.load(DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz", allow_pickle=False)
+    x_all = torch.tensor(data["x"][:images]).permute(0, 3, 1, 2).float() / 255
+    y_all = torch.tensor(data["y"][:images]).long()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(images):
+            for dtype in ("float32", "float16"):
+                for attack in ["analytic"] + (["idlg"] if i < idlg else []):
+                    x, y = x_all[i : i + 1], y_all[i : i + 1]
+                    store = CaptureStore(Path(tmp) / f"{i}-{dtype}-{attack}", dtype)
+                    record = fedsgd_capture(store, x, y)
+                    global_state, client_state = capture_states(store, store.records("update")[0])
+                    start = time.perf_counter()
+                    options = {"iterations": 30} if attack == "idlg" else {}
+                    result = get_attack(attack, **options).reconstruct(
+                        target_from_capture(global_state, client_state, record)
+                    )
+                    psnr = score(result.images, result.labels, x, y)["psnr"][0]
+                    rows.append(
+                        {
+                            "image": i,
+                            "dtype": dtype,
+                            "attack": attack,
+                            "psnr": round(float(psnr), 2),
+                            "seconds": round(time.perf_counter() - start, 2),
+                            "update_bytes": store.path(record).stat().st_size,
+                        }
+                    )
+                    print(rows[-1], flush=True)
+    save("psnr", {"model": "mlp (CIFAR-10 32x32, one image per FedSGD capture, lr 0.1)", "rows": rows})
+
+
+# --- fedsim run with many clients ---------------------------------------------------------------------------
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def timed_run(args: list[str], env: dict) -> dict:
+    """Run a command, sampling its process tree's memory every 0.5 s; (wall seconds, peak bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{output[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - start, 2), "peak_gb": round(peak[0] / 2**30, 3)}
+
+
+def bench_run(
+    clients: int, rounds: int, fraction: float, examples: int, policy: list[str], dtype: str, batch: int = 0
+) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for capture in ("false", "true"):
+            name = f"c{clients}-{capture}"
+            sets = [
+                f"fraction-train={fraction}",
+                f"examples-per-client={examples}",
+                f"capture={capture}",
+                f"capture-dtype={dtype}",
+                "eval-examples=500",
+                f"batch-size={batch or max(1, min(32, examples // 2))}",  # shards of many clients are uneven
+                *policy,
+            ]
+            cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
+            cmd += ["--model", "mlp", "--clients", str(clients), "--rounds", str(rounds), "--out-dir", tmp]
+            cmd += ["--name", name] + [a for s in sets for a in ("--set", s)]
+            row = {"capture": capture == "true", **timed_run(cmd, env)}
+            run_dir = Path(tmp) / name
+            times = [json.loads(line)["time"] for line in (run_dir / "training.jsonl").read_text().splitlines()]
+            row["round_s"] = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+            captures = run_dir / "captures"
+            disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
+            row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
+            row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+            rows.append(row)
+            print(row, flush=True)
+    plain_s, curious_s = rows[0]["wall_s"], rows[1]["wall_s"]
+    save(
+        f"run-{clients}",
+        {
+            "command": f"fedsim run --dataset mnist --model mlp --clients {clients} --rounds {rounds} "
+            f"--set fraction-train={fraction} --set examples-per-client={examples} {' '.join(policy)}",
+            "cohort": round(clients * fraction),
+            "rows": rows,
+            "curious_over_plain": round(curious_s / plain_s, 3),
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    index = sub.add_parser("index")
+    index.add_argument("--records", type=int, default=100_000)
+    index.add_argument("--rounds", type=int, default=100)
+    psnr = sub.add_parser("psnr")
+    psnr.add_argument("--images", type=int, default=4)
+    psnr.add_argument("--idlg", type=int, default=0, help="also iDLG on the first N images (slow)")
+    run = sub.add_parser("run")
+    run.add_argument("--clients", type=int, default=200)
+    run.add_argument("--rounds", type=int, default=2)
+    run.add_argument("--fraction", type=float, default=0.25)
+    run.add_argument("--examples", type=int, default=10)
+    run.add_argument("--dtype", default="float32")
+    run.add_argument("--batch", type=int, default=0, help="client batch size (0: half the examples, at most 32)")
+    run.add_argument("--policy", nargs="*", default=[], help="extra capture keys, e.g. capture-policy=sample")
+    args = parser.parse_args()
+    if args.part == "index":
+        bench_index(args.records, args.rounds)
+    elif args.part == "psnr":
+        bench_psnr(args.images, args.idlg)
+    else:
+        bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
+
+
+if __name__ == "__main__":
+    main()

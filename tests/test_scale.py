@@ -1,0 +1,220 @@
+"""Capture policies, float16 captures and the per-round manifest index: keeping part of a large run."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import get_attack
+from attacks.base import model_gradients
+from attacks.contract import capture_states, target_from_capture
+from fedsim.capture_policy import CapturePolicy, rank
+from fedsim.captures import CaptureStore
+from fedsim.config import FedsimConfig
+from fedsim.errors import FedsimError
+from fedsim.models import build_model
+from fedsim.scoring import score
+from tests.test_hostile import reply
+
+DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
+
+
+# --- which clients are captured ----------------------------------------------------------------------------
+
+
+def test_a_sampled_policy_keeps_the_seeded_lowest_ranks_and_is_reproducible():
+    policy = CapturePolicy("sample", fraction=0.1, seed=7)
+    cohort = list(range(0, 1000, 3))  # 334 partitions replied
+    chosen = policy.select(4, cohort)
+    expected = set(sorted(cohort, key=lambda pid: rank(7, 4, pid))[: math.ceil(0.1 * len(cohort))])
+    assert chosen == expected and len(chosen) == 34
+    assert policy.select(4, reversed(cohort)) == chosen, "the order replies arrive in does not matter"
+    assert policy.select(5, cohort) != chosen, "each round draws again"
+    assert CapturePolicy("sample", fraction=0.1, seed=8).select(4, cohort) != chosen, "the run seed changes the draw"
+    assert CapturePolicy("sample", fraction=1.0).select(1, cohort) == set(cohort)
+    assert CapturePolicy("partitions", partitions=(0, 3, 7)).select(1, cohort) == {0, 3}
+    assert CapturePolicy().select(1, cohort) == set(cohort)
+
+
+def test_the_curious_wrapper_writes_only_the_sampled_updates_and_every_failure(tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.curious import CuriousStrategy
+
+    policy = CapturePolicy("sample", fraction=0.25, seed=3)
+    store = CaptureStore(tmp_path / "captures")
+    strategy = CuriousStrategy(FedAvg(), store, {"model": "mlp"}, num_partitions=20, policy=policy)
+    replies = [reply(100 + pid, {"partition-id": pid}) for pid in range(20)]
+    replies.append(reply(999, {"partition-id": 50}))  # out of range: a failure, never sampled
+    assert strategy._capture_round(2, replies) == 5
+    captured = {r["partition_id"] for r in store.records("update")}
+    assert captured == policy.select(2, range(20))
+    assert [r["client"] for r in store.records("failure")] == [999]
+
+
+def test_capture_keys_are_validated_in_one_line():
+    config = FedsimConfig.from_mapping(
+        {"num-clients": 10, "capture-policy": "partitions", "capture-partitions": "0,3,7", "capture-dtype": "float16"}
+    )
+    assert config.capture_partitions == "0,3,7"
+    for values, message in [
+        ({"capture-policy": "some"}, "capture-policy = 'some' is not allowed"),
+        ({"capture-fraction": 0.0}, r"capture-fraction = 0.0 must be in \(0, 1\]"),
+        ({"capture-fraction": float("nan")}, "capture-fraction = nan must be a finite number"),
+        ({"capture-partitions": "0,x"}, "capture-partitions = '0,x' must be comma-separated ids"),
+        ({"capture-partitions": "0,12"}, r"capture-partitions: partition id 12 is outside 0..9"),
+        ({"capture-policy": "partitions"}, "capture-policy = partitions needs capture-partitions"),
+        ({"capture-dtype": "int8"}, "capture-dtype = 'int8' is not allowed"),
+    ]:
+        with pytest.raises(FedsimError, match=message):
+            FedsimConfig.from_mapping({"num-clients": 10, **values})
+
+
+# --- float16 captures ----------------------------------------------------------------------------------------
+
+
+def fedsgd_capture(store: CaptureStore, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> dict:
+    """One FedSGD client update of an MLP on (x, y), written through `store` as the curious server writes it."""
+    model = build_model("mlp", tuple(x.shape[1:]), 10, seed=0)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = dict(zip([n for n, _ in model.named_parameters()], model_gradients(model, x, y), strict=True))
+    client_state = {k: v - lr * grads[k] if k in grads else v for k, v in global_state.items()}
+    meta = {
+        "model": "mlp",
+        "input_shape": list(x.shape[1:]),
+        "num_classes": 10,
+        "recipe": {"recipe": "fedsgd", "lr": lr, "batch-size": len(y), "local-epochs": 1},
+        "num_examples": len(y),
+        "partition_id": 0,
+    }
+    store.write_global(1, global_state, meta)
+    return store.write_update(1, 5, client_state, meta, base=global_state)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_an_analytic_attack_on_a_float16_capture_still_recovers_the_image(tmp_path, dtype):
+    if not CIFAR.exists():
+        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR}")
+    data = np.load(CIFAR, allow_pickle=False)
+    x = torch.tensor(data["x"][:1]).permute(0, 3, 1, 2).float() / 255
+    y = torch.tensor(data["y"][:1]).long()
+    store = CaptureStore(tmp_path / "captures", dtype)
+    record = fedsgd_capture(store, x, y)
+    assert record.get("dtype", "float32") == dtype
+    global_state, client_state = capture_states(store, store.records("update")[0])
+    assert all(v.dtype == torch.float32 for v in client_state.values()), "attacks get float32 back"
+    result = get_attack("analytic").reconstruct(target_from_capture(global_state, client_state, record))
+    psnr = score(result.images, result.labels, x, y)["psnr"][0]
+    assert psnr > (60 if dtype == "float32" else 35), psnr
+
+
+def test_a_float16_update_takes_half_the_disk_and_stays_close(tmp_path):
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([3, 4])
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        store = CaptureStore(tmp_path / dtype, dtype)
+        record = fedsgd_capture(store, x, y)
+        sizes[dtype] = store.path(record).stat().st_size
+    assert sizes["float16"] < 0.55 * sizes["float32"]
+    exact = capture_states(CaptureStore(tmp_path / "float32"), CaptureStore(tmp_path / "float32").records("update")[0])
+    half = capture_states(CaptureStore(tmp_path / "float16"), CaptureStore(tmp_path / "float16").records("update")[0])
+    for name, start in exact[0].items():
+        update, update16 = exact[1][name] - start, half[1][name] - half[0][name]
+        # stored relative to the global weights, the update keeps float16's relative precision (about 1e-3)
+        assert (update16 - update).norm() <= 1e-3 * update.norm() + 1e-12, name
+
+
+# --- the per-round index ---------------------------------------------------------------------------------------
+
+
+def synthetic_store(root: Path, rounds: int, per_round: int) -> CaptureStore:
+    """A store of `rounds` rounds of `per_round` update records (one tiny tensor file shared by all)."""
+    store = CaptureStore(root)
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 10}
+    for server_round in range(1, rounds + 1):
+        store.write_global(server_round, {"w": torch.zeros(1)}, meta)
+        for client in range(per_round):
+            store._append({"kind": "update", "round": server_round, "client": client, "file": "x", **meta})
+    return store
+
+
+def test_the_index_reads_exactly_the_rounds_asked_for(tmp_path):
+    store = synthetic_store(tmp_path / "captures", rounds=6, per_round=30)
+    every = store.records()
+    for wanted in ([3], [1, 6], [2, 99]):
+        got = store.records(rounds=wanted)
+        assert got == [r for r in every if r["round"] in wanted]
+    assert len(store.records("update", rounds=[4])) == 30 and store.global_record(5)["round"] == 5
+
+
+def test_a_store_without_an_index_or_with_a_stale_one_is_read_whole(tmp_path):
+    store = synthetic_store(tmp_path / "captures", rounds=3, per_round=4)
+    expected = [r for r in store.records() if r["round"] == 2]
+    # another writer appended to the manifest: the index no longer ends where the manifest does
+    with open(store.manifest, "a") as f:
+        f.write('{"kind": "failure", "round": 2, "client": 77, "reason": "late"}\n')
+    assert store.records(rounds=[2])[-1]["client"] == 77
+    # an index pointing at the wrong bytes is not trusted either
+    (store.root / "index" / "round-0002.idx").write_text("5 9\n")
+    assert store.records(rounds=[2])[-1].get("client") == 77
+    # a store from before the index (a single manifest only) reads as it always did
+    for path in (store.root / "index").iterdir():
+        path.unlink()
+    (store.root / "index").rmdir()
+    assert store.records(rounds=[2])[: len(expected)] == expected
+
+
+def test_a_corrupt_record_reached_through_the_index_is_still_refused(tmp_path):
+    store = synthetic_store(tmp_path / "captures", rounds=2, per_round=2)
+    text = store.manifest.read_text().replace('"client": 1', '"client": -1', 1)
+    store.manifest.write_text(text)
+    with pytest.raises(FedsimError, match="field client: -1 is outside"):
+        store.records(rounds=[1])
+
+
+# --- a real two-node Ray cluster -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fedsim_attack_runs_on_a_two_node_ray_cluster(finished_run, tmp_path, monkeypatch):
+    """Ray's own multi-node tool on one machine: a head and a second node; `fedsim attack` joins through RAY_ADDRESS.
+
+    Cluster.shutdown stops exactly the node processes this test started (never `ray stop`).
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import run_cli
+
+    _, run_dir = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "attacks", ignore_errors=True)
+    temp = tempfile.mkdtemp(prefix="fsray-")  # short: Ray's socket paths must fit in 107 characters
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp}
+    )
+    try:
+        cluster.add_node(num_cpus=1, resources={"node2": 1})
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        result = run_cli("attack", str(run), "-a", "idlg", "-o", "iterations=2", "--rounds", "1", timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outcomes = [json.loads(p.read_text()) for p in (run / "attacks").rglob("result.json")]
+        assert outcomes and all(o["status"] == "ok" for o in outcomes), outcomes
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
