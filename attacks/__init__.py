@@ -17,10 +17,17 @@ from attacks.contract import AttackTarget, Recipe
 from attacks.dlg import DLG
 from attacks.grnn import GRNN
 from attacks.idlg import IDLG
+from attacks.inverting_gradients import InvertingGradients
 from attacks.labels import infer_labels
 from fedsim.errors import FedsimError
 
-ATTACKS: dict[str, type[Attack]] = {"dlg": DLG, "idlg": IDLG, "grnn": GRNN, "analytic": Analytic}
+ATTACKS: dict[str, type[Attack]] = {
+    "dlg": DLG,
+    "idlg": IDLG,
+    "grnn": GRNN,
+    "analytic": Analytic,
+    "ig": InvertingGradients,
+}
 
 
 def get_attack(name: str, **options: Any) -> Attack:
