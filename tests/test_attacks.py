@@ -226,10 +226,39 @@ def test_dlg_rescues_a_restart_that_blows_up(cifar) -> None:
         get_attack("dlg", rescues=-1)
 
 
+def test_the_default_optimiser_survives_where_the_papers_blows_up(cifar) -> None:
+    """With a step size that blows the paper's L-BFGS up at once, the default's line search (no rescues, one
+    restart: the line search alone) only ever lowers the loss; the result records which optimiser ran."""
+    x, y = tiny(cifar[0][1:2], 8), cifar[1][1:2]
+    target = fedsgd_target("lenet-dlg", x, y)
+    with pytest.raises(AttackDiverged, match="blew up"):
+        get_attack("dlg", optimizer="paper", lr=100.0, iterations=30).reconstruct(target)
+    result = get_attack("dlg", lr=100.0, iterations=30, rescues=0, restarts=1).reconstruct(target)
+    losses = [h["loss"] for h in result.history]
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 1e-2 * losses[0]
+    assert result.info["optimizer"] == "robust" and not result.info["dropped_restarts"]
+    defaults = get_attack("idlg")
+    assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 2, 5, "armijo")
+    paper = get_attack("idlg", optimizer="paper")
+    assert (paper.restarts, paper.rescues, paper.line_search) == (1, 0, None)
+    with pytest.raises(FedsimError, match="optimizer"):
+        get_attack("dlg", optimizer="adam")
+
+
+def test_a_reconstruction_stuck_far_from_the_gradient_is_flagged(cifar) -> None:
+    x, y = tiny(cifar[0][:1], 8), cifar[1][:1]
+    target = fedsgd_target("lenet-dlg", x, y)
+    early = get_attack("dlg", iterations=1, max_iter=1, restarts=1).reconstruct(target)
+    assert early.info["converged"] is False and early.info["relative_loss"] > 1e-4
+    assert get_attack("dlg", iterations=1, max_iter=1, restarts=1, converged_below=1e9).reconstruct(target).info[
+        "converged"
+    ]
+
+
 def test_registry_and_option_errors() -> None:
-    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic"}
+    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "ig"}
     assert get_attack("dlg").iterations == 300 and get_attack("grnn").lr == 1e-4
-    with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic"):
+    with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic, ig"):
         get_attack("dgl")
     with pytest.raises(FedsimError, match=r"unknown option\(s\) for attack 'idlg': iters; allowed: .*iterations"):
         get_attack("idlg", iters=3)
