@@ -30,7 +30,9 @@ class IDLG(DLG):
         return target_labels(target, observed, self.label_method, self.name)
 
 
-def target_labels(target: AttackTarget, observed: list[torch.Tensor], method: str, attack: str) -> tuple[torch.Tensor, str]:
+def target_labels(
+    target: AttackTarget, observed: list[torch.Tensor], method: str, attack: str
+) -> tuple[torch.Tensor, str]:
     """The labels of a target's examples: given in the target, else inferred from its last layer (attacks.labels)."""
     n = target.batch_size
     if target.recipe.fedavg or target.gradients is None:

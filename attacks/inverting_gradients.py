@@ -35,10 +35,10 @@ class InvertingGradients(Attack):
 
     As the paper's code (JonasGeiping/invertinggradients): images from N(0, 1), Adam lr 0.1 on the signed
     gradient, the step size cut by 10 at 3/8, 5/8 and 7/8 of the iterations, the images boxed to the valid
-    range [0, 1] after every step, restarts kept by their final gradient distance (the code's scoring). FedAvg captures are matched
-    against the client's local recipe replayed differentiably (attacks.unroll), the paper's setting. The
-    TV weight is for [0, 1] images with the mean-absolute TV above (the paper's 1e-1 .. 1e-6 are for its
-    normalised images and models). `tolerance` is unused: the schedule runs to its end.
+    range [0, 1] after every step, restarts kept by their final gradient distance (the code's scoring).
+    FedAvg captures are matched against the client's local recipe replayed differentiably (attacks.unroll),
+    the paper's setting. The TV weight is for [0, 1] images with the mean-absolute TV above (the paper's
+    1e-1 .. 1e-6 are for its normalised images and models). `tolerance` is unused: the schedule runs out.
     """
 
     name = "ig"
@@ -71,7 +71,9 @@ class InvertingGradients(Attack):
         problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
         r, k, n = self.restarts, problems.k, problems.examples
         shape = (n, *targets[0].input_shape)
-        fixed = [target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)]
+        fixed = [
+            target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)
+        ]
         labels = stack_problems([f[0] for f in fixed], r, device)
 
         def objective(p: dict, c: dict, x: torch.Tensor, y: torch.Tensor, obs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,9 @@ class InvertingGradients(Attack):
             if not torch.isfinite(loss[i]):
                 recorder.drop(i, f"objective became {loss[i].item()}")
             else:
-                recorder.finish(i, self.iterations, float(distance[i]), self.iterations + 1, x[i].detach(), labels[i].cpu())
+                recorder.finish(
+                    i, self.iterations, float(distance[i]), self.iterations + 1, x[i].detach(), labels[i].cpu()
+                )
         info = [
             {
                 "objective": problems.objective,

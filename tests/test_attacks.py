@@ -251,9 +251,11 @@ def test_a_reconstruction_stuck_far_from_the_gradient_is_flagged(cifar) -> None:
     target = fedsgd_target("lenet-dlg", x, y)
     early = get_attack("dlg", iterations=1, max_iter=1, restarts=1).reconstruct(target)
     assert early.info["converged"] is False and early.info["relative_loss"] > 1e-4
-    assert get_attack("dlg", iterations=1, max_iter=1, restarts=1, converged_below=1e9).reconstruct(target).info[
-        "converged"
-    ]
+    assert (
+        get_attack("dlg", iterations=1, max_iter=1, restarts=1, converged_below=1e9)
+        .reconstruct(target)
+        .info["converged"]
+    )
 
 
 def test_registry_and_option_errors() -> None:
