@@ -139,6 +139,7 @@ def part_dlg(args: argparse.Namespace) -> dict:
             relative_loss=[None if isinstance(r, AttackDiverged) else r.info["relative_loss"] for r in results],
         )
         out[name] = summary
+        save(args, "dlg", out)  # keep each attack's results of this long part
     table = Table(title="DLG / iDLG, LeNet (DLG), CIFAR-10 32x32, FedSGD batch 1")
     for col in (
         "attack",
