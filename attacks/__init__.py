@@ -18,10 +18,18 @@ from attacks.dlg import DLG
 from attacks.grnn import GRNN
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
+from attacks.inverting_gradients import InvertingGradients
 from attacks.labels import infer_labels
 from fedsim.errors import FedsimError
 
-ATTACKS: dict[str, type[Attack]] = {"dlg": DLG, "idlg": IDLG, "grnn": GRNN, "analytic": Analytic, "imprint": Imprint}
+ATTACKS: dict[str, type[Attack]] = {
+    "dlg": DLG,
+    "idlg": IDLG,
+    "grnn": GRNN,
+    "analytic": Analytic,
+    "ig": InvertingGradients,
+    "imprint": Imprint,
+}
 
 
 def get_attack(name: str, **options: Any) -> Attack:

@@ -27,14 +27,19 @@ class IDLG(DLG):
         self.label_method = label_method
 
     def _fixed_labels(self, target: AttackTarget, observed: list[torch.Tensor]) -> tuple[torch.Tensor, str]:
-        n = target.batch_size
-        if target.recipe.fedavg or target.gradients is None:
-            n = target.recipe.num_examples or n
-        if target.labels is not None:
-            if target.labels.numel() != n:
-                raise FedsimError(f"idlg: target has {target.labels.numel()} labels for {n} examples")
-            return target.labels.detach().long().cpu(), "given"
-        estimate = infer_labels(
-            target.model, observed, n, target.num_classes, tuple(target.input_shape), method=self.label_method
-        )
-        return estimate.labels, estimate.method
+        return target_labels(target, observed, self.label_method, self.name)
+
+
+def target_labels(
+    target: AttackTarget, observed: list[torch.Tensor], method: str, attack: str
+) -> tuple[torch.Tensor, str]:
+    """The labels of a target's examples: given in the target, else inferred from its last layer (attacks.labels)."""
+    n = target.batch_size
+    if target.recipe.fedavg or target.gradients is None:
+        n = target.recipe.num_examples or n
+    if target.labels is not None:
+        if target.labels.numel() != n:
+            raise FedsimError(f"{attack}: target has {target.labels.numel()} labels for {n} examples")
+        return target.labels.detach().long().cpu(), "given"
+    estimate = infer_labels(target.model, observed, n, target.num_classes, tuple(target.input_shape), method=method)
+    return estimate.labels, estimate.method

@@ -1,4 +1,4 @@
-"""L-BFGS on K independent problems at once: torch.optim.LBFGS without line search, one closure call for all."""
+"""L-BFGS on K independent problems at once: torch.optim.LBFGS, with or without a line search, one closure for all."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ class BatchedLBFGS:
     that is not a descent direction, every later step computes the same direction and stops at once.
     With `reset_stalled`, such a problem's memory is cleared instead (`reset`), so its next step
     starts again from steepest descent; `resets` counts them. Off, the optimiser is torch's.
+
+    `line_search="armijo"` makes every inner iteration a backtracking line search per problem: the
+    step t·d is halved (up to `backtracks` times) until the loss is finite and decreases by at least
+    c1·t·<g, d> (Armijo's condition, c1 = 1e-4); a problem that finds no such step keeps its point and
+    clears its memory. Each trial point is one closure call for all problems still searching, counted
+    in `evaluations` for those only. Without it (None, torch's default) a step is taken as computed.
     """
 
     def __init__(
@@ -34,9 +40,14 @@ class BatchedLBFGS:
         tolerance_change: float = 1e-9,
         history_size: int = 100,
         reset_stalled: bool = False,
+        line_search: str | None = None,
+        backtracks: int = 10,
     ) -> None:
+        if line_search not in (None, "armijo"):
+            raise ValueError(f"line_search must be None or 'armijo', got {line_search!r}")
         k, d = z.shape
         self.z, self.closure, self.reset_stalled = z, closure, reset_stalled
+        self.line_search, self.backtracks = line_search, backtracks
         self.lr = z.new_full((k,), lr)  # per problem: a rescued problem continues with a smaller step
         self.max_iter, self.max_eval = max_iter, max_eval or max_iter * 5 // 4
         self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
@@ -93,6 +104,35 @@ class BatchedLBFGS:
             r = r + (al[j] - be)[:, None] * s[:, j]
         return r
 
+    def _armijo(
+        self, loss: torch.Tensor, g: torch.Tensor, run: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Backtrack along d from t for problems `run` until Armijo's condition holds; move those that found a
+        step. Returns the loss and gradient at the (new) points, the problems that moved, and closure calls."""
+        slope = (g * self.d).sum(1)
+        t, searching = self.t.clone(), run.clone()
+        new_loss, new_g, moved, calls = loss.clone(), g.clone(), torch.zeros_like(run), 0
+        for _ in range(self.backtracks + 1):
+            with torch.enable_grad():
+                g_try, l_try = self.closure(self.z + t[:, None] * self.d)
+            l_try, g_try = l_try.detach(), g_try.detach()
+            calls += 1
+            self.evaluations += searching.long()
+            ok = searching & torch.isfinite(l_try) & torch.isfinite(g_try).all(1) & (l_try <= loss + 1e-4 * t * slope)
+            new_loss, new_g = torch.where(ok, l_try, new_loss), torch.where(ok[:, None], g_try, new_g)
+            moved, searching = moved | ok, searching & ~ok
+            if not bool(searching.any()):
+                break
+            t = torch.where(searching, t * 0.5, t)
+        self.t = torch.where(moved, t, self.t)
+        self.z = torch.where(moved[:, None], self.z + self.t[:, None] * self.d, self.z)
+        self.loss = torch.where(moved, new_loss, self.loss)
+        failed = run & ~moved  # no decrease along d: stay, and start again from steepest descent
+        if bool(failed.any()):
+            self.reset(failed)
+            self.resets += failed.long()
+        return new_loss, new_g, moved, calls
+
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """One optimiser step (up to max_iter inner iterations per problem); returns the losses at its start."""
@@ -127,9 +167,14 @@ class BatchedLBFGS:
                 self.reset(stuck)
                 self.resets += stuck.long()
             run = run & ~stalled
-            self.z += torch.where(run[:, None], self.t[:, None] * self.d, torch.zeros_like(self.d))
             opt_cond = torch.zeros_like(run)
-            if n_iter != self.max_iter:
+            if self.line_search:
+                loss, g, run, used = self._armijo(loss, g, run)
+                opt_cond = g.abs().amax(1) <= self.tol_grad
+                evals += used
+            else:
+                self.z += torch.where(run[:, None], self.t[:, None] * self.d, torch.zeros_like(self.d))
+            if n_iter != self.max_iter and not self.line_search:
                 new_loss, new_g = self.evaluate(run)
                 loss = torch.where(run, new_loss, loss)
                 g = torch.where(run[:, None], new_g, g)

@@ -42,6 +42,13 @@ def cifar(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(data["y"][offset : offset + n]).long()
 
 
+def cifar_test(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 test images by index (JPEG-recompressed, as fedsim serves them): photos no test or demo uses."""
+    data = np.load(DATA / "cifar10" / "cifar10_test_yoongikim_jpeg_q75.npz", allow_pickle=False)
+    x = torch.tensor(data["x"][indices]).permute(0, 3, 1, 2).float() / 255
+    return x, torch.tensor(data["y"][indices]).long()
+
+
 def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarget:
     return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), 10)
 
@@ -88,8 +95,11 @@ def summarise(results: list, truths: list[tuple[torch.Tensor, torch.Tensor]]) ->
 
 
 def part_dlg(args: argparse.Namespace) -> dict:
-    n = 5 if args.quick else 20
-    x, y = cifar(n)
+    if args.indices:  # test-set photos nobody tuned for
+        x, y = cifar_test(args.indices)
+    else:
+        x, y = cifar(5 if args.quick else 20)
+    n = len(y)
     model = build_model("lenet-dlg", (3, 32, 32), 10, seed=args.seed)
     targets = [target_for(model, x[i : i + 1], y[i : i + 1]) for i in range(n)]
     truths = [(x[i : i + 1], y[i : i + 1]) for i in range(n)]
@@ -99,7 +109,9 @@ def part_dlg(args: argparse.Namespace) -> dict:
         "label_inference": {"accuracy": float(np.mean([int(a) == int(b) for a, b in zip(inferred, y, strict=True)]))}
     }
     for name in args.dlg_attacks:
-        options = {"snapshot_every": 1, "rescues": args.rescues, **({"iterations": 100} if args.quick else {})}
+        options = {"snapshot_every": 1, "optimizer": args.optimizer, **({"iterations": 100} if args.quick else {})}
+        if args.rescues is not None:
+            options["rescues"] = args.rescues
         attack = get_attack(name, **options)
         console.print(f"[bold]{name}[/]: {n} images, {attack.iterations} L-BFGS steps, batched {args.group} at a time")
         start = time.perf_counter()
@@ -122,8 +134,12 @@ def part_dlg(args: argparse.Namespace) -> dict:
             ),
             evaluations=[None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results],
             images=n,
+            optimizer=args.optimizer,
+            converged=[None if isinstance(r, AttackDiverged) else r.info["converged"] for r in results],
+            relative_loss=[None if isinstance(r, AttackDiverged) else r.info["relative_loss"] for r in results],
         )
         out[name] = summary
+        save(args, "dlg", out)  # keep each attack's results of this long part
     table = Table(title="DLG / iDLG, LeNet (DLG), CIFAR-10 32x32, FedSGD batch 1")
     for col in (
         "attack",
@@ -358,7 +374,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1, help="grnn part: batches per batch size")
     parser.add_argument("--dlg-attacks", nargs="+", default=["idlg", "dlg"], choices=["idlg", "dlg"],
                         help="dlg part: which attacks")  # fmt: skip
-    parser.add_argument("--rescues", type=int, default=0, help="dlg part: DLG/iDLG rescues (0: the paper's L-BFGS)")
+    parser.add_argument("--rescues", type=int, default=None, help="dlg part: DLG/iDLG rescues (default: the preset's)")
+    parser.add_argument("--optimizer", default="robust", choices=["robust", "paper"], help="dlg part: DLG/iDLG preset")
+    parser.add_argument("--indices", type=int, nargs="*", default=[],
+                        help="dlg part: CIFAR-10 test-set indices (default: the first training images)")  # fmt: skip
     parser.add_argument("--tag", default="", help="suffix of the results file, to keep runs done in pieces")
     parser.add_argument("--timing-targets", type=int, default=8)
     parser.add_argument("--timing-iterations", type=int, default=20)

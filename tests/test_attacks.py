@@ -54,8 +54,9 @@ def psnr(images: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor) -> lis
 
 def test_dlg_recovers_a_16px_image_and_its_label(cifar) -> None:
     x, y = tiny(cifar[0][:1], 16), cifar[1][:1]
-    # rescues guard against a blow-up that depends on the CPU's rounding (attacks/README.md, L-BFGS)
-    result = get_attack("dlg", rescues=5).reconstruct(fedsgd_target("lenet-dlg", x, y))
+    # the paper's optimiser, whose 300 steps the snapshot count assumes; rescues guard against a blow-up
+    # that depends on the CPU's rounding (attacks/README.md, L-BFGS)
+    result = get_attack("dlg", optimizer="paper", rescues=5).reconstruct(fedsgd_target("lenet-dlg", x, y))
     assert psnr(result.images, x, y)[0] > 30
     assert result.labels.tolist() == y.tolist()
     assert result.info["objective"] == "gradient" and result.info["label_method"] == "dlg-optimised"
@@ -126,7 +127,8 @@ def test_diverged_restarts_are_dropped_and_reported(cifar) -> None:
     result = _PoisonedDLG({1}, iterations=5, restarts=3).reconstruct(target)
     assert torch.isfinite(result.images).all() and result.info["chosen_restart"] != 1
     assert len(result.info["dropped_restarts"]) == 1 and result.info["dropped_restarts"][0].startswith("restart 1")
-    blown = _PoisonedDLG({0}, value=1e5, iterations=5, restarts=2).reconstruct(target)
+    # rescues off (the paper's optimiser): 5 iterations would not exhaust the default's 5 rescues
+    blown = _PoisonedDLG({0}, value=1e5, optimizer="paper", iterations=5, restarts=2).reconstruct(target)
     assert "blew up" in blown.info["dropped_restarts"][0] and blown.info["chosen_restart"] == 1
     with pytest.raises(AttackDiverged, match="all 2 restart"):
         _PoisonedDLG({0, 1}, iterations=5, restarts=2).reconstruct(target)
@@ -217,18 +219,49 @@ def test_dlg_rescues_a_restart_that_blows_up(cifar) -> None:
     x, y = tiny(cifar[0][1:2], 16), cifar[1][1:2]
     target = fedsgd_target("lenet-dlg", x, y)
     with pytest.raises(AttackDiverged, match="blew up"):
-        get_attack("dlg", lr=100.0, iterations=100).reconstruct(target)
-    result = get_attack("dlg", lr=100.0, iterations=100, rescues=10).reconstruct(target)
+        get_attack("dlg", optimizer="paper", lr=100.0, iterations=100).reconstruct(target)
+    result = get_attack("dlg", optimizer="paper", lr=100.0, iterations=100, rescues=10).reconstruct(target)
     assert 1 <= result.info["rescued"][0] <= 10 and not result.info["dropped_restarts"]
     assert result.history[-1]["loss"] < 1e-3 * result.history[0]["loss"]
     with pytest.raises(FedsimError, match="rescues"):
         get_attack("dlg", rescues=-1)
 
 
+def test_the_default_optimiser_survives_where_the_papers_blows_up(cifar) -> None:
+    """With a step size that blows the paper's L-BFGS up at once, the default's line search (no rescues, one
+    restart: the line search alone) only ever lowers the loss; the result records which optimiser ran."""
+    x, y = tiny(cifar[0][1:2], 8), cifar[1][1:2]
+    target = fedsgd_target("lenet-dlg", x, y)
+    with pytest.raises(AttackDiverged, match="blew up"):
+        get_attack("dlg", optimizer="paper", lr=100.0, iterations=30).reconstruct(target)
+    result = get_attack("dlg", lr=100.0, iterations=30, rescues=0, restarts=1).reconstruct(target)
+    losses = [h["loss"] for h in result.history]
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 1e-2 * losses[0]
+    assert result.info["optimizer"] == "robust" and not result.info["dropped_restarts"]
+    defaults = get_attack("idlg")
+    assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 2, 5, "armijo")
+    paper = get_attack("idlg", optimizer="paper")
+    assert (paper.restarts, paper.rescues, paper.line_search) == (1, 0, None)
+    with pytest.raises(FedsimError, match="optimizer"):
+        get_attack("dlg", optimizer="adam")
+
+
+def test_a_reconstruction_stuck_far_from_the_gradient_is_flagged(cifar) -> None:
+    x, y = tiny(cifar[0][:1], 8), cifar[1][:1]
+    target = fedsgd_target("lenet-dlg", x, y)
+    early = get_attack("dlg", iterations=1, max_iter=1, restarts=1).reconstruct(target)
+    assert early.info["converged"] is False and early.info["relative_loss"] > 1e-4
+    assert (
+        get_attack("dlg", iterations=1, max_iter=1, restarts=1, converged_below=1e9)
+        .reconstruct(target)
+        .info["converged"]
+    )
+
+
 def test_registry_and_option_errors() -> None:
-    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "imprint"}
+    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "ig", "imprint"}
     assert get_attack("dlg").iterations == 300 and get_attack("grnn").lr == 1e-4
-    with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic"):
+    with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic, ig"):
         get_attack("dgl")
     with pytest.raises(FedsimError, match=r"unknown option\(s\) for attack 'idlg': iters; allowed: .*iterations"):
         get_attack("idlg", iters=3)

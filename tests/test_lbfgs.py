@@ -61,3 +61,23 @@ def test_a_reset_problem_restarts_from_steepest_descent() -> None:
     assert not torch.allclose(fresh.z[0], start)  # not yet converged: the comparison means something
     assert torch.allclose(ours.z[0], fresh.z[0], atol=1e-6) and int(ours.count[0]) == int(fresh.count[0])
     assert not torch.equal(ours.z[1], kept)  # the other problem went on with its own memory
+
+
+def test_the_armijo_line_search_never_raises_the_loss() -> None:
+    """On a steep quartic a full step of torch's L-BFGS overshoots; with the line search every step goes down."""
+    gen = torch.Generator().manual_seed(2)
+
+    def batched(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return 4 * z**3 + z, (z**4).sum(1) + 0.5 * (z**2).sum(1)
+
+    start = 3 * torch.randn(2, 10, generator=gen)
+    plain = BatchedLBFGS(start.clone(), batched, lr=5.0, max_iter=1)
+    searched = BatchedLBFGS(start.clone(), batched, lr=5.0, max_iter=1, line_search="armijo")
+    plain_losses, searched_losses = [], []
+    for _ in range(15):
+        plain_losses.append(plain.step())
+        searched_losses.append(searched.step())
+    plain_losses, searched_losses = torch.stack(plain_losses), torch.stack(searched_losses)
+    assert bool((plain_losses[1:] > plain_losses[:-1]).any())  # the plain step overshoots at least once
+    assert bool((searched_losses[1:] <= searched_losses[:-1]).all())
+    assert float(searched.loss.max()) < 1e-3 * float(searched_losses[0].min())

@@ -1,0 +1,121 @@
+"""Tests of Inverting Gradients on tiny real CIFAR-10 images and small ReLU networks (8x8 inputs: seconds each)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks import ATTACKS, AttackTarget, get_attack
+from attacks.base import model_gradients
+from attacks.inverting_gradients import InvertingGradients, cosine_distance, total_variation
+from fedsim.errors import FedsimError
+from fedsim.scoring import score
+
+DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first lossless CIFAR-10 training images, average-pooled to 8x8, in [0, 1], and their labels."""
+    if not CIFAR.exists():
+        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR} (set FEDSIM_SHARED_DATA)")
+    data = np.load(CIFAR, allow_pickle=False)
+    x = torch.tensor(data["x"][:4]).permute(0, 3, 1, 2).float() / 255
+    return F.avg_pool2d(x, 4), torch.tensor(data["y"][:4]).long()
+
+
+def relu_net(seed: int = 0) -> nn.Module:
+    """A small untrained ReLU ConvNet for 3x8x8 inputs (He initialisation, as fedsim's convnet)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def psnr(result, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    return score(result.images, result.labels, x, y)["psnr"]
+
+
+def test_cosine_distance_on_hand_made_gradients() -> None:
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 2.0]])]
+    assert float(cosine_distance(g, g)) == pytest.approx(0.0, abs=1e-6)
+    assert float(cosine_distance(g, [3 * t for t in g])) == pytest.approx(0.0, abs=1e-6)  # scale does not count
+    assert float(cosine_distance(g, [-t for t in g])) == pytest.approx(2.0)
+    # One cosine over all layers, not a sum of per-layer cosines: <g, o> = 1, |g| = √5, |o| = 1.
+    o = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 0.0]])]
+    assert float(cosine_distance(g, o)) == pytest.approx(1 - 1 / 5**0.5)
+
+
+def test_total_variation_on_hand_made_images() -> None:
+    flat = torch.full((1, 1, 3, 3), 0.5)
+    assert float(total_variation(flat)) == 0.0
+    stripes = torch.tensor([[[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]]])  # |dx| = 1 everywhere, dy = 0
+    assert float(total_variation(stripes)) == pytest.approx(1.0)
+    step = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]])  # dx = 0, |dy| = 1
+    assert float(total_variation(step)) == pytest.approx(1.0)
+
+
+def test_ig_recovers_a_tiny_image_on_a_relu_network(images) -> None:
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net()
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    result = get_attack("ig", iterations=120, restarts=1).reconstruct(target)
+    noise = score(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), y, x, y)["psnr"][0]
+    assert psnr(result, x, y)[0] > noise + 8
+    assert result.labels.tolist() == y.tolist() and result.info["label_method"] in ("idlg", "bias")
+    assert result.info["distance"] == "cosine" and result.info["optimizer"] == "adam-signed"
+    assert 0 <= result.images.min() and result.images.max() <= 1
+    assert result.loss < 0.5 * result.history[0]["loss"] and result.history[-1]["iteration"] == 120
+
+
+def test_ig_keeps_the_restart_with_the_best_gradient_match(images) -> None:
+    x, y = images[0][1:2], images[1][1:2]
+    model = relu_net(1)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    result = get_attack("ig", iterations=20, restarts=3).reconstruct(target, seed=2)
+    losses = result.info["restart_losses"]
+    assert result.info["chosen_restart"] == int(np.argmin(losses)) and result.loss == min(losses)
+    assert result.info["cosine_distance"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_ig_on_an_unrolled_fedavg_capture(images) -> None:
+    """The client takes two SGD steps (batch size 1) on two images; IG replays them differentiably."""
+    x, y = images[0][2:4], images[1][2:4]
+    model = relu_net(2)
+    client = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(client.parameters(), lr=0.05)
+    for i in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(client(x[i : i + 1]), y[i : i + 1]).backward()
+        optimizer.step()
+    update = [c.detach() - g.detach() for c, g in zip(client.parameters(), model.parameters(), strict=True)]
+    recipe = {"mode": "fedavg", "lr": 0.05, "local-epochs": 1, "batch-size": 1, "num-examples": 2}
+    target = AttackTarget(model, None, 2, (3, 8, 8), 10, update=update, recipe=recipe, labels=y)
+    result = get_attack("ig", iterations=120, restarts=1).reconstruct(target)
+    assert result.info["objective"] == "unrolled" and result.info["label_method"] == "given"
+    assert result.images.shape == x.shape and result.loss < 0.5 * result.history[0]["loss"]
+    noise = score(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), y, x, y)["psnr"]
+    assert np.mean(psnr(result, x, y)) > np.mean(noise) + 5
+
+
+def test_ig_is_registered_with_validated_options() -> None:
+    assert ATTACKS["ig"] is InvertingGradients and not InvertingGradients.supports_rescues
+    options = InvertingGradients.options()
+    assert options["lr"] == 0.1 and options["signed"] is True and options["restarts"] == 2
+    with pytest.raises(FedsimError, match="tv_weight"):
+        get_attack("ig", tv_weight=-1.0)
+    with pytest.raises(FedsimError, match="label_method"):
+        get_attack("ig", label_method="guess")
