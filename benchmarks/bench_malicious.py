@@ -120,7 +120,7 @@ def row(label: str, n: int, b: int, parts: list[dict], **extra) -> dict:
 
 def secure_run(data_dir: str, n: int, b: int, server: str, out: Path) -> tuple:
     """A real SecAgg+ simulation of one FedSGD round; returns (target, truth, simulation seconds)."""
-    from fedsim.app.attack_runner import load_target
+    from attacks.contract import target_from_capture
     from fedsim.app.simulation import simulate
     from fedsim.captures import CaptureStore
 
@@ -147,7 +147,7 @@ def secure_run(data_dir: str, n: int, b: int, server: str, out: Path) -> tuple:
     seconds = time.perf_counter() - start
     store = CaptureStore(out / f"{server}-{n}" / "captures")
     (record,) = store.records("update")
-    target = load_target(store.load(store.global_record(1)), store.load(record), record)
+    target = target_from_capture(store.load(store.global_record(1)), store.load(record), record)
     truth_dir = out / f"{server}-{n}" / "truth" / "round-0001"
     # the aggregate's batch: every client's, in the record's order of clients
     truth = torch.cat([load_tensors(truth_dir / f"client-{c}.safetensors")["images"] for c in record["aggregate_of"]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attacks import get_attack
+from attacks.contract import target_from_capture
 from clients.training import train_fedsgd
-from fedsim.app.attack_runner import load_target
 from fedsim.app.simulation import simulate
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
@@ -85,7 +85,7 @@ def test_the_imprint_robs_the_secure_aggregate(secure_run):
     config, run_dir = secure_run
     store = CaptureStore(run_dir / "captures")
     record = store.records("update")[0]
-    target = load_target(store.load(store.global_record(1)), store.load(record), record)
+    target = target_from_capture(store.load(store.global_record(1)), store.load(record), record)
     assert target.batch_size == 16
     result = get_attack("imprint").reconstruct(target)
     truth = torch.cat([load_tensors(p)["images"] for p in sorted((run_dir / "truth" / "round-0001").iterdir())])
