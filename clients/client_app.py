@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.defenses import defense_mods
+from clients.defenses import CentralDpClipping, defense_mods
 from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
 from fedsim.config import FedsimConfig
 from fedsim.federation import device, federation_for, freeze_for_tldmi
@@ -82,7 +82,7 @@ def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
     """
     app = ClientApp()
 
-    @app.train(mods=defense_mods(config))
+    @app.train(mods=[CentralDpClipping(config), *defense_mods(config)])  # central DP's clipping acts last
     def train(msg: Message, context: Context) -> Message:
         return local_train(msg, context, config or FedsimConfig.from_run_config(context.run_config))
 

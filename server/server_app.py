@@ -15,8 +15,11 @@ from torch import nn
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.federation import Federation, evaluate, tldmi_layers
+from fedsim.errors import FedsimError
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
+from fedsim.privacy import central_dp_problem
 from server.curious import CuriousStrategy
+from server.dp import PrivacyLedger, make_dp_strategy
 from server.nodes import BoundedGrid
 from server.strategies import make_strategy
 
@@ -65,6 +68,9 @@ def run_server(
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
+    problem = check_dp(config, fed, model)
+    if problem:
+        raise FedsimError(problem)
     if "tldmi" in config.defense_list():
         # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
         pretrain = fed.pretrain_public(model)
@@ -99,7 +105,10 @@ def run_server(
             "capture-seconds": round(seconds, 4),
         }
 
-    inner = make_strategy(config)
+    # Flower's DP wrapper sits inside the curious one: the capture sees each reply before any central noise.
+    inner = make_dp_strategy(config, make_strategy(config))
+    ledger = PrivacyLedger(inner, config) if config.central_dp != "none" or "ldp" in config.defense_list() else None
+    inner = ledger or inner
     strategy = CuriousStrategy(inner, store, describe, on_round=record_train) if curious else inner
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -136,8 +145,17 @@ def run_server(
         if server_round in rounds:
             row["captures"] = rounds[server_round]["captures"]
         summary["rounds"].append(row)
+    if ledger is not None:
+        atomic_write_json(run_dir / "privacy.json", ledger.report())
     atomic_write_json(run_dir / "training.json", summary)
     return summary
+
+
+def check_dp(config: FedsimConfig, fed: Federation, model: nn.Module) -> str | None:
+    """Why central DP cannot run on this federation's shards and model (before any training), or None."""
+    sizes = [row["size"] for row in fed.summary()]
+    dtypes = {name: str(t.dtype) for name, t in model.state_dict().items()}
+    return central_dp_problem(config.central_dp, config.recipe, sizes, dtypes)
 
 
 def make_server_app(
