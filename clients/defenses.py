@@ -194,10 +194,11 @@ class LocalDpDefense(DefenseMod):
     and adds Gaussian noise of std sensitivity·sqrt(2 ln(1.25/δ))/ε to every entry. The sensitivity
     is `ldp-clip-norm` (the L2 sensitivity of one clipped update). That classic bound is (ε, δ)-DP
     only for ε < 1; from ε = 1 (`ldp-calibration = auto`) the noise std is the analytic Gaussian
-    mechanism's (fedsim.privacy), handed to LocalDpMod as the ε at which its formula gives that std. LocalDpMod would also clip and noise
-    integer counters (and fail on them) and TL-DMI's frozen layers, so it is shown the defended
-    tensors only: the others are set aside before it runs and put back, unchanged, after. LocalDpMod
-    changes the update itself, around the client's training, so this mod replaces the base's `__call__`.
+    mechanism's (fedsim.privacy), handed to LocalDpMod as the ε at which its formula gives that std.
+    LocalDpMod would also clip and noise integer counters (and fail on them) and TL-DMI's frozen
+    layers, so it is shown the defended tensors only: the others are set aside before it runs and
+    put back, unchanged, after. LocalDpMod changes the update itself, around the client's training,
+    so this mod replaces the base's `__call__`.
     """
 
     name = "ldp"

@@ -37,7 +37,7 @@ def analytic_gaussian_delta(epsilon: float, sigma: float, sensitivity: float) ->
 
 
 def analytic_gaussian_std(epsilon: float, delta: float, sensitivity: float) -> float:
-    """The smallest σ whose Gaussian mechanism is (ε, δ)-DP (Balle and Wang 2018, Algorithm 1, solved by root finding)."""
+    """The smallest σ whose Gaussian mechanism is (ε, δ)-DP (Balle and Wang 2018, Theorem 8 solved for σ)."""
 
     def excess(log_sigma: float) -> float:
         return math.log(max(analytic_gaussian_delta(epsilon, math.exp(log_sigma), sensitivity), 1e-300)) - math.log(
@@ -73,7 +73,7 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sampl
 
 @functools.lru_cache(maxsize=64)
 def noise_for_epsilon(target: float, releases: int, delta: float, high: float = MAX_NOISE_MULTIPLIER) -> float | None:
-    """The noise multiplier whose `releases` Gaussian releases spend `target` ε at δ; None if even `high` is not enough."""
+    """The noise multiplier whose `releases` Gaussian releases spend `target` ε at δ; None if `high` spends more."""
     if gaussian_epsilon(high, releases, delta) > target:
         return None
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
-from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.errors import FedsimError
+from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
 from fedsim.privacy import central_dp_problem
 from server.curious import CuriousStrategy
