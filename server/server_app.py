@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim.captures import CaptureStore
@@ -44,6 +45,25 @@ def trainable_names(config: FedsimConfig, model: nn.Module) -> list[str]:
         last = set(tldmi_layers(model, config.tldmi_layers))
         names = [name for name in names if name.rpartition(".")[0] in last]
     return names
+
+
+def server_strategy(
+    config: FedsimConfig,
+    store: CaptureStore | None,
+    describe: dict,
+    on_round: Callable[[int, dict, int, float], None] | None = None,
+    curious: bool = True,
+) -> tuple[Strategy, PrivacyLedger | None]:
+    """The run's strategy, outside in: CuriousStrategy -> PrivacyLedger -> Flower's DP wrapper -> FedAvg.
+
+    The DP wrapper sits inside the curious one, where a real server's own code is: the capture sees each
+    reply as it arrives, before the wrapper clips (server-side) or adds noise. The ledger, present when the
+    run has central or local DP, keeps the privacy account. `curious=False` leaves the curious wrapper out.
+    """
+    inner = make_dp_strategy(config, make_strategy(config))
+    ledger = PrivacyLedger(inner, config) if config.central_dp != "none" or "ldp" in config.defense_list() else None
+    inner = ledger or inner
+    return (CuriousStrategy(inner, store, describe, on_round=on_round) if curious else inner), ledger
 
 
 def run_server(
@@ -105,11 +125,7 @@ def run_server(
             "capture-seconds": round(seconds, 4),
         }
 
-    # Flower's DP wrapper sits inside the curious one: the capture sees each reply before any central noise.
-    inner = make_dp_strategy(config, make_strategy(config))
-    ledger = PrivacyLedger(inner, config) if config.central_dp != "none" or "ldp" in config.defense_list() else None
-    inner = ledger or inner
-    strategy = CuriousStrategy(inner, store, describe, on_round=record_train) if curious else inner
+    strategy, ledger = server_strategy(config, store, describe, record_train, curious)
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
