@@ -8,7 +8,9 @@ The run's reported epsilon comes from Flower's accountant (server/dp.py), which 
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import brentq
@@ -107,3 +109,42 @@ def central_dp_problem(central_dp: str, recipe: str, shard_sizes: list[int], dty
             f"{max(shard_sizes)} examples; set examples-per-client to at most {min(shard_sizes)}"
         )
     return None
+
+
+def privacy_line(run_dir: Path) -> str:
+    """The run's privacy in one sentence, from its privacy.json ('' when the run has no DP or the file is unusable).
+
+    The file is read as untrusted: only finite numbers and known words make it into the sentence.
+    """
+    from fedsim.config import CENTRAL_DP
+
+    try:
+        data = json.loads((Path(run_dir) / "privacy.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts = []
+    central, local = _spent(data.get("central")), _spent(data.get("local"))
+    if central:
+        mode = data["central"].get("central-dp")
+        mode = mode if mode in CENTRAL_DP else "central"
+        releases = data["central"].get("releases")
+        rounds = releases if isinstance(releases, int) and not isinstance(releases, bool) and releases >= 0 else "?"
+        parts.append(f"central DP ({mode}): {central} for the released model over {rounds} rounds")
+    if local:
+        calibration = data["local"].get("calibration")
+        calibration = calibration if calibration in (CLASSIC, ANALYTIC) else "Gaussian"
+        parts.append(f"local DP ({calibration} noise): {local} per client over the rounds it took part in")
+    return ("Privacy: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _spent(part: object) -> str:
+    """'ε = 1.23 at δ = 1e-05' from one account of privacy.json, or '' when its numbers are not finite."""
+    if not isinstance(part, dict):
+        return ""
+    epsilon, delta = part.get("epsilon"), part.get("delta")
+    numbers = [v for v in (epsilon, delta) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != 2 or not all(math.isfinite(v) for v in numbers):
+        return ""
+    return f"ε = {epsilon:.3g} at δ = {delta:.3g}"

@@ -253,3 +253,23 @@ def test_a_dp_run_writes_its_epsilon(tmp_path, no_strays):
     assert all(c["rounds"] == 2 for c in local["clients"].values())
     declared = CaptureStore(run_dir / "captures").records("update")[0]["declared"]
     assert declared["ldp-calibration"] == "analytic-gaussian"
+
+
+def test_the_privacy_line_reads_privacy_json_as_untrusted(tmp_path):
+    from fedsim.privacy import privacy_line
+
+    assert privacy_line(tmp_path) == ""
+    (tmp_path / "privacy.json").write_text(
+        json.dumps(
+            {
+                "central": {"central-dp": "<script>", "epsilon": 1.5, "delta": 1e-5, "releases": 4},
+                "local": {"calibration": "analytic-gaussian", "epsilon": 12.25, "delta": 1e-5},
+            }
+        )
+    )
+    assert privacy_line(tmp_path) == (
+        "Privacy: central DP (central): ε = 1.5 at δ = 1e-05 for the released model over 4 rounds; "
+        "local DP (analytic-gaussian noise): ε = 12.2 at δ = 1e-05 per client over the rounds it took part in."
+    )
+    (tmp_path / "privacy.json").write_text('{"central": {"epsilon": NaN, "delta": 1e-5}}')
+    assert privacy_line(tmp_path) == ""
