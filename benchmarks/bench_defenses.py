@@ -44,7 +44,7 @@ Results: benchmarks/results/defenses.json (written after every setting) and defe
 
 The privacy frontier (`--frontier`): accuracy and attack PSNR against the run's epsilon, for local DP
 (ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP with server-side and client-side fixed
-clipping (dp-target-epsilon in {1, 4, 16, 64, 256, 1024} over `--rounds`, dp-clip-norm 0.5). Every point is
+clipping (dp-target-epsilon in {1, 8, 64, 512, 4096} over `--rounds`, dp-clip-norm 0.5). Every point is
 a run through the run's own strategy stack (server.server_app.server_strategy: CuriousStrategy ->
 PrivacyLedger -> Flower's DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the
 epsilon is the one the run's privacy.json reports (Flower's RdpAccountant). The attack (DLG) runs on the
@@ -362,7 +362,7 @@ def frontier_settings() -> list[dict]:
         out.append({"mechanism": "ldp", "label": f"ε/round={eps:g}",
                     "overrides": {"defenses": "ldp", "ldp-epsilon": eps, "ldp-clip-norm": 1.0}})  # fmt: skip
     for mode in ("server-fixed", "client-fixed"):
-        for eps in (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0):
+        for eps in (1.0, 8.0, 64.0, 512.0, 4096.0):
             overrides = {"central-dp": mode, "dp-target-epsilon": eps, "dp-clip-norm": FRONTIER_CLIP}
             out.append({"mechanism": mode, "label": f"ε={eps:g}", "overrides": overrides})
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import FedsimError
+from fedsim.privacy import CENTRAL_DP, MAX_NOISE_MULTIPLIER, noise_for_epsilon
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "krum")
 RECIPES = ("fedavg", "fedsgd")
@@ -18,8 +19,6 @@ PARTITIONS = ("iid", "dirichlet")
 DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
 """The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
-CENTRAL_DP = ("none", "server-fixed", "client-fixed", "adaptive-server", "adaptive-client")
-"""Central DP with Flower's strategy wrappers (server/dp.py): who clips, and whether the norm adapts."""
 LDP_CALIBRATIONS = ("auto", "classic", "analytic")
 
 
@@ -369,14 +368,10 @@ class FedsimConfig:
         """The central noise multiplier the run uses: dp-noise-multiplier, or the one dp-target-epsilon asks for."""
         if self.dp_target_epsilon <= 0:
             return self.dp_noise_multiplier
-        from fedsim.privacy import noise_for_epsilon
-
         return noise_for_epsilon(self.dp_target_epsilon, self.num_rounds, self.dp_delta, self.max_noise_multiplier())
 
     def max_noise_multiplier(self) -> float:
         """The largest noise multiplier the run's clipping allows (Flower's adaptive clipping caps it at 2 σ_b)."""
-        from fedsim.privacy import MAX_NOISE_MULTIPLIER
-
         if self.central_dp.startswith("adaptive"):
             return min(2 * self.clipped_count_stddev() * (1 - 1e-9), MAX_NOISE_MULTIPLIER)
         return MAX_NOISE_MULTIPLIER

@@ -1,7 +1,8 @@
 """Differential-privacy arithmetic: Gaussian noise calibration and epsilon of composed Gaussian releases.
 
-Pure math (scipy and Google's dp-accounting, the backend of Flower's own RdpAccountant): the config
-validates DP settings with it before anything runs, and the local-DP mod calibrates its noise with it.
+Pure math (scipy and Google's dp-accounting, the backend of Flower's own RdpAccountant, imported when
+needed): the config validates DP settings with it before anything runs, and the local-DP mod calibrates
+its noise with it.
 The run's reported epsilon comes from Flower's accountant (server/dp.py), which these numbers match.
 """
 
@@ -13,9 +14,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import log_ndtr
 
+CENTRAL_DP = ("none", "server-fixed", "client-fixed", "adaptive-server", "adaptive-client")
+"""Central DP with Flower's strategy wrappers (server/dp.py): who clips, and whether the norm adapts."""
 CLASSIC = "classic"
 ANALYTIC = "analytic-gaussian"
 MAX_NOISE_MULTIPLIER = 1e4
@@ -32,6 +33,8 @@ def analytic_gaussian_delta(epsilon: float, sigma: float, sensitivity: float) ->
 
     δ(ε) = Φ(Δ/2σ − εσ/Δ) − e^ε Φ(−Δ/2σ − εσ/Δ), computed in logs so that large ε stays finite.
     """
+    from scipy.special import log_ndtr
+
     a = sensitivity / (2 * sigma) - epsilon * sigma / sensitivity
     b = -sensitivity / (2 * sigma) - epsilon * sigma / sensitivity
     log_a, log_b = float(log_ndtr(a)), float(log_ndtr(b))
@@ -40,6 +43,7 @@ def analytic_gaussian_delta(epsilon: float, sigma: float, sensitivity: float) ->
 
 def analytic_gaussian_std(epsilon: float, delta: float, sensitivity: float) -> float:
     """The smallest σ whose Gaussian mechanism is (ε, δ)-DP (Balle and Wang 2018, Theorem 8 solved for σ)."""
+    from scipy.optimize import brentq
 
     def excess(log_sigma: float) -> float:
         return math.log(max(analytic_gaussian_delta(epsilon, math.exp(log_sigma), sensitivity), 1e-300)) - math.log(
@@ -76,6 +80,8 @@ def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sampl
 @functools.lru_cache(maxsize=64)
 def noise_for_epsilon(target: float, releases: int, delta: float, high: float = MAX_NOISE_MULTIPLIER) -> float | None:
     """The noise multiplier whose `releases` Gaussian releases spend `target` ε at δ; None if `high` spends more."""
+    from scipy.optimize import brentq
+
     if gaussian_epsilon(high, releases, delta) > target:
         return None
 
@@ -116,8 +122,6 @@ def privacy_line(run_dir: Path) -> str:
 
     The file is read as untrusted: only finite numbers and known words make it into the sentence.
     """
-    from fedsim.config import CENTRAL_DP
-
     try:
         data = json.loads((Path(run_dir) / "privacy.json").read_text())
     except (OSError, ValueError):
