@@ -482,7 +482,7 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
 def frontier(args: argparse.Namespace, base: dict) -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # not a warning per round that evaluation is off
     out = Path(args.out) if args.out != str(RESULTS / "defenses.json") else RESULTS / "dp_frontier.json"
-    dlg = {"iterations": args.iterations, "restarts": args.restarts}
+    dlg = {"iterations": args.iterations, "restarts": args.restarts, "rescues": 3}  # a blown-up step is retried
     report = {"benchmark": "bench_defenses --frontier", "setup": {**vars(args), "base": base, "dlg": dlg}, "rows": []}
     started = time.perf_counter()
     for setting in frontier_settings():
