@@ -479,13 +479,26 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_frontier(paths: list[str], out: Path) -> None:
+    """One results file and one plot from the frontier's parts (run side by side, one per mechanism)."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+              "seconds": max(part.get("seconds", 0.0) for part in parts), "parts": paths}  # fmt: skip
+    atomic_write_json(out, merged)
+    plot_frontier(merged["rows"], out.with_suffix(".png"))
+    print(f"{len(merged['rows'])} points in {out}")
+
+
 def frontier(args: argparse.Namespace, base: dict) -> None:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # not a warning per round that evaluation is off
     out = Path(args.out) if args.out != str(RESULTS / "defenses.json") else RESULTS / "dp_frontier.json"
     dlg = {"iterations": args.iterations, "restarts": args.restarts, "rescues": 3}  # a blown-up step is retried
     report = {"benchmark": "bench_defenses --frontier", "setup": {**vars(args), "base": base, "dlg": dlg}, "rows": []}
     started = time.perf_counter()
-    for setting in frontier_settings():
+    chosen = {m for m in args.mechanisms.split(",") if m}
+    for setting in [s for s in frontier_settings() if s["mechanism"] in chosen]:
         row = frontier_point(base, setting, args.rounds, dlg)
         report["rows"].append(row)
         report["seconds"] = time.perf_counter() - started
@@ -515,6 +528,8 @@ def main() -> None:
         "--only", default="noise,prune,ldp,clip,tldmi", help="comma-separated defenses to run (the baseline always)"
     )
     parser.add_argument("--frontier", action="store_true", help="accuracy and DLG PSNR against the run's epsilon")
+    parser.add_argument("--mechanisms", default="ldp,server-fixed,client-fixed", help="frontier: which to run")
+    parser.add_argument("--merge", default="", help="frontier: comma-separated part files to merge and plot")
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 images, 5 DLG / 20 GRNN steps")
@@ -537,6 +552,8 @@ def main() -> None:
         "lr": LR,
         "seed": 0,
     }
+    if args.merge:
+        return merge_frontier(args.merge.split(","), RESULTS / "dp_frontier.json")
     if args.frontier:
         return frontier(args, base)
     only = {d for d in args.only.split(",") if d}

@@ -35,6 +35,7 @@ from fedsim.privacy import (
 from server.dp import epsilon_of
 from server.server_app import check_dp, server_strategy
 from tests.conftest import run_cli
+from tests.test_report import hostile_run  # noqa: F401  (the fixture: a scored run with markup everywhere)
 
 BASE = {
     "dataset": "sample-mnist",
@@ -273,3 +274,14 @@ def test_the_privacy_line_reads_privacy_json_as_untrusted(tmp_path):
     )
     (tmp_path / "privacy.json").write_text('{"central": {"epsilon": NaN, "delta": 1e-5}}')
     assert privacy_line(tmp_path) == ""
+
+
+def test_the_report_shows_the_runs_epsilon_as_text(hostile_run):  # noqa: F811
+    from fedsim.app.report import write_report
+    from tests.test_report import HOSTILE, Page, assert_only_text
+
+    account = {"central-dp": HOSTILE, "epsilon": 2.5, "delta": 1e-5, "releases": 3}
+    (hostile_run / "privacy.json").write_text(json.dumps({"central": account}))
+    page = Page(write_report(hostile_run).read_text())
+    assert "Privacy: central DP (central): ε = 2.5 at δ = 1e-05 for the released model over 3 rounds." in page.all_text
+    assert_only_text(page, HOSTILE)
