@@ -201,8 +201,8 @@ def test_noise_is_fresh_each_time_not_derived_from_the_seed():
 
 
 def test_local_dp_clips_the_update_before_its_noise():
-    # epsilon huge: the noise is ~1e-8, so what is left is LocalDpMod's clipping of the update
-    config = make_config(defenses="ldp", ldp_clip_norm=0.05, ldp_epsilon=1e8)
+    # epsilon huge: the (classic) noise is ~1e-8, so what is left is LocalDpMod's clipping of the update
+    config = make_config(defenses="ldp", ldp_clip_norm=0.05, ldp_epsilon=1e8, ldp_calibration="classic")
     sent = global_state(config)
     raw = raw_update(config, sent)
     assert update_norm(raw) > 0.5
