@@ -41,6 +41,15 @@ as `fedsim attack` does on a run's captures. Noise is drawn from OS entropy (as 
 noisy settings vary slightly between runs.
 
 Results: benchmarks/results/defenses.json (written after every setting) and defenses.png.
+
+The privacy frontier (`--frontier`): accuracy and attack PSNR against the run's epsilon, for local DP
+(ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP with server-side and client-side fixed
+clipping (dp-target-epsilon in {1, 8, 64, 512, 4096} over `--rounds`, dp-clip-norm 0.5). Every point is
+a run through the run's own strategy stack (server.server_app.server_strategy: CuriousStrategy ->
+PrivacyLedger -> Flower's DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the
+epsilon is the one the run's privacy.json reports (Flower's RdpAccountant). The attack (DLG) runs on the
+curious server's captures of a 1-round FedSGD run (batch 1) with the same per-round mechanism. Results:
+benchmarks/results/dp_frontier.json and dp_frontier.png.
 """
 
 from __future__ import annotations
@@ -341,6 +350,165 @@ def line(row: dict, attacks: list[str]) -> str:
     return "  ".join(parts)
 
 
+# --- the privacy frontier: epsilon of the run on the x-axis ---------------------------------------
+
+FRONTIER_CLIP = 0.5
+
+
+def frontier_settings() -> list[dict]:
+    """Every (mechanism, epsilon) point: local DP by its per-round epsilon, central DP by the run's target."""
+    out = []
+    for eps in (1e1, 1e2, 1e3, 1e4, 1e5):
+        out.append({"mechanism": "ldp", "label": f"ε/round={eps:g}",
+                    "overrides": {"defenses": "ldp", "ldp-epsilon": eps, "ldp-clip-norm": 1.0}})  # fmt: skip
+    for mode in ("server-fixed", "client-fixed"):
+        for eps in (1.0, 8.0, 64.0, 512.0, 4096.0):
+            overrides = {"central-dp": mode, "dp-target-epsilon": eps, "dp-clip-norm": FRONTIER_CLIP}
+            out.append({"mechanism": mode, "label": f"ε={eps:g}", "overrides": overrides})
+    return out
+
+
+class Nodes:
+    """The connected clients, as FedAvg asks a Grid for them while configuring a round."""
+
+    def __init__(self, count: int) -> None:
+        self.ids = [100 + i for i in range(count)]
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_dir: str = "") -> dict:
+    """`rounds` rounds through the run's real strategy stack, clients in-process behind the ClientApp's mods."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.defenses import CentralDpClipping
+    from fedsim.captures import CaptureStore
+    from server.server_app import server_strategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a ServerApp process's identity
+    fed = Federation.from_config(config)
+    model = fed.build_model()
+    test_x, test_y = fed.test_split()
+    store = CaptureStore(store_dir) if store_dir else None
+    strategy, ledger = server_strategy(config, store, {"model": config.model, "input_shape": list(fed.data.input_shape),
+                                                       "num_classes": fed.data.num_classes})  # fmt: skip
+    app = make_ffn(lambda msg, ctx: local_train(msg, ctx, config), [CentralDpClipping(config), *defense_mods(config)])
+    node_of = {100 + p: p for p in range(config.num_clients)}
+    recipe = {"recipe": config.recipe, "lr": config.lr, "batch-size": config.batch_size,
+              "local-epochs": config.local_epochs, **({"truth-dir": truth_dir} if truth_dir else {})}  # fmt: skip
+    arrays, accuracy = ArrayRecord(model.state_dict()), []
+    for server_round in range(1, rounds + 1):
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(recipe), Nodes(config.num_clients))
+        replies = []
+        for msg in messages:
+            pid = node_of[msg.metadata.dst_node_id]
+            ctx = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": pid},
+                          state=RecordDict(), run_config={})  # fmt: skip
+            replies.append(app(msg, ctx))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        accuracy.append(evaluate(model, test_x, test_y)["test-accuracy"])
+    return {"accuracy": accuracy, "privacy": ledger.report() if ledger else {}, "store": store}
+
+
+def run_epsilon(privacy: dict) -> float:
+    """The run's epsilon: the model's under central DP, the most-spending client's under local DP."""
+    return (privacy.get("central") or privacy.get("local"))["epsilon"]
+
+
+def frontier_point(base: dict, setting: dict, rounds: int, dlg: dict) -> dict:
+    """One point: a FedAvg run (accuracy, epsilon) and a FedSGD capture run attacked by DLG, same mechanism."""
+    from attacks import get_attack, reconstruct_many
+    from fedsim.app.attack_runner import load_target
+
+    config = FedsimConfig.from_mapping({**base, **setting["overrides"], "num-rounds": rounds})
+    start = time.perf_counter()
+    trained = stack_run(config, rounds, None)
+    row = {"mechanism": setting["mechanism"], "label": setting["label"], "overrides": setting["overrides"],
+           "accuracy": trained["accuracy"][-1], "accuracy_per_round": trained["accuracy"],
+           "epsilon": run_epsilon(trained["privacy"]), "privacy": trained["privacy"]}  # fmt: skip
+    per_round = dict(setting["overrides"])
+    if "dp-target-epsilon" in per_round:  # the same noise multiplier per round as the trained run
+        per_round.pop("dp-target-epsilon")
+        per_round["dp-noise-multiplier"] = trained["privacy"]["central"]["noise-multiplier"]
+    attack_config = FedsimConfig.from_mapping(
+        {**base, **per_round, "recipe": "fedsgd", "batch-size": 1, "num-rounds": 1, "examples-per-client": 16}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        captured = stack_run(attack_config, 1, Path(tmp) / "captures", truth_dir=str(Path(tmp) / "truth"))
+        store = captured["store"]
+        global_state = store.load(store.global_record(1))
+        targets, truths = [], []
+        for record in store.records("update"):
+            targets.append(load_target(global_state, store.load(record), record, aware=True))
+            truths.append(load_tensors(Path(tmp) / "truth" / "round-0001" / f"client-{record['client']}.safetensors"))
+        results = reconstruct_many(get_attack("dlg", **dlg), targets, seed=0, raise_on_divergence=False)
+    row["attack"] = {"dlg": summarise(results, truths, 0.0)}
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """Accuracy and DLG PSNR against the run's epsilon (log scale), one curve per mechanism."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, psnr) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    names = {"ldp": "local DP (per client)", "server-fixed": "central DP, server-side clipping (the model)",
+             "client-fixed": "central DP, client-side clipping (the model)"}  # fmt: skip
+    for i, (mechanism, name) in enumerate(names.items()):
+        points = sorted((r for r in rows if r["mechanism"] == mechanism), key=lambda r: r["epsilon"])
+        if not points:
+            continue
+        xs = [r["epsilon"] for r in points]
+        style = {"marker": "o^s"[i], "color": f"C{i}", "label": name}
+        acc.plot(xs, [100 * r["accuracy"] for r in points], **style)
+        psnr.plot(xs, [r["attack"]["dlg"]["psnr_mean"] for r in points], **style)
+    acc.set(xscale="log", xlabel="ε of the run (δ = 1e-5)", ylabel="global test accuracy (%)", title="utility")
+    psnr.set(xscale="log", xlabel="ε of the run (δ = 1e-5)", ylabel="DLG PSNR on the captures (dB)",
+             title="what the curious server reconstructs")  # fmt: skip
+    for ax in (acc, psnr):
+        ax.grid(alpha=0.3)
+    psnr.legend(fontsize=7)
+    fig.suptitle("MNIST / DLG's LeNet, 3 clients: privacy spent against utility and against the curious server")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def merge_frontier(paths: list[str], out: Path) -> None:
+    """One results file and one plot from the frontier's parts (run side by side, one per mechanism)."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
+              "seconds": max(part.get("seconds", 0.0) for part in parts), "parts": paths}  # fmt: skip
+    atomic_write_json(out, merged)
+    plot_frontier(merged["rows"], out.with_suffix(".png"))
+    print(f"{len(merged['rows'])} points in {out}")
+
+
+def frontier(args: argparse.Namespace, base: dict) -> None:
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # not a warning per round that evaluation is off
+    out = Path(args.out) if args.out != str(RESULTS / "defenses.json") else RESULTS / "dp_frontier.json"
+    dlg = {"iterations": args.iterations, "restarts": args.restarts, "rescues": 3}  # a blown-up step is retried
+    report = {"benchmark": "bench_defenses --frontier", "setup": {**vars(args), "base": base, "dlg": dlg}, "rows": []}
+    started = time.perf_counter()
+    chosen = {m for m in args.mechanisms.split(",") if m}
+    for setting in [s for s in frontier_settings() if s["mechanism"] in chosen]:
+        row = frontier_point(base, setting, args.rounds, dlg)
+        report["rows"].append(row)
+        report["seconds"] = time.perf_counter() - started
+        atomic_write_json(out, report)
+        print(f"{row['mechanism']:>12} {row['label']:>14}  ε {row['epsilon']:10.4g}  acc {100 * row['accuracy']:5.1f}%"
+              f"  dlg {row['attack']['dlg']['psnr_mean']:5.1f} dB  ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    plot_frontier(report["rows"], out.with_suffix(".png"))
+    print(f"results in {out} ({report['seconds'] / 60:.1f} min)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -359,6 +527,9 @@ def main() -> None:
     parser.add_argument(
         "--only", default="noise,prune,ldp,clip,tldmi", help="comma-separated defenses to run (the baseline always)"
     )
+    parser.add_argument("--frontier", action="store_true", help="accuracy and DLG PSNR against the run's epsilon")
+    parser.add_argument("--mechanisms", default="ldp,server-fixed,client-fixed", help="frontier: which to run")
+    parser.add_argument("--merge", default="", help="frontier: comma-separated part files to merge and plot")
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 images, 5 DLG / 20 GRNN steps")
@@ -381,6 +552,10 @@ def main() -> None:
         "lr": LR,
         "seed": 0,
     }
+    if args.merge:
+        return merge_frontier(args.merge.split(","), RESULTS / "dp_frontier.json")
+    if args.frontier:
+        return frontier(args, base)
     only = {d for d in args.only.split(",") if d}
     chosen = [s for s in settings(args.public) if not only or s["defense"] in only or s["defense"] == "none"]
     out = Path(args.out)

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.defenses import defense_mods
+from clients.defenses import CentralDpClipping, defense_mods
 from clients.secagg import is_secure, secaggplus_when_asked, secure_train
 from clients.training import fedsgd_batch, round_generator, train_fedavg, train_fedsgd
 from fedsim.config import FedsimConfig
@@ -88,7 +88,8 @@ def make_client_app(config: FedsimConfig | None = None) -> ClientApp:
     """
     app = ClientApp()
 
-    @app.train(mods=[secaggplus_when_asked, *defense_mods(config)])
+    # SecAgg+ masks the reply last; central DP's clipping acts after the client's own defenses
+    @app.train(mods=[secaggplus_when_asked, CentralDpClipping(config), *defense_mods(config)])
     def train(msg: Message, context: Context) -> Message:
         return local_train(msg, context, config or FedsimConfig.from_run_config(context.run_config))
 

@@ -43,9 +43,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
-from flwr.clientapp.mod import LocalDpMod
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 
 from fedsim.config import FedsimConfig
+from fedsim.privacy import local_dp_calibration
 
 CallNext = Callable[[Message, Context], Message]
 
@@ -191,10 +192,13 @@ class LocalDpDefense(DefenseMod):
 
     LocalDpMod clips the difference between the reply and the incoming arrays to `ldp-clip-norm`
     and adds Gaussian noise of std sensitivity·sqrt(2 ln(1.25/δ))/ε to every entry. The sensitivity
-    is `ldp-clip-norm` (the L2 sensitivity of one clipped update). LocalDpMod would also clip and noise
-    integer counters (and fail on them) and TL-DMI's frozen layers, so it is shown the defended
-    tensors only: the others are set aside before it runs and put back, unchanged, after. LocalDpMod
-    changes the update itself, around the client's training, so this mod replaces the base's `__call__`.
+    is `ldp-clip-norm` (the L2 sensitivity of one clipped update). That classic bound is (ε, δ)-DP
+    only for ε < 1; from ε = 1 (`ldp-calibration = auto`) the noise std is the analytic Gaussian
+    mechanism's (fedsim.privacy), handed to LocalDpMod as the ε at which its formula gives that std.
+    LocalDpMod would also clip and noise integer counters (and fail on them) and TL-DMI's frozen
+    layers, so it is shown the defended tensors only: the others are set aside before it runs and
+    put back, unchanged, after. LocalDpMod changes the update itself, around the client's training,
+    so this mod replaces the base's `__call__`.
     """
 
     name = "ldp"
@@ -219,7 +223,7 @@ class LocalDpDefense(DefenseMod):
             reply.content[reply_key] = ArrayRecord({k: arrays[k] for k in keys})
             return reply
 
-        dp = LocalDpMod(config.ldp_clip_norm, config.ldp_clip_norm, config.ldp_epsilon, config.ldp_delta)
+        dp = LocalDpMod(config.ldp_clip_norm, config.ldp_clip_norm, localdpmod_epsilon(config), config.ldp_delta)
         msg.content[record_key] = ArrayRecord({k: full[k] for k in keys})
         try:
             reply = dp(msg, context, inner)
@@ -239,6 +243,7 @@ class LocalDpDefense(DefenseMod):
             "ldp-delta": config.ldp_delta,
             "ldp-clip-norm": config.ldp_clip_norm,
             "ldp-noise-std": ldp_noise_std(config),
+            "ldp-calibration": ldp_calibration(config),
         }
 
 
@@ -268,6 +273,18 @@ class TldmiDefense(DefenseMod):
 
 DEFENSES: tuple[type[DefenseMod], ...] = (TldmiDefense, ClipDefense, NoiseDefense, PruneDefense, LocalDpDefense)
 """Every defense, in the order they change a reply (the innermost mod first); its names are fedsim.config's."""
+
+
+class CentralDpClipping(DefenseMod):
+    """The client's half of central DP with client-side clipping: Flower's `fixedclipping_mod` or
+    `adaptiveclipping_mod`, with the norm the server's DP wrapper sends. It acts last, on every client,
+    when `central-dp` is client-fixed or adaptive-client (it is the server's DP, not a client's choice)."""
+
+    MODS = {"client-fixed": fixedclipping_mod, "adaptive-client": adaptiveclipping_mod}
+
+    def __call__(self, msg: Message, context: Context, call_next: CallNext) -> Message:
+        mod = self.MODS.get(self.config_for(context).central_dp)
+        return call_next(msg, context) if mod is None else mod(msg, context, call_next)
 
 
 def defense_mods(config: FedsimConfig | None = None) -> list[DefenseMod]:
@@ -317,8 +334,23 @@ def prune_update(update: dict[str, torch.Tensor], percent: float) -> dict[str, t
 
 
 def ldp_noise_std(config: FedsimConfig) -> float:
-    """The std of LocalDpMod's noise: sensitivity·sqrt(2 ln(1.25/δ))/ε with sensitivity = ldp-clip-norm."""
-    return config.ldp_clip_norm * math.sqrt(2 * math.log(1.25 / config.ldp_delta)) / config.ldp_epsilon
+    """The std of the local DP noise: the classic sensitivity·sqrt(2 ln(1.25/δ))/ε (sensitivity = ldp-clip-norm),
+    or the analytic Gaussian mechanism's std where `ldp-calibration` picks it."""
+    return _calibration(config)[1]
+
+
+def ldp_calibration(config: FedsimConfig) -> str:
+    """Which bound calibrates the local DP noise: "classic" or "analytic-gaussian"."""
+    return _calibration(config)[0]
+
+
+def localdpmod_epsilon(config: FedsimConfig) -> float:
+    """The ε to give LocalDpMod so that its classic formula adds noise of std `ldp_noise_std`."""
+    return config.ldp_clip_norm * math.sqrt(2 * math.log(1.25 / config.ldp_delta)) / ldp_noise_std(config)
+
+
+def _calibration(config: FedsimConfig) -> tuple[str, float]:
+    return local_dp_calibration(config.ldp_epsilon, config.ldp_delta, config.ldp_clip_norm, config.ldp_calibration)
 
 
 def _single_arrays(msg: Message) -> ArrayRecord | None:

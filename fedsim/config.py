@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import FedsimError
+from fedsim.privacy import CENTRAL_DP, MAX_NOISE_MULTIPLIER, noise_for_epsilon
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "krum")
 RECIPES = ("fedavg", "fedsgd")
@@ -34,6 +35,9 @@ def check_run_name(name: str) -> str:
             "(at most 128, starting with a letter or digit)"
         )
     return name
+
+
+LDP_CALIBRATIONS = ("auto", "classic", "analytic")
 
 
 def _choice(*allowed: str) -> dict[str, Any]:
@@ -183,6 +187,14 @@ class FedsimConfig:
         default=1.0,
         metadata={"help": "local DP clipping norm of the update (also its L2 sensitivity)", "range": POSITIVE},
     )
+    ldp_calibration: str = field(
+        default="auto",
+        metadata={
+            "help": "local DP noise: classic bound (valid for epsilon < 1), analytic Gaussian, or auto (classic "
+            "below 1, analytic from 1)",
+            **_choice(*LDP_CALIBRATIONS),
+        },
+    )
     prune_percent: float = field(
         default=20.0,
         metadata={
@@ -220,6 +232,53 @@ class FedsimConfig:
     )
     secagg_quantization_range: int = field(
         default=4194304, metadata={"help": "SecAgg+: integer levels each parameter is quantised to"}
+    )
+    # Central DP (server/dp.py; docs/defenses.md, "Central DP and accounting")
+    central_dp: str = field(
+        default="none",
+        metadata={
+            "help": "central DP with Flower's strategy wrappers: who clips, fixed or adaptive norm",
+            **_choice(*CENTRAL_DP),
+        },
+    )
+    dp_noise_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "central DP: noise std over the clipping norm, per client update", "range": POSITIVE},
+    )
+    dp_clip_norm: float = field(
+        default=1.0,
+        metadata={"help": "central DP: clipping norm of each update (adaptive: the initial norm)", "range": POSITIVE},
+    )
+    dp_target_quantile: float = field(
+        default=0.5,
+        metadata={
+            "help": "adaptive clipping: share of updates left unclipped that the norm aims at",
+            "range": Range(0.0, 1.0, low_open=True),
+        },
+    )
+    dp_clip_lr: float = field(
+        default=0.2, metadata={"help": "adaptive clipping: learning rate of the clipping norm", "range": POSITIVE}
+    )
+    dp_clipped_count_stddev: float = field(
+        default=0.0,
+        metadata={
+            "help": "adaptive clipping: noise std of the clipped count; 0 = Flower's default (sampled clients / 20)",
+            "range": NON_NEGATIVE,
+        },
+    )
+    dp_delta: float = field(
+        default=1e-5,
+        metadata={
+            "help": "central DP: the delta at which the run's epsilon is reported, in (0, 1)",
+            "range": Range(0.0, 1.0, low_open=True, high_open=True),
+        },
+    )
+    dp_target_epsilon: float = field(
+        default=0.0,
+        metadata={
+            "help": "central DP: choose the noise multiplier that spends this epsilon over the run (0 = off)",
+            "range": NON_NEGATIVE,
+        },
     )
     # Resources
     client_num_cpus: float = field(default=1.0, metadata={"help": "CPUs per client actor", "range": POSITIVE})
@@ -295,6 +354,7 @@ class FedsimConfig:
         self._validate_defenses()
         self._validate_server()
         self._validate_capture()
+        self._validate_central_dp()
 
     def _validate_capture(self) -> None:
         from fedsim.capture_policy import parse_partitions
@@ -425,6 +485,46 @@ class FedsimConfig:
                     f"secagg-quantization-range = {self.secagg_quantization_range} must be in "
                     "[1, 2^32 / clients per round)"
                 )
+
+    # --- central DP ----------------------------------------------------------------------
+    def sampled_clients(self) -> int:
+        """How many clients FedAvg samples a round: int(num-clients x fraction-train), at least one."""
+        return max(int(self.num_clients * self.fraction_train), 1)
+
+    def noise_multiplier(self) -> float:
+        """The central noise multiplier the run uses: dp-noise-multiplier, or the one dp-target-epsilon asks for."""
+        if self.dp_target_epsilon <= 0:
+            return self.dp_noise_multiplier
+        return noise_for_epsilon(self.dp_target_epsilon, self.num_rounds, self.dp_delta, self.max_noise_multiplier())
+
+    def max_noise_multiplier(self) -> float:
+        """The largest noise multiplier the run's clipping allows (Flower's adaptive clipping caps it at 2 σ_b)."""
+        if self.central_dp.startswith("adaptive"):
+            return min(2 * self.clipped_count_stddev() * (1 - 1e-9), MAX_NOISE_MULTIPLIER)
+        return MAX_NOISE_MULTIPLIER
+
+    def clipped_count_stddev(self) -> float:
+        return self.dp_clipped_count_stddev or self.sampled_clients() / 20
+
+    def _validate_central_dp(self) -> None:
+        if self.central_dp == "none":
+            return
+        if self.strategy != "fedavg":
+            raise FedsimError(
+                f"central-dp = {self.central_dp} needs strategy = fedavg (Flower's DP wrappers account the uniform "
+                f"average of clipped updates), not {self.strategy}"
+            )
+        if self.dp_target_epsilon > 0:
+            if self.noise_multiplier() is None:
+                raise FedsimError(
+                    f"dp-target-epsilon = {self.dp_target_epsilon:g} cannot be reached in {self.num_rounds} rounds at "
+                    f"dp-delta = {self.dp_delta:g}: even noise multiplier {self.max_noise_multiplier():.4g} spends more"
+                )
+        elif self.central_dp.startswith("adaptive") and self.dp_noise_multiplier >= 2 * self.clipped_count_stddev():
+            raise FedsimError(
+                f"dp-noise-multiplier = {self.dp_noise_multiplier:g} must be below 2 x dp-clipped-count-stddev = "
+                f"{2 * self.clipped_count_stddev():g} for adaptive clipping (raise dp-clipped-count-stddev)"
+            )
 
     # --- files ---------------------------------------------------------------------------
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedsim.capture_policy import CapturePolicy, parse_partitions
@@ -19,7 +20,9 @@ from fedsim.errors import FedsimError
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
 from fedsim.imprint import imprint_state
+from fedsim.privacy import central_dp_problem
 from server.curious import CuriousStrategy
+from server.dp import PrivacyLedger, make_dp_strategy
 from server.imprint import TamperingStrategy, server_field, tamper_with
 from server.nodes import BoundedGrid
 from server.secagg import run_secure
@@ -60,6 +63,28 @@ def policy_of(config: FedsimConfig) -> CapturePolicy:
     )
 
 
+def server_strategy(
+    config: FedsimConfig,
+    store: CaptureStore | None,
+    describe: dict,
+    on_round: Callable[[int, dict, int, float], None] | None = None,
+    curious: bool = True,
+) -> tuple[Strategy, PrivacyLedger | None]:
+    """The run's strategy, outside in: CuriousStrategy -> PrivacyLedger -> Flower's DP wrapper -> FedAvg.
+
+    The DP wrapper sits inside the curious one, where a real server's own code is: the capture sees each
+    reply as it arrives, before the wrapper clips (server-side) or adds noise. The ledger, present when the
+    run has central or local DP, keeps the privacy account. `curious=False` leaves the curious wrapper out.
+    """
+    inner = make_dp_strategy(config, make_strategy(config))
+    ledger = PrivacyLedger(inner, config) if config.central_dp != "none" or "ldp" in config.defense_list() else None
+    inner = ledger or inner
+    curious_strategy = CuriousStrategy(
+        inner, store, describe, on_round=on_round, num_partitions=config.num_clients, policy=policy_of(config)
+    )
+    return (curious_strategy if curious else inner), ledger
+
+
 def run_server(
     grid: Grid,
     config: FedsimConfig,
@@ -84,6 +109,9 @@ def run_server(
 
     model = fed.build_model()
     tampering = tamper_with(fed, model) if config.server_mode == "imprint" else None
+    problem = check_dp(config, fed, model)
+    if problem:
+        raise FedsimError(problem)
     if "tldmi" in config.defense_list():
         # TL-DMI: the early layers are pre-trained on public data (or loaded) before round 1.
         pretrain = fed.pretrain_public(model)
@@ -119,14 +147,7 @@ def run_server(
             "capture-seconds": round(seconds, 4),
         }
 
-    inner = make_strategy(config)
-    strategy = (
-        CuriousStrategy(
-            inner, store, describe, on_round=record_train, num_partitions=config.num_clients, policy=policy_of(config)
-        )
-        if curious
-        else inner
-    )
+    strategy, ledger = server_strategy(config, store, describe, record_train, curious)
     if tampering is not None:  # outside the curious wrapper: the captured global model is the tampered one
         strategy = TamperingStrategy(strategy, imprint_state(model))
 
@@ -180,8 +201,17 @@ def run_server(
         if server_round in rounds:
             row["captures"] = rounds[server_round]["captures"]
         summary["rounds"].append(row)
+    if ledger is not None:
+        atomic_write_json(run_dir / "privacy.json", ledger.report())
     atomic_write_json(run_dir / "training.json", summary)
     return summary
+
+
+def check_dp(config: FedsimConfig, fed: Federation, model: nn.Module) -> str | None:
+    """Why central DP cannot run on this federation's shards and model (before any training), or None."""
+    sizes = [row["size"] for row in fed.summary()]
+    dtypes = {name: str(t.dtype) for name, t in model.state_dict().items()}
+    return central_dp_problem(config.central_dp, config.recipe, sizes, dtypes)
 
 
 def make_server_app(

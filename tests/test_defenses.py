@@ -208,8 +208,8 @@ def test_noise_is_fresh_each_time_not_derived_from_the_seed():
 
 
 def test_local_dp_clips_the_update_before_its_noise():
-    # epsilon huge: the noise is ~1e-8, so what is left is LocalDpMod's clipping of the update
-    config = make_config(defenses="ldp", ldp_clip_norm=0.05, ldp_epsilon=1e8)
+    # epsilon huge: the (classic) noise is ~1e-8, so what is left is LocalDpMod's clipping of the update
+    config = make_config(defenses="ldp", ldp_clip_norm=0.05, ldp_epsilon=1e8, ldp_calibration="classic")
     sent = global_state(config)
     raw = raw_update(config, sent)
     assert update_norm(raw) > 0.5
@@ -221,7 +221,7 @@ def test_local_dp_clips_the_update_before_its_noise():
 
 
 def test_local_dp_noise_has_the_gaussian_mechanism_std_and_spares_counters():
-    config = make_config(defenses="ldp", ldp_clip_norm=1.0, ldp_epsilon=50.0, ldp_delta=1e-5)
+    config = make_config(defenses="ldp", ldp_clip_norm=1.0, ldp_epsilon=50.0, ldp_delta=1e-5, ldp_calibration="classic")
     sent = {"layer.weight": torch.zeros(100, 100), "bn.num_batches_tracked": torch.tensor(3)}
     # the update (0.001 per entry, norm 0.1) is below the clip norm: what LocalDpMod adds is its noise
     reply = LocalDpDefense(config)(train_message(sent, config), context(0), shift_by(0.001))

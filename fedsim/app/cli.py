@@ -17,6 +17,7 @@ from typer.core import TyperCommand
 
 from fedsim.config import FedsimConfig, parse_overrides
 from fedsim.errors import FedsimError
+from fedsim.privacy import privacy_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -122,6 +123,8 @@ def run(
             str(row.get("captures", "")),
         )
     console.print(table)
+    if privacy := privacy_line(run_dir):
+        console.print(privacy, markup=False)
     console.print(f"captures, model and metrics in [bold]{run_dir}[/]")
     if attack_names:
         from fedsim.app.attack_progress import AttackProgress

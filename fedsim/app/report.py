@@ -15,6 +15,7 @@ from fedsim.app.pages import RunFacts, figure, finite, render, run_facts
 from fedsim.errors import FedsimError
 from fedsim.files import atomic_write_json, atomic_write_text, load_tensors, read_jsonl
 from fedsim.images import enlarged_gif, grid, png_bytes
+from fedsim.privacy import privacy_line
 
 
 def truth_for(run_dir: Path, result: dict) -> dict[str, torch.Tensor] | None:
@@ -238,6 +239,7 @@ def run_section(
         "description": facts.description,
         "has_test_split": facts.has_test_split,
         "accuracy": accuracy,
+        "privacy": privacy_line(run_dir),
         "scored": scored,
         "summary": summary,
         "cards": sorted(cards, key=_card_order),

@@ -137,7 +137,8 @@ def simulate(
 ) -> Path:
     """Run the federation `config` describes; captures, metrics and the final model land in `run_dir`."""
     # Refuse bad data, shards or batch sizes here, before Ray starts and workers fail one by one.
-    Federation.from_config(config).build_model()
+    fed = Federation.from_config(config)
+    model = fed.build_model()
     if (run_dir / "captures" / "manifest.jsonl").exists():
         raise FedsimError(f"{run_dir} already holds a run; choose another --name or remove that folder")
     check_writable(run_dir)
@@ -145,7 +146,10 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
-    from server.server_app import make_server_app
+    from server.server_app import check_dp, make_server_app
+
+    if problem := check_dp(config, fed, model):
+        raise FedsimError(problem)
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
