@@ -35,7 +35,7 @@ run: $(STAMP)       ## the default federated run on the shipped MNIST sample, of
 test: $(STAMP)      ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP) ## everything but the end-to-end simulations
+test-fast: $(STAMP) ## quick checks: everything but the end-to-end runs and the long attack optimisations
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
