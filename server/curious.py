@@ -20,6 +20,7 @@ from flwr.supercore import log
 
 from fedsim.capture_policy import CapturePolicy
 from fedsim.captures import MAX_EXAMPLES, MAX_TEXT, BadValue, CaptureStore, check_declared, check_int, check_number
+from server.wrapper import StrategyWrapper
 
 RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")
 UNSAFE = re.compile(r"[^A-Za-z0-9 .,:;()'_+-]")
@@ -30,7 +31,7 @@ def plain(text: str, limit: int = 300) -> str:
     return UNSAFE.sub("?", text[:limit])
 
 
-class CuriousStrategy(Strategy):
+class CuriousStrategy(StrategyWrapper):
     """An honest-but-curious wrapper: aggregation unchanged, every update written to a capture store.
 
     Parameters
@@ -57,8 +58,7 @@ class CuriousStrategy(Strategy):
         num_partitions: int | None = None,
         policy: CapturePolicy | None = None,
     ) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.store = store
         self.describe = describe or {}
         self.on_round = on_round
@@ -162,11 +162,3 @@ class CuriousStrategy(Strategy):
             "partition_id": partition_id,
             "declared": check_declared(declared),
         }
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)

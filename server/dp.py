@@ -39,6 +39,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedsim.config import FedsimConfig
 from fedsim.privacy import local_dp_calibration
+from server.wrapper import StrategyWrapper
 
 ACCOUNTING = "RDP (Flower's RdpAccountant on Google's dp-accounting)"
 CENTRAL_PROTECTS = (
@@ -99,7 +100,7 @@ def make_dp_strategy(config: FedsimConfig, inner: Strategy) -> Strategy:
     )
 
 
-class PrivacyLedger(Strategy):
+class PrivacyLedger(StrategyWrapper):
     """Delegates everything to `strategy` (Flower's DP wrapper, or the bare strategy) and keeps the privacy books.
 
     It counts the models released (rounds whose aggregation returned arrays) and, per client, the rounds it
@@ -109,8 +110,7 @@ class PrivacyLedger(Strategy):
     """
 
     def __init__(self, strategy: Strategy, config: FedsimConfig) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.config = config
         self.releases = 0
         self.rounds_of: dict[str, int] = {}
@@ -143,14 +143,6 @@ class PrivacyLedger(Strategy):
                 )
                 self.own.compose(event)
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     # --- the account ---------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fedsim.datasets import to_float
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation
 from fedsim.imprint import ImprintedModel, tamper
+from server.wrapper import StrategyWrapper
 
 
 def tamper_with(fed: Federation, model: ImprintedModel) -> dict:
@@ -35,15 +36,14 @@ def server_field(config: FedsimConfig, tampering: dict | None) -> dict:
     return {**(tampering or {"mode": "curious", "tampered": []}), **secure}
 
 
-class TamperingStrategy(Strategy):
+class TamperingStrategy(StrategyWrapper):
     """Delegates everything to the inner strategy, but writes the imprint rows into the weights it sends and into
     the aggregate it keeps: one client step moves the rows far from where the public data put the bins, and a
     global model with moved rows would shift its inputs by far more than a brightness change.
     """
 
     def __init__(self, strategy: Strategy, tampered: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.tampered = tampered
 
     def summary(self) -> None:
@@ -65,11 +65,3 @@ class TamperingStrategy(Strategy):
         state = arrays.to_torch_state_dict()
         state.update({k: v.clone() for k, v in self.tampered.items()})
         return ArrayRecord(state)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
