@@ -158,7 +158,11 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     """Run the fedsim CLI in this process (no interpreter start-up); the result reads like `run_cli`'s."""
     from click.testing import CliRunner  # typer.testing's runner takes a Typer app, which would bypass `main`
 
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     result = CliRunner().invoke(_Entry(), list(args), prog_name="fedsim")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
+    if result.exit_code == 2 and not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"`fedsim {' '.join(args)}` was refused only after Ray had started: {result.stderr}")
     return subprocess.CompletedProcess(["fedsim", *args], result.exit_code, result.stdout, result.stderr)

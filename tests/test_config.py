@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import STRATEGIES, FedsimConfig, parse_overrides
 from fedsim.errors import FedsimError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli
 
 FLOAT_KEYS = [
     f.name.replace("_", "-") for f in fields(FedsimConfig) if isinstance(getattr(FedsimConfig(), f.name), float)
@@ -168,7 +168,7 @@ def cli_mistakes(tmp_path) -> list[tuple[list[str], str]]:
 @pytest.mark.parametrize("case", range(5))
 def test_cli_refuses_hostile_values_in_one_line_with_status_2(case, tmp_path):
     args, expected = cli_mistakes(tmp_path)[case]
-    result = run_cli("run", "--out-dir", str(tmp_path / "runs"), *args, timeout=300)  # a hang fails here
+    result = invoke_cli("run", "--out-dir", str(tmp_path / "runs"), *args)  # a hang fails at pytest-timeout
     assert result.returncode == 2, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and " ".join(lines[0].split()).startswith(expected), result.stderr

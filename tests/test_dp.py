@@ -34,7 +34,7 @@ from fedsim.privacy import (
 )
 from server.dp import epsilon_of
 from server.server_app import check_dp, server_strategy
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 from tests.test_report import hostile_run  # noqa: F401  (the fixture: a scored run with markup everywhere)
 
 BASE = {
@@ -220,7 +220,9 @@ def test_central_dp_refuses_unequal_weights_and_integer_counters():
 
 
 def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path):
-    result = run_cli("run", "--set", "central-dp=server-fixed", "--set", "dp-delta=2", "--set", f"out-dir={tmp_path}")
+    result = invoke_cli(
+        "run", "--set", "central-dp=server-fixed", "--set", "dp-delta=2", "--set", f"out-dir={tmp_path}"
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: dp-delta = 2.0 must be in (0, 1)"]
     assert not any(tmp_path.iterdir())

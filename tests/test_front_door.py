@@ -19,7 +19,7 @@ import torch
 from fedsim.datasets import load_dataset
 from fedsim.federation import evaluate
 from fedsim.models import build_model
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 
 BIN = Path(sys.executable).parent
 
@@ -134,11 +134,11 @@ def test_make_refreshes_the_environment_only_when_pyproject_is_newer(tmp_path):
 
 
 def test_fedsim_version_and_short_help():
-    version = run_cli("--version")
+    version = invoke_cli("--version")
     assert version.returncode == 0 and re.fullmatch(r"fedsim \S+\n", version.stdout), version.stdout
-    short = run_cli("-h")
+    short = invoke_cli("-h")
     assert short.returncode == 0 and "Usage" in short.stdout and "run" in short.stdout
-    assert run_cli("run", "-h").stdout == run_cli("run", "--help").stdout
+    assert invoke_cli("run", "-h").stdout == invoke_cli("run", "--help").stdout
 
 
 def test_declared_dependencies_match_the_imports_and_flowers_floors():

@@ -20,7 +20,7 @@ from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.files import save_tensors
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, invoke_cli, run_cli
 from tests.test_attack_runner import make_run
 from tests.test_deploy import compose
 
@@ -90,7 +90,9 @@ def test_a_manifest_path_outside_the_store_is_refused(tmp_path, outside_capture,
     rewrite_manifest(store, point_outside)
     before = snapshot(tmp_path, run_dir)
     args = ["--executor", "local", "-a", "idlg"] if command == "attack" else ["--steps", "1", "--size", "1"]
-    one_line_error(run_cli(command, str(run_dir), *args), "leads outside the capture store", "manifest.jsonl, line 1")
+    one_line_error(
+        invoke_cli(command, str(run_dir), *args), "leads outside the capture store", "manifest.jsonl, line 1"
+    )
     assert snapshot(tmp_path, run_dir) == before
     assert not (run_dir / "attacks").exists()
 
@@ -160,7 +162,7 @@ def test_the_attack_cli_refuses_a_bad_record_in_one_line(tmp_path):
     store = finished_run(run_dir)
     rewrite_manifest(store, lambda records: records[1].update(round="1; rm -rf /"))
     before = snapshot(tmp_path, run_dir)
-    one_line_error(run_cli("attack", str(run_dir), "--executor", "local"), "line 2", "field round")
+    one_line_error(invoke_cli("attack", str(run_dir), "--executor", "local"), "line 2", "field round")
     assert snapshot(tmp_path, run_dir) == before
 
 
@@ -169,6 +171,7 @@ def test_a_cut_last_line_is_skipped_with_a_warning_naming_it(tmp_path):
     store = finished_run(run_dir)
     with open(store.manifest, "a") as f:
         f.write('{"kind": "update", "round": 1, "cli')  # what SIGKILL in the middle of an append leaves
+    # In its own process: the warning goes through logging to the real stderr, as a user sees it.
     result = run_cli("attack", str(run_dir), "--executor", "local", "-a", "analytic", "--rounds", "9")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "cut off" in line]
@@ -246,7 +249,7 @@ def test_fedsim_run_with_a_climbing_name_writes_nothing_outside_out_dir(tmp_path
     out_dir = tmp_path / "deep" / "runs"
     out_dir.mkdir(parents=True)
     before = snapshot(tmp_path)
-    result = run_cli("run", "--out-dir", str(out_dir), "--name", "../../escaped", "--rounds", "1")
+    result = invoke_cli("run", "--out-dir", str(out_dir), "--name", "../../escaped", "--rounds", "1")
     one_line_error(result, "run-name")
     assert snapshot(tmp_path) == before and not (tmp_path / "escaped").exists()
 
@@ -324,7 +327,7 @@ def test_bad_data_is_refused_in_one_line_before_ray_starts(tmp_path, case):
     make, words = BAD_INPUTS[case]
     dataset, data_dir = make(tmp_path / "data")
     out_dir = tmp_path / "runs"
-    result = run_cli(
+    result = invoke_cli(
         "run", "--dataset", dataset, "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--model", "mlp"
     )
     one_line_error(result, words)
@@ -334,7 +337,7 @@ def test_bad_data_is_refused_in_one_line_before_ray_starts(tmp_path, case):
 def test_an_out_dir_that_is_a_file_is_refused_in_one_line_before_ray_starts(tmp_path):
     (tmp_path / "runs").write_text("not a folder")
     before = snapshot(tmp_path)
-    result = run_cli("run", "--out-dir", str(tmp_path / "runs"), "--model", "mlp", "--set", "batch-size=4")
+    result = invoke_cli("run", "--out-dir", str(tmp_path / "runs"), "--model", "mlp", "--set", "batch-size=4")
     one_line_error(result, "cannot write the run folder", "writable --out-dir")
     assert snapshot(tmp_path) == before
 
