@@ -2,6 +2,8 @@
 # or older than pyproject.toml, so a fresh clone needs only `make demo` or `make test`.
 PYTHON ?= python3
 PY ?= .venv/bin/python
+# Test processes: two keep a 2-core machine busy while one waits for Flower or Ray to start.
+TEST_WORKERS ?= 2
 STAMP := .venv/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 export FLWR_TELEMETRY_ENABLED = 0
@@ -32,11 +34,11 @@ demo: $(STAMP)      ## the classroom demo (fedsim demo dlg): offline, pictures a
 run: $(STAMP)       ## the default federated run on the shipped MNIST sample, offline
 	$(PY) -m fedsim run
 
-test: $(STAMP)      ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+test: $(STAMP)      ## the whole test suite (what CI runs), on TEST_WORKERS processes
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP) ## quick checks: everything but the end-to-end runs and the long attack optimisations
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

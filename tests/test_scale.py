@@ -182,6 +182,7 @@ def test_a_corrupt_record_reached_through_the_index_is_still_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-run")  # on the worker that already simulated it
 def test_fedsim_attack_runs_on_a_two_node_ray_cluster(finished_run, tmp_path, monkeypatch):
     """Ray's own multi-node tool on one machine: a head and a second node; `fedsim attack` joins through RAY_ADDRESS.
 

@@ -16,7 +16,7 @@ from fedsim.config import FedsimConfig
 from fedsim.federation import Federation
 from fedsim.files import load_tensors, read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secagg")]  # one secure run, one worker
 
 
 @pytest.fixture(scope="module")

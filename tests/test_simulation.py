@@ -14,6 +14,9 @@ from fedsim.federation import Federation
 from fedsim.files import load_tensors
 from tests.conftest import stray_processes, wait_for_no_strays
 
+# One worker reads the session's finished run and the module's strategy runs (each simulated once).
+pytestmark = pytest.mark.xdist_group("finished-run")
+
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
     """FedAvg computed independently of Flower: what the inner strategy must have produced."""
