@@ -216,7 +216,9 @@ def train_generator(
         else:
             images = generator(z)
             parts = dafl_losses(*ensemble_features(models, images))
-            loss = parts["one-hot"] + cfg.lambda_activation * parts["activation"] + cfg.lambda_entropy * parts["entropy"]
+            loss = (
+                parts["one-hot"] + cfg.lambda_activation * parts["activation"] + cfg.lambda_entropy * parts["entropy"]
+            )
         if disc is not None and d_opt is not None and aux is not None:
             real = aux[torch.randint(len(aux), (cfg.batch_size,), generator=gen)]
             d_loss = F.softplus(-disc(real)).mean() + F.softplus(disc(images.detach())).mean()

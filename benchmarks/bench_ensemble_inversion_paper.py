@@ -73,12 +73,14 @@ def main() -> None:
             start = time.time()
             last = [0.0]
 
-            def step(task: str, d: int, t: int, g: str = generator, s: int = seed) -> None:
+            def step(task: str, d: int, t: int, g: str = generator, s: int = seed, last=last, start=start) -> None:
                 if d == t or time.time() - last[0] > 30:
                     last[0] = time.time()
                     console.print(f"  {time.time() - start:6.0f} s  {g} seed {s}: {task} {d}/{t}")
 
-            grids = RESULTS / "ensemble_inversion_paper" / f"{args.model}-{generator}" if seed == args.seeds[0] else None
+            grids = (
+                RESULTS / "ensemble_inversion_paper" / f"{args.model}-{generator}" if seed == args.seeds[0] else None
+            )
             row = run_ensemble_sizes(
                 config,
                 sizes=tuple(args.sizes),
