@@ -47,12 +47,19 @@ def main() -> None:
     parser.add_argument("--aux-images", type=int, default=500)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=RESULTS / "ensemble_inversion_paper.json")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="add the rows of these result files")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: plot and tabulate --out")
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared CPU: one thread per process is fastest (see docs/model_attacks.md)
     console = Console(width=150)
     done = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    for seed in args.seeds:
+    for extra in args.merge:  # e.g. seeds run in parallel processes, each into its own file
+        key = {(r["model"], r["generator"], r["seed"]) for r in done}
+        done += [r for r in json.loads(extra.read_text())["rows"] if (r["model"], r["generator"], r["seed"]) not in key]
+    if args.merge:
+        atomic_write_json(args.out, {"settings": settings, "rows": done})
+    for seed in [] if args.report_only else args.seeds:
         for generator in args.generators:
             if any((r["model"], r["generator"], r["seed"]) == (args.model, generator, seed) for r in done):
                 console.print(f"{args.model} {generator} seed {seed}: done, skipped")
