@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)  # a shared CPU: one thread per process is fastest (see docs/model_attacks.md)
     console = Console(width=150)
     done = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = json.loads(json.dumps(vars(args), default=str))
     for extra in args.merge:  # e.g. seeds run in parallel processes, each into its own file
         key = {(r["model"], r["generator"], r["seed"]) for r in done}
         done += [r for r in json.loads(extra.read_text())["rows"] if (r["model"], r["generator"], r["seed"]) not in key]
