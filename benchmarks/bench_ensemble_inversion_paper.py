@@ -9,7 +9,7 @@ as the auxiliary prior; an independent LeNet-5, trained on the 2,000 held-out MN
 attack accuracy. `unconditional` is the paper's generator with DAFL's losses; `conditional` is fedsim's earlier
 class-conditional variant, run with the same budget. Each finished (model, generator, seed) is written at once to
 the JSON, and a re-run skips it (resumable). Writes benchmarks/results/ensemble_inversion_paper.json, the plot
-ensemble_inversion_paper.png and, for the first seed, sample grids in ensemble_inversion_paper/.
+ensemble_inversion_paper.png and, for seed 0, sample grids in ensemble_inversion_paper/<model>-<generator>-s0/.
 """
 
 from __future__ import annotations
@@ -85,9 +85,7 @@ def main() -> None:
                     last[0] = time.time()
                     console.print(f"  {time.time() - start:6.0f} s  {g} seed {s}: {task} {d}/{t}")
 
-            grids = (
-                RESULTS / "ensemble_inversion_paper" / f"{args.model}-{generator}" if seed == args.seeds[0] else None
-            )
+            grids = RESULTS / "ensemble_inversion_paper" / f"{args.model}-{generator}-s{seed}" if seed == 0 else None
             row = run_ensemble_sizes(
                 config,
                 sizes=tuple(args.sizes),
