@@ -139,6 +139,9 @@ def invert(
     ] = "auto",
     evaluator_epochs: Annotated[int, typer.Option("--evaluator-epochs", help="its epochs; 0 = auto")] = 0,
     seed: Seed = None,
+    generator: Annotated[
+        str, typer.Option(help="conditional (fedsim's G(z, c)) or unconditional (the paper's G(z), DAFL's losses)")
+    ] = "conditional",
 ) -> None:
     """Ensemble inversion of each client's models against single-model inversion of the last model."""
     from fedsim.app.model_attacks import run_inversion
@@ -151,6 +154,8 @@ def invert(
             raise FedsimError(f"{key} = {value} must be at least 1")
     if evaluator_epochs < 0:
         raise FedsimError(f"--evaluator-epochs = {evaluator_epochs} must be >= 0 (0 = auto)")
+    if generator not in ("conditional", "unconditional"):
+        raise FedsimError(f"--generator = {generator!r}; choose conditional or unconditional")
     with _Bars() as bars:
         results = run_inversion(
             run_dir,
@@ -169,6 +174,7 @@ def invert(
             evaluator_epochs=evaluator_epochs,
             seed=seed,
             progress=bars,
+            generator=generator,
         )
     ev = results["evaluator"]
     console.print(

@@ -202,9 +202,12 @@ def run_inversion(
     evaluator_epochs: int = 0,
     seed: int | None = None,
     progress: Progress = _quiet,
+    generator: str = "conditional",
 ) -> dict:
     """Ensemble inversion against single-model inversion of the last model; writes <run>/inversion/
     (results.json, and PNG grids of the kept images, one row per class).
+
+    generator=conditional: fedsim's class-conditional G(z, c); unconditional: the paper's G(z) with DAFL's losses.
 
     ensemble=client: for each client k, its uploads over the rounds (single model: its last upload).
     ensemble=round: every client's upload of the last round (single model: the final global model).
@@ -214,6 +217,7 @@ def run_inversion(
     from attacks.ensemble_inversion import (
         DISTANCES,
         ENSEMBLES,
+        GENERATORS,
         SELECTIONS,
         InversionConfig,
         auxiliary_images,
@@ -223,6 +227,8 @@ def run_inversion(
     from attacks.inversion_eval import train_independent_evaluator
     from fedsim.images import grid, png_bytes
 
+    if generator not in GENERATORS:
+        raise FedsimError(f"unknown generator {generator!r}; choose one of: {', '.join(GENERATORS)}")
     if ensemble not in ENSEMBLES:
         raise FedsimError(f"unknown ensemble {ensemble!r}; choose one of: {', '.join(ENSEMBLES)}")
     if selection not in SELECTIONS:
@@ -254,7 +260,9 @@ def run_inversion(
         seed=seed + 5,
         progress=lambda d, t, _l: progress("evaluation classifier", d, t),
     )
-    cfg = InversionConfig(steps=steps, batch_size=batch_size, lambda_activation=lambda_activation, seed=seed)
+    cfg = InversionConfig(
+        steps=steps, batch_size=batch_size, lambda_activation=lambda_activation, seed=seed, generator=generator
+    )
     targets, images = invert_run(
         run,
         lambda state: _model(config, fed, state),
@@ -287,11 +295,144 @@ def run_inversion(
         "steps": steps,
         "keep": keep,
         "lambda-activation": lambda_activation,
+        "generator": generator,
         "aux": aux_dataset or None,
         "evaluator": judge_info,
         "targets": targets,
     }
     atomic_write_json(out / f"results-{ensemble}.json", summary)
+    return summary
+
+
+def independent_members(fed: Federation, seed: int, progress: Progress = _quiet) -> list[dict]:
+    """One model per shard of `fed`, each trained alone from its own initialisation (seed 1000 * seed + k) with
+    the clients' own FedAvg code (clients/training.py) for local-epochs epochs: the paper's independently trained
+    models, or as many one-client federations. Returns their state dicts, shard by shard."""
+    from clients.training import train_fedavg
+
+    cfg, states = fed.config, []
+    for k in range(len(fed.shards)):
+        model = build_model(cfg.model, fed.data.input_shape, fed.data.num_classes, seed=1000 * seed + k)
+        x, y, _ = fed.shard(k)
+        train_fedavg(model, x, y, cfg.lr, cfg.local_epochs, cfg.batch_size, np.random.default_rng([seed, 29, k]))
+        states.append({name: v.detach().clone() for name, v in model.state_dict().items()})
+        progress("members", k + 1, len(fed.shards))
+    return states
+
+
+def run_ensemble_sizes(
+    config: FedsimConfig,
+    *,
+    sizes: tuple[int, ...] = (1, 2, 5, 10),
+    generator: str = "unconditional",
+    aux_datasets: tuple[str, ...] = ("",),
+    aux_images: int = 0,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    width: int = 8,
+    per_class: int = 16,
+    keep: float = 0.5,
+    lambda_activation: float = 0.1,
+    lambda_entropy: float = 5.0,
+    evaluator: str = "auto",
+    evaluator_epochs: int = 0,
+    out_dir: str | Path | None = None,
+    progress: Progress = _quiet,
+) -> dict:
+    """The paper's setting: attack accuracy against ensemble size, on models trained independently.
+
+    The pool is one model per client of `config` (`independent_members`: each on its own shard, from its own
+    initialisation, never averaged); ensembles of each size in `sizes` are the first models of the farthest
+    model sampling order, inverted data-free (aux "") and with each public auxiliary dataset of `aux_datasets`
+    (its first `aux_images` training images; 0: all), scored by an independent evaluation classifier trained on
+    the held-out test split. The procedure is attacks.ensemble_inversion.ensemble_size_curve. Writes
+    <out_dir>/results.json and one PNG grid of the kept images per prior and size when out_dir is given.
+    """
+    from attacks.ensemble_inversion import (
+        GENERATORS,
+        InversionConfig,
+        auxiliary_images,
+        concatenated,
+        ensemble_size_curve,
+    )
+    from attacks.inversion_eval import train_independent_evaluator
+    from fedsim.images import grid, png_bytes
+
+    if generator not in GENERATORS:
+        raise FedsimError(f"unknown generator {generator!r}; choose one of: {', '.join(GENERATORS)}")
+    if not sizes or any(n < 1 or n > config.num_clients for n in sizes):
+        raise FedsimError(f"ensemble sizes {list(sizes)} must be between 1 and num-clients = {config.num_clients}")
+    for name in aux_datasets:
+        if name and name.removeprefix("sample-") == config.dataset.removeprefix("sample-"):
+            raise FedsimError(f"auxiliary dataset {name!r} is the clients' own; choose a public, disjoint one")
+    if evaluator == "auto":
+        evaluator = "lenet5" if config.model != "lenet5" else "convnet"
+    if evaluator == config.model:
+        raise FedsimError(f"the evaluator must be another architecture than the attacked model ({config.model!r})")
+    fed = Federation.from_config(config)
+    shape, num_classes, seed = fed.data.input_shape, fed.data.num_classes, config.seed
+    priors = {name: auxiliary_images(name, config.data_dir, shape) if name else None for name in aux_datasets}
+    priors = {k: v[:aux_images] if v is not None and aux_images else v for k, v in priors.items()}
+    states = independent_members(fed, seed, progress)
+    private = concatenated(list(_shards(fed, list(range(len(fed.shards)))).values()))
+    test_x, test_y = fed.test_split()
+    members_accuracy = [
+        float((_model(config, fed, state)(test_x).argmax(1) == test_y).float().mean()) for state in states
+    ]
+    judge, judge_info = train_independent_evaluator(
+        evaluator,
+        (test_x, test_y),
+        private,
+        num_classes,
+        epochs=evaluator_epochs,
+        seed=seed + 5,
+        progress=lambda d, t, _l: progress("evaluation classifier", d, t),
+    )
+    cfg = InversionConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        width=width,
+        lambda_activation=lambda_activation,
+        lambda_entropy=lambda_entropy,
+        seed=seed,
+        generator=generator,
+    )
+    summary: dict = {
+        "seed": seed,
+        "model": config.model,
+        "members": len(states),
+        "member-examples": [len(s) for s in fed.shards],
+        "member-test-accuracy": members_accuracy,
+        "generator": generator,
+        "inversion": {**{k.replace("_", "-"): v for k, v in vars(cfg).items()}, "per-class": per_class, "keep": keep},
+        "evaluator": judge_info,
+        "priors": {},
+    }
+    for name, aux in priors.items():
+        label = name or "data-free"
+        curve, images = ensemble_size_curve(
+            states,
+            lambda state: _model(config, fed, state),
+            judge,
+            cfg,
+            input_shape=shape,
+            num_classes=num_classes,
+            sizes=sizes,
+            private=private,
+            per_class=per_class,
+            keep=keep,
+            aux=aux,
+            seed=seed,
+            progress=lambda task, d, t, p=label: progress(f"{p}: {task}", d, t),
+        )
+        summary["priors"][label] = {"aux-images": 0 if aux is None else len(aux), **curve}
+        if out_dir is not None:
+            for key, kept in images.items():
+                atomic_write_bytes(Path(out_dir) / f"{label}-{key}.png", png_bytes(grid(kept, columns=16)))
+    if out_dir is not None:
+        atomic_write_json(Path(out_dir) / "results.json", summary)
     return summary
 
 
@@ -316,6 +457,8 @@ __all__ = [
     "load_run",
     "membership_split",
     "recipe_trainer",
+    "independent_members",
+    "run_ensemble_sizes",
     "run_inversion",
     "run_membership",
     "summary_lines",
