@@ -11,8 +11,8 @@ A cell is (attack, model state, recipe, batch):
   linear layer with bias: the MLP, FedSGD);
 * model state: `untrained` as in each attack's paper (DLG/iDLG: DLG's sigmoid LeNet; GRNN: LeNet-5 with
   GRNN's U(-0.5, 0.5) weights; Inverting Gradients: the ReLU ConvNet; analytic: the MLP), every one seeded;
-  `convnet-fedavg`: the ConvNet after `--rounds` rounds of FedAvg of 4 clients on the 200 lossless CIFAR-10
-  training images (the ClientApp's own train function and Flower's aggregation, seeded); `resnet20`: the
+  `convnet-fedavg`: the ConvNet after `--rounds` rounds of FedAvg (2 local epochs) of 4 clients on the 200
+  lossless CIFAR-10 training images (the ClientApp's train function and Flower's aggregation, seeded); `resnet20`: the
   public CIFAR-10 ResNet-20 (../shared/data/pretrained/resnet20_cifar10), in training mode as clients train;
 * recipe: `fedsgd` (one gradient step on the whole batch) or `fedavg` (one local epoch over the batch in
   mini-batches of a quarter of it: 4 local SGD steps; the attacks replay them through attacks.unroll); a
@@ -39,6 +39,7 @@ PSNR and seconds go into the same cells (`peer`). Without the script the flag re
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import signal
@@ -129,12 +130,13 @@ def global_state(attack: str, state: str, config: FedsimConfig, fed: Federation,
         return fed.build_model().state_dict(), {"checkpoint": config.pretrained}
     key = (args.rounds, args.seed)
     if key not in _TRAINED:  # the ConvNet after a few real FedAvg rounds, once per run
-        train = config_for("convnet", 50, "fedavg", 4, args.seed, **{"batch-size": 10})
+        train = config_for("convnet", 50, "fedavg", 4, args.seed, **{"batch-size": 10, "local-epochs": 2})
         train_fed = Federation.from_config(train)
         model = train_fed.build_model()
         start = time.perf_counter()
         accuracy = fedavg_rounds(train, train_fed, model, args.rounds)
-        facts = {"rounds": args.rounds, "clients": 4, "examples_per_client": 50, "local_batch": 10, "lr": LR,
+        facts = {"rounds": args.rounds, "clients": 4, "examples_per_client": 50, "local_batch": 10,
+                 "local_epochs": 2, "lr": LR,
                  "test_accuracy_per_round": accuracy, "train_seconds": time.perf_counter() - start}  # fmt: skip
         _TRAINED[key] = ({k: v.clone() for k, v in model.state_dict().items()}, facts)
         print(f"convnet-fedavg: {args.rounds} rounds, test accuracy {accuracy[-1]:.1%} (first 1,000 test images)")
@@ -361,6 +363,34 @@ def write_outputs(report: dict, args: argparse.Namespace) -> None:
     atomic_write_text(path.with_suffix(".md"), markdown(report, args))
 
 
+def chosen_cells(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
+    """The cells to run, in order: --cells as given, else the grid of the chosen axes, small batches first."""
+    if args.cells:
+        out = []
+        for key in args.cells.split(","):
+            parts = key.split("|")
+            ok = len(parts) == 4 and parts[0] in ATTACKS and parts[1] in STATES and parts[2] in RECIPES
+            if not ok or not parts[3].removeprefix("b").isdigit():
+                print(f"error: --cells takes attack|state|recipe|bN ids, comma-separated; got {key!r}", file=sys.stderr)
+                sys.exit(2)
+            out.append((parts[0], parts[1], parts[2], int(parts[3][1:])))
+        return [c for c in out if not not_applicable(*c)]
+    grid = [(a, s, r, b) for b in args.batches for s in args.states for r in args.recipes for a in args.attacks]
+    return [c for c in grid if not not_applicable(*c)]
+
+
+def save_cell(path: Path, report: dict, key: str, cell: dict, defaults: dict) -> dict:
+    """Add one finished cell to the results file atomically, keeping cells other runs wrote meanwhile."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            report["cells"] = {**json.loads(path.read_text())["cells"], **report["cells"]}
+        report["cells"][key] = cell
+        report["options_default"] = defaults
+        atomic_write_json(path, report)
+    return report
+
+
 def _alarm(signum, frame):  # noqa: ARG001
     raise CellTimeout
 
@@ -395,8 +425,9 @@ def main() -> None:
     parser.add_argument("--states", default=",".join(STATES))
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--cells", default="", help="run exactly these cells, in order: attack|state|recipe|bN,...")
     parser.add_argument("--trials", type=int, default=3, help="clients (updates) attacked per cell")
-    parser.add_argument("--rounds", type=int, default=3, help="FedAvg rounds before the convnet-fedavg state")
+    parser.add_argument("--rounds", type=int, default=10, help="FedAvg rounds before the convnet-fedavg state")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--option", action="append", default=[], help="attack.key=value, e.g. ig.iterations=300")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds a cell may take before it is dropped")
@@ -427,30 +458,23 @@ def main() -> None:
     report["lpips"] = "not computed: LPIPS needs torchvision's AlexNet weights, which are not on this machine"
     if not args.plots_only:
         signal.signal(signal.SIGALRM, _alarm)
-        for batch in args.batches:
-            for state in args.states:
-                for recipe in args.recipes:
-                    for attack in args.attacks:
-                        key = cell_id(attack, state, recipe, batch)
-                        if not_applicable(attack, state, recipe, batch):
-                            continue
-                        if key in report["cells"] and not args.rerun:
-                            print(f"{key}: kept ({report['cells'][key]['status']})")
-                            continue
-                        start = time.perf_counter()
-                        signal.alarm(args.cell_timeout)
-                        try:
-                            cell = run_cell(attack, state, recipe, batch, args)
-                        except CellTimeout:
-                            cell = {"attack": attack, "state": state, "recipe": recipe, "batch": batch,
-                                    "status": f"timeout: over {args.cell_timeout} s"}  # fmt: skip
-                        finally:
-                            signal.alarm(0)
-                        report["cells"][key] = cell
-                        report["options_default"] = QUICK if args.quick else OPTIONS
-                        atomic_write_json(path, report)
-                        shown = f"{cell['psnr_median']:.1f} dB" if cell["status"] == "done" else cell["status"]
-                        print(f"{key}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+        for attack, state, recipe, batch in chosen_cells(args):
+            key = cell_id(attack, state, recipe, batch)
+            if key in report["cells"] and not args.rerun:
+                print(f"{key}: kept ({report['cells'][key]['status']})")
+                continue
+            start = time.perf_counter()
+            signal.alarm(args.cell_timeout)
+            try:
+                cell = run_cell(attack, state, recipe, batch, args)
+            except CellTimeout:
+                cell = {"attack": attack, "state": state, "recipe": recipe, "batch": batch,
+                        "status": f"timeout: over {args.cell_timeout} s"}  # fmt: skip
+            finally:
+                signal.alarm(0)
+            report = save_cell(path, report, key, cell, QUICK if args.quick else OPTIONS)
+            shown = f"{cell['psnr_median']:.1f} dB" if cell["status"] == "done" else cell["status"]
+            print(f"{key}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
     write_outputs(report, args)
     print(f"results in {path}")
 
