@@ -57,15 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_defenses import capture, client_app, fedavg_rounds  # noqa: E402
-from bench_gradient_inversion import grnn_lenet  # noqa: E402
-
-from attacks import AttackDiverged, get_attack, reconstruct_many  # noqa: E402
-from attacks.contract import target_from_capture  # noqa: E402
-from fedsim.config import FedsimConfig  # noqa: E402
-from fedsim.federation import Federation  # noqa: E402
 from fedsim.files import atomic_write_json, atomic_write_text, load_tensors, save_tensors  # noqa: E402
-from fedsim.scoring import score  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -108,7 +100,9 @@ def model_name(attack: str, state: str) -> str:
     return {"untrained": PAPER_MODEL[attack], "convnet-fedavg": "convnet", "resnet20": "resnet20"}[state]
 
 
-def config_for(model: str, batch: int, recipe: str, clients: int, seed: int, **extra) -> FedsimConfig:
+def config_for(model: str, batch: int, recipe: str, clients: int, seed: int, **extra):
+    from fedsim.config import FedsimConfig
+
     local_batch = batch if recipe == "fedsgd" else max(1, batch // 4)
     return FedsimConfig.from_mapping({
         "dataset": "cifar10", "data-dir": str(DATA), "model": model, "num-clients": clients,
@@ -120,8 +114,13 @@ def config_for(model: str, batch: int, recipe: str, clients: int, seed: int, **e
 _TRAINED: dict[tuple, tuple[dict, dict]] = {}
 
 
-def global_state(attack: str, state: str, config: FedsimConfig, fed: Federation, args: argparse.Namespace):
+def global_state(attack: str, state: str, config, fed, args: argparse.Namespace):
     """(the global weights the server sends, facts about how they came about) for a model state."""
+    from bench_defenses import fedavg_rounds
+    from bench_gradient_inversion import grnn_lenet
+
+    from fedsim.federation import Federation
+
     if state == "untrained":
         if attack == "grnn":  # GRNN's weights_init: every weight and bias from U(-0.5, 0.5)
             return grnn_lenet(args.seed).state_dict(), {"init": "U(-0.5, 0.5) (GRNN's code)"}
@@ -144,7 +143,12 @@ def global_state(attack: str, state: str, config: FedsimConfig, fed: Federation,
 
 
 def captures_for(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace):
-    """The cell's targets: `trials` clients' replies to one train message, as target_from_capture makes them."""
+    """The cell's targets: `trials` clients' replies to one train message, as target_from_capture makes them.
+    (The federation's imports are here, so that --plots-only starts fast.)"""
+    from bench_defenses import capture, client_app
+
+    from fedsim.federation import Federation
+
     extra = {"pretrained": str(DATA / "pretrained" / "resnet20_cifar10")} if state == "resnet20" else {}
     config = config_for(model_name(attack, state), batch, recipe, args.trials, args.seed, **extra)
     fed = Federation.from_config(config)
@@ -163,6 +167,10 @@ def captures_for(attack: str, state: str, recipe: str, batch: int, args: argpars
 
 
 def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace) -> dict:
+    from attacks import AttackDiverged, get_attack, reconstruct_many
+    from attacks.contract import target_from_capture
+    from fedsim.scoring import score
+
     options = {**(QUICK if args.quick else OPTIONS)[attack], **args.options.get(attack, {})}
     state_dict, caps, facts = captures_for(attack, state, recipe, batch, args)
     targets = [target_from_capture(state_dict, client, record) for record, client, _ in caps]
@@ -317,7 +325,7 @@ def best_figure(report: dict, path: Path) -> None:
         return
     columns = 4
     rows = -(-len(cells) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, cell in zip(axes.flat, cells, strict=False):
