@@ -141,26 +141,57 @@ def initial_model(config: FedsimConfig, fed: Federation) -> torch.nn.Module:
     return model
 
 
-def accuracy_half(base: dict, overrides: dict, rounds: int) -> dict:
-    """Global test accuracy per round of FedAvg with the defense on every client."""
+def fedavg_rounds(config: FedsimConfig, fed: Federation, model: torch.nn.Module, rounds: int) -> list[float]:
+    """`rounds` rounds of FedAvg on every client (the ClientApp's train function and mods, Flower's aggregation),
+    `model` updated in place to the last global model; returns the global test accuracy before and after each."""
     from flwr.serverapp.strategy import FedAvg
 
-    config = FedsimConfig.from_mapping({**base, **overrides})
-    fed = Federation.from_config(config)
-    model = initial_model(config, fed)
     test_x, test_y = fed.test_split()
     app, strategy = client_app(config), FedAvg()
     recipe = {"recipe": "fedavg", "lr": config.lr, "batch-size": config.batch_size, "local-epochs": config.local_epochs}
     state = model.state_dict()
     accuracy = [evaluate(model, test_x, test_y)["test-accuracy"]]
-    start = time.perf_counter()
     for server_round in range(1, rounds + 1):
         replies = [app(train_message(state, recipe, server_round), context(p)) for p in range(config.num_clients)]
         arrays, _ = strategy.aggregate_train(server_round, replies)
         state = arrays.to_torch_state_dict()
         model.load_state_dict(state)
         accuracy.append(evaluate(model, test_x, test_y)["test-accuracy"])
+    return accuracy
+
+
+def accuracy_half(base: dict, overrides: dict, rounds: int) -> dict:
+    """Global test accuracy per round of FedAvg with the defense on every client."""
+    config = FedsimConfig.from_mapping({**base, **overrides})
+    fed = Federation.from_config(config)
+    model = initial_model(config, fed)
+    start = time.perf_counter()
+    accuracy = fedavg_rounds(config, fed, model, rounds)
     return {"accuracy": accuracy[-1], "accuracy_per_round": accuracy, "seconds": time.perf_counter() - start}
+
+
+def capture(app, config: FedsimConfig, fed: Federation, model: torch.nn.Module, state: dict, recipe: dict,
+            partition: int, server_round: int = 1) -> tuple[dict, dict, dict]:  # fmt: skip
+    """One client's reply to a train message, as the curious server records it: (the capture record the
+    server writes in its manifest (server.curious), the weights the client sent back, the truth: the images
+    and labels it trained on). `recipe` is the train config sent, with a "truth-dir" for the truth."""
+    from server.server_app import trainable_names
+
+    reply = app(train_message(state, recipe, server_round), context(partition))
+    client_state = reply.content["arrays"].to_torch_state_dict()
+    said = dict(reply.content["fedsim"])
+    said.pop("partition-id", None)
+    record = {
+        "model": config.model,
+        "input_shape": list(fed.data.input_shape),
+        "num_classes": fed.data.num_classes,
+        "trainable": trainable_names(config, model),  # the server's view; the aware attacker reads "declared"
+        "recipe": {k: v for k, v in recipe.items() if k != "truth-dir"},
+        "num_examples": int(reply.content["metrics"]["num-examples"]),
+        "declared": said,
+    }
+    truth_file = Path(recipe["truth-dir"]) / f"round-{server_round:04d}" / f"client-{100 + partition}.safetensors"
+    return record, client_state, load_tensors(truth_file)
 
 
 def last_layer_features(model: torch.nn.Module, state: dict, client_state: dict, image: torch.Tensor, lr: float):
@@ -243,7 +274,6 @@ def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dic
     """
     from attacks import get_attack, reconstruct_many
     from attacks.contract import target_from_capture
-    from server.server_app import trainable_names
 
     config = FedsimConfig.from_mapping(
         {**base, **overrides, "num-clients": images, "recipe": "fedsgd", "batch-size": 1}
@@ -257,24 +287,12 @@ def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dic
         recipe = {"recipe": "fedsgd", "lr": config.lr, "batch-size": 1, "local-epochs": config.local_epochs,
                   "truth-dir": truth_dir}  # fmt: skip
         for p in range(images):
-            reply = app(train_message(state, recipe, 1), context(p))
-            client_state = reply.content["arrays"].to_torch_state_dict()
-            said = dict(reply.content["fedsim"])
-            said.pop("partition-id", None)
-            record = {  # what the curious server writes in the capture manifest (server.curious)
-                "model": config.model,
-                "input_shape": list(fed.data.input_shape),
-                "num_classes": fed.data.num_classes,
-                "trainable": trainable_names(config, model),  # the server's view; the aware attacker reads "declared"
-                "recipe": {k: v for k, v in recipe.items() if k != "truth-dir"},
-                "num_examples": int(reply.content["metrics"]["num-examples"]),
-                "declared": said,
-            }
+            record, client_state, truth = capture(app, config, fed, model, state, recipe, p)
             targets.append(target_from_capture(state, client_state, record, aware=True))
             blind.append(target_from_capture(state, client_state, record, aware=False))
-            truths.append(load_tensors(Path(truth_dir) / "round-0001" / f"client-{100 + p}.safetensors"))
+            truths.append(truth)
             features.append(last_layer_features(model, state, client_state, truths[-1]["images"], config.lr))
-            declared.append(said.get("defenses", ""))
+            declared.append(record["declared"].get("defenses", ""))
     matters = any(awareness_matters(a, u) for a, u in zip(targets, blind, strict=True))
     out: dict[str, dict] = {}
     runs = [(name, name, targets) for name in attacks]
@@ -284,9 +302,9 @@ def attack_half(base: dict, overrides: dict, images: int, attacks: dict[str, dic
         attack = get_attack(name, **attacks[name])
         results = reconstruct_many(attack, chosen, seed=config.seed, raise_on_divergence=False)
         out[label] = summarise(results, truths, time.perf_counter() - start)
-    capture = {"declared": declared[0], "aware_differs": matters, "feature_error_median": statistics.median(features),
-               "feature_errors": features}  # fmt: skip
-    return {"attack": out, "capture": capture}
+    seen = {"declared": declared[0], "aware_differs": matters, "feature_error_median": statistics.median(features),
+            "feature_errors": features}  # fmt: skip
+    return {"attack": out, "capture": seen}
 
 
 def plot(rows: list[dict], path: Path, attacks: list[str]) -> None:

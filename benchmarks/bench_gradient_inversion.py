@@ -4,6 +4,9 @@ Parts (run one at a time with --part, results in benchmarks/results/<part>.json)
   dlg       DLG and iDLG on 20 lossless 32x32 images, DLG's LeNet, FedSGD, batch 1: PSNR, SSIM,
             label accuracy, gradient evaluations to reach 30 dB.
   grnn      GRNN vs DLG on LeNet-5 (re-initialised U(-0.5, 0.5) as GRNN's code does), batch sizes 1..64.
+  grnn-paper  GRNN vs DLG in the GRNN paper's setting: random (seeded) batches of CIFAR-10 test images with
+            distinct labels where the class count allows, the untrained LeNet-5 with a 100-class output,
+            --trials batches per batch size solved in one batched run; mean, median, IQR, min, max of PSNR.
   analytic  the closed-form attack on the MLP: PSNR and seconds, batch 1 and small batches.
   timing    seconds per reconstruction per attack, and reconstructions/minute with and without
             batching several targets on one device (reconstruct_many).
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacks import AttackDiverged, AttackTarget, get_attack, infer_labels, model_gradients, reconstruct_many  # noqa: E402
+from fedsim.files import atomic_write_json  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.scoring import pairwise_psnr, score  # noqa: E402
 
@@ -49,13 +53,13 @@ def cifar_test(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(data["y"][indices]).long()
 
 
-def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarget:
-    return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), 10)
+def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int = 10) -> AttackTarget:
+    return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), num_classes)
 
 
-def grnn_lenet(seed: int) -> torch.nn.Module:
+def grnn_lenet(seed: int, num_classes: int = 10) -> torch.nn.Module:
     """LeNet-5 with GRNN's weights_init: every weight and bias from U(-0.5, 0.5)."""
-    model = build_model("lenet5", (3, 32, 32), 10, seed=seed)
+    model = build_model("lenet5", (3, 32, 32), num_classes, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -175,6 +179,7 @@ def part_dlg(args: argparse.Namespace) -> dict:
 
 
 def part_grnn(args: argparse.Namespace) -> dict:
+    args.trials = args.trials or 1
     out = {}
     for batch in args.batches:
         x, y = cifar(batch * args.trials)
@@ -225,6 +230,93 @@ def part_grnn(args: argparse.Namespace) -> dict:
             str(s["diverged"]),
             f"{s['seconds']:.0f}",
         )
+    console.print(table)
+    return out
+
+
+def distinct_label_batch(labels: np.ndarray, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a random batch whose labels repeat as little as the class count allows: distinct labels up to
+    one image per class; beyond, every class ⌊B/C⌋ times and B mod C classes (drawn at random) once more."""
+    classes = np.unique(labels)
+    rounds, rest = divmod(batch, len(classes))
+    counts = {int(c): rounds for c in classes}
+    for c in rng.choice(classes, rest, replace=False):
+        counts[int(c)] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in counts.items() if n]
+    return rng.permutation(np.concatenate(picks))
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, median, quartiles, min and max of a list of PSNRs."""
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"mean": float(np.mean(values)), "median": float(median), "q1": float(q1), "q3": float(q3),
+            "iqr": float(q3 - q1), "min": float(np.min(values)), "max": float(np.max(values))}  # fmt: skip
+
+
+def part_grnn_paper(args: argparse.Namespace) -> dict:
+    """GRNN vs DLG as the GRNN paper measures them (Ren et al. 2022, Tab. 3): per batch size, `--trials` random
+    batches of CIFAR-10 test images (distinct labels where the class count allows), each on its own untrained
+    LeNet-5 (U(-0.5, 0.5), 100 outputs: the labels live in a 100-class label space, as CIFAR-100's), the same
+    batches for both attacks, every trial of one size solved in one batched run (attacks.problems.stack_targets).
+    PSNR is per batch (the mean over its images after order-free matching), then summarised over the trials."""
+    args.trials = args.trials or 10
+    data = np.load(DATA / "cifar10" / "cifar10_test_yoongikim_jpeg_q75.npz", allow_pickle=False)
+    labels = data["y"].astype(int)
+    iterations = {"grnn": args.grnn_iterations, "dlg": args.dlg_iterations}
+    if args.quick:
+        iterations = {"grnn": 100, "dlg": 5}
+    out = {"setup": {"num_classes": args.num_classes, "trials": args.trials, "iterations": iterations,
+                     "dlg_restarts": args.dlg_restarts, "images": "cifar10 test (JPEG q75)"}}  # fmt: skip
+    path = ROOT / "benchmarks" / "results" / f"grnn-paper{'-' + args.tag if args.tag else ''}.json"
+    if path.exists() and not args.quick:  # resume: keep the batch sizes already measured
+        out.update({k: v for k, v in json.loads(path.read_text())["results"].items() if k != "setup"})
+    for batch in args.batches:
+        rng = np.random.default_rng([args.seed, batch])
+        indices = [distinct_label_batch(labels, batch, rng) for _ in range(args.trials)]
+        truths = [cifar_test(list(i)) for i in indices]
+        models = [grnn_lenet(args.seed * 1000 + t, args.num_classes) for t in range(args.trials)]
+        targets = [target_for(m, x, y, args.num_classes) for m, (x, y) in zip(models, truths, strict=True)]
+        for name in args.attacks:
+            key = f"{name}-b{batch}"
+            if key in out:
+                console.print(f"{key}: kept from {path.name}")
+                continue
+            options = {"iterations": iterations[name]} | ({"restarts": args.dlg_restarts} if name == "dlg" else {})
+            attack = get_attack(name, **options)
+            start = time.perf_counter()
+            results = reconstruct_many(attack, targets, seed=args.seed, raise_on_divergence=False)
+            summary = summarise(results, truths)
+            per_batch = [float(np.mean(summary["psnr"][t * batch : (t + 1) * batch])) for t in range(args.trials)]
+            summary.update(
+                psnr_per_batch=per_batch,
+                psnr_batches=spread(per_batch),
+                psnr_images=spread(summary["psnr"]),
+                seconds=time.perf_counter() - start,
+                options=options,
+                trials=args.trials,
+                distinct_labels=[len(set(labels[i].tolist())) for i in indices],
+                indices=[i.tolist() for i in indices],
+                evaluations=[None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results],
+            )
+            out[key] = summary
+            b = summary["psnr_batches"]
+            console.print(
+                f"{name} batch {batch}: PSNR mean {b['mean']:.1f} median {b['median']:.1f} "
+                f"[{b['min']:.1f} .. {b['max']:.1f}] dB over {args.trials} batches, {summary['seconds']:.0f}s"
+            )
+            save(args, "grnn-paper", out)  # keep every finished (attack, batch size)
+    table = Table(title=f"GRNN vs DLG, GRNN's setting: untrained LeNet-5, {args.num_classes} classes, "
+                        f"random CIFAR-10 test batches, distinct labels")  # fmt: skip
+    for col in ("attack", "batch", "trials", "iterations", "mean", "median", "IQR", "min", "max", "label acc", "s"):
+        table.add_column(col)
+    for key, s in out.items():
+        if key == "setup":
+            continue
+        name, batch = key.rsplit("-b", 1)
+        b = s["psnr_batches"]
+        table.add_row(name, batch, str(s["trials"]), str(s["options"]["iterations"]), f"{b['mean']:.1f}",
+                      f"{b['median']:.1f}", f"{b['q1']:.1f}-{b['q3']:.1f}", f"{b['min']:.1f}", f"{b['max']:.1f}",
+                      f"{s['label_accuracy']:.0%}", f"{s['seconds']:.0f}")  # fmt: skip
     console.print(table)
     return out
 
@@ -359,19 +451,25 @@ def save(args: argparse.Namespace, part: str, result: dict) -> Path:
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path.write_text(json.dumps({"meta": meta, "results": result}, indent=2))
+    atomic_write_json(path, {"meta": meta, "results": result})
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["dlg", "grnn", "analytic", "timing", "all"], default="all")
+    parser.add_argument("--part", choices=["dlg", "grnn", "grnn-paper", "analytic", "timing", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="fewer images and iterations (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--group", type=int, default=10, help="targets batched together in the dlg part")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="grnn part: batch sizes")
     parser.add_argument("--attacks", nargs="+", default=["grnn", "dlg"], choices=["grnn", "dlg"])
-    parser.add_argument("--trials", type=int, default=1, help="grnn part: batches per batch size")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="grnn parts: batches per batch size (default 1; grnn-paper 10)")  # fmt: skip
+    parser.add_argument("--num-classes", type=int, default=100, help="grnn-paper part: the LeNet's outputs")
+    parser.add_argument("--grnn-iterations", type=int, default=1000, help="grnn-paper part: GRNN's RMSprop steps")
+    parser.add_argument("--dlg-iterations", type=int, default=50,
+                        help="grnn-paper part: DLG's L-BFGS steps (x20 inner: 1,000 evaluations)")  # fmt: skip
+    parser.add_argument("--dlg-restarts", type=int, default=1, help="grnn-paper part: DLG restarts")
     parser.add_argument("--dlg-attacks", nargs="+", default=["idlg", "dlg"], choices=["idlg", "dlg"],
                         help="dlg part: which attacks")  # fmt: skip
     parser.add_argument("--rescues", type=int, default=None, help="dlg part: DLG/iDLG rescues (default: the preset's)")
@@ -384,7 +482,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = ["analytic", "dlg", "timing", "grnn"] if args.part == "all" else [args.part]
     for part in parts:
-        result = {"dlg": part_dlg, "grnn": part_grnn, "analytic": part_analytic, "timing": part_timing}[part](args)
+        parts_by_name = {"dlg": part_dlg, "grnn": part_grnn, "grnn-paper": part_grnn_paper, "analytic": part_analytic}
+        result = {**parts_by_name, "timing": part_timing}[part](args)
         console.print(f"saved {save(args, part, result)}")
 
 
