@@ -43,13 +43,20 @@ noisy settings vary slightly between runs.
 Results: benchmarks/results/defenses.json (written after every setting) and defenses.png.
 
 The privacy frontier (`--frontier`): accuracy and attack PSNR against the run's epsilon, for local DP
-(ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP with server-side and client-side fixed
-clipping (dp-target-epsilon in {1, 8, 64, 512, 4096} over `--rounds`, dp-clip-norm 0.5). Every point is
-a run through the run's own strategy stack (server.server_app.server_strategy: CuriousStrategy ->
-PrivacyLedger -> Flower's DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the
-epsilon is the one the run's privacy.json reports (Flower's RdpAccountant). The attack (DLG) runs on the
-curious server's captures of a 1-round FedSGD run (batch 1) with the same per-round mechanism. Results:
-benchmarks/results/dp_frontier.json and dp_frontier.png.
+(ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP in its four modes (server- and
+client-side, fixed and adaptive clipping; dp-target-epsilon in {1e1, ..., 1e5} over `--rounds`, dp-clip-norm 1,
+adaptive: dp-clipped-count-stddev 1), beside the undefended baseline and the non-DP defenses (noise
+v = 1e-3, 1e-2; clip C = 1; prune 50 %, 90 %; TL-DMI k = 2), drawn at ε = ∞. The federation: 3 clients of
+500 MNIST images, 2 local epochs of batch 16, lr 0.1 (FRONTIER_BASE). Every point is a run through the
+run's own strategy stack (server.server_app.server_strategy: CuriousStrategy -> PrivacyLedger -> Flower's
+DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the epsilon is the one the run's
+privacy.json reports (Flower's RdpAccountant). DLG, iDLG and Inverting Gradients run on the curious
+server's captures of a 1-round FedSGD run (batch 1, one image per client) with the same per-round
+mechanism; a capture bit-identical (SHA-256) to one already attacked reuses that seeded result, which the
+point records. Each point is written to benchmarks/results/dp_frontier_points/<key>.json as it finishes
+and skipped when the benchmark runs again (so parallel runs with disjoint `--mechanisms` share the work);
+numpy's and torch's generators are seeded per point (Flower's DP noise draws from numpy; the `noise`
+defense keeps OS entropy). Results: benchmarks/results/dp_frontier.json and dp_frontier.png.
 """
 
 from __future__ import annotations

@@ -198,6 +198,12 @@ def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypa
         ({"central-dp": "server-fixed", "dp-noise-multiplier": 0}, r"dp-noise-multiplier = 0.0 must be > 0"),
         ({"central-dp": "adaptive-server", "dp-target-quantile": 1.5}, r"dp-target-quantile = 1.5 must be in"),
         ({"central-dp": "adaptive-server", "dp-clip-lr": 0}, r"dp-clip-lr = 0.0 must be > 0"),
+        ({"central-dp": "adaptive-client", "dp-target-quantile": 0}, r"dp-target-quantile = 0.0 must be in \(0, 1\]"),
+        ({"central-dp": "adaptive-client", "dp-clip-norm": -0.1}, r"dp-clip-norm = -0.1 must be > 0"),
+        (
+            {"central-dp": "adaptive-client", "dp-target-epsilon": 2.0, "dp-clipped-count-stddev": 0.5},
+            r"dp-target-epsilon = 2 cannot be reached in 2 rounds .*even noise multiplier 1 spends more",
+        ),
         ({"central-dp": "adaptive-client", "dp-clipped-count-stddev": -1}, r"dp-clipped-count-stddev = -1.0"),
         ({"central-dp": "adaptive-client", "dp-noise-multiplier": 1.0}, r"must be below 2 x dp-clipped-count"),
         ({"central-dp": "server-fixed", "dp-target-epsilon": 1e-6}, r"dp-target-epsilon = 1e-06 cannot be reached"),
@@ -228,10 +234,19 @@ def test_central_dp_refuses_unequal_weights_and_integer_counters():
     assert "integer counter" in check_dp(counters, fed, fed.build_model())
 
 
-def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path):
-    result = run_cli("run", "--set", "central-dp=server-fixed", "--set", "dp-delta=2", "--set", f"out-dir={tmp_path}")
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        (["dp-delta=2"], "error: dp-delta = 2.0 must be in (0, 1)"),
+        (["dp-target-epsilon=0.001", "num-rounds=50"], "error: dp-target-epsilon = 0.001 cannot be reached in 50 "
+         "rounds at dp-delta = 1e-05: even noise multiplier 1e+04 spends more"),
+    ],
+)  # fmt: skip
+def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path, setting, line):
+    sets = [arg for s in ["central-dp=server-fixed", *setting, f"out-dir={tmp_path}"] for arg in ("--set", s)]
+    result = run_cli("run", *sets)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: dp-delta = 2.0 must be in (0, 1)"]
+    assert result.stderr.strip().splitlines() == [line]
     assert not any(tmp_path.iterdir())
 
 
