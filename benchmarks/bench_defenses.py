@@ -479,10 +479,11 @@ def attack_captures(tmp: Path, attack_config: FedsimConfig, initial: dict, attac
                     cache_dir: Path) -> dict:  # fmt: skip
     """A 1-round FedSGD run (batch 1) under the point's mechanism, its captures attacked by each attack.
 
-    The attacks' results are kept per capture digest in `cache_dir`: a capture bit-identical to one already
-    attacked (the raw update under every server-side mode, the clipped one under client-side clipping: the
-    noise comes after the capture) gets the same, seeded, result, and the point says so (`attack-reused`).
+    Each attack's result is kept per capture digest and options in `cache_dir`: a capture bit-identical to one
+    already attacked (the raw update under every server-side mode, the clipped one under client-side clipping:
+    the noise comes after the capture) gets the same, seeded, result, and the point says so (`attacks-reused`).
     """
+    import hashlib
     import json
 
     from attacks import get_attack, reconstruct_many
@@ -500,19 +501,23 @@ def attack_captures(tmp: Path, attack_config: FedsimConfig, initial: dict, attac
     out = {"capture-sha256": digest, "capture-update-norms": [
         math.sqrt(sum(float((u[k].double() - global_state[k].double()).pow(2).sum()) for k in global_state))
         for u in updates]}  # fmt: skip
-    cached = cache_dir / f"{digest[:16]}-{'-'.join(sorted(attacks))}.json"
-    if cached.exists():
-        return {**out, "attack": json.loads(cached.read_text())["attack"], "attack-reused": True}
     targets = [target_from_capture(global_state, u, r, aware=True) for u, r in zip(updates, records, strict=True)]
     truths = [load_tensors(tmp / "truth" / "round-0001" / f"client-{r['client']}.safetensors") for r in records]
-    results = {}
+    results, reused = {}, []
     for name, options in attacks.items():
+        budget = hashlib.sha256(json.dumps({name: options}, sort_keys=True).encode()).hexdigest()
+        cached = cache_dir / f"{digest[:16]}-{name}-{budget[:8]}.json"  # the capture, the attack and its options
+        if cached.exists():
+            results[name] = json.loads(cached.read_text())["result"]
+            reused.append(name)
+            continue
         start = time.perf_counter()
         attack = get_attack(name, **options)
         found = reconstruct_many(attack, targets, seed=attack_config.seed, raise_on_divergence=False)
         results[name] = summarise(found, truths, time.perf_counter() - start)
-    atomic_write_json(cached, {"capture-sha256": digest, "attack": results})
-    return {**out, "attack": results, "attack-reused": False}
+        record = {"capture-sha256": digest, "attack": name, "options": options, "result": results[name]}
+        atomic_write_json(cached, record)
+    return {**out, "attack": results, "attack-reused": len(reused) == len(attacks), "attacks-reused": reused}
 
 
 def frontier_point(base: dict, setting: dict, rounds: int, attacks: dict[str, dict], cache_dir: Path) -> dict:
@@ -608,6 +613,23 @@ def frontier_line(row: dict) -> str:
             f"  ({row['seconds_under_load']:.0f} s){reused}")  # fmt: skip
 
 
+def frontier_table(rows: list[dict]) -> str:
+    """The frontier as a Markdown table: ε, accuracy, each attack's PSNR, and whose capture the server got."""
+    attacks = [a for a in FRONTIER_ATTACKS if any(a in r["attack"] for r in rows)]
+    names = {"dlg": "DLG", "idlg": "iDLG", "ig": "IG"}
+    first: dict[str, str] = {}
+    head = ["mechanism", "setting", "ε of the run", "accuracy", *(f"{names[a]} dB" for a in attacks), "capture"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        seen = first.setdefault(r["capture-sha256"], f"{r['mechanism']} {r['label']}")
+        same = "its own" if seen == f"{r['mechanism']} {r['label']}" else f"= {seen}'s, bit for bit"
+        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        psnr = [f"{r['attack'][a]['psnr_mean']:.1f}" for a in attacks]
+        cells = [r["mechanism"], r["label"], eps, f"{100 * r['accuracy']:.1f} %", *psnr, same]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def collect_frontier(points_dir: Path, out: Path, setup: dict) -> dict:
     """dp_frontier.json and .png from every point file in `points_dir`, in the settings' order."""
     import json
@@ -625,6 +647,8 @@ def collect_frontier(points_dir: Path, out: Path, setup: dict) -> dict:
 
 def frontier(args: argparse.Namespace) -> None:
     """Run the frontier's points not yet on disk (each written atomically as it finishes), then collect them."""
+    import json
+
     logging.getLogger("flwr").setLevel(logging.ERROR)  # not a warning per round that evaluation is off
     torch.set_num_threads(1)
     out = Path(args.out) if args.out != str(RESULTS / "defenses.json") else RESULTS / "dp_frontier.json"
@@ -649,12 +673,14 @@ def frontier(args: argparse.Namespace) -> None:
     )  # in the order asked: parallel runs share work
     for setting in settings_:
         path = points_dir / f"{setting['key']}.json"
-        if path.exists():
-            continue  # resumable: a point on disk is done
+        if path.exists() and json.loads(path.read_text()).get("setup") == setup:
+            continue  # resumable: a point on disk with the same setup is done
         row = frontier_point(base, setting, rounds, attacks, points_dir.parent / (out.stem + "_attacks"))
         atomic_write_json(path, {**row, "setup": setup})
         print(frontier_line(row), flush=True)
     report = collect_frontier(points_dir, out, setup)
+    if report["rows"]:
+        print(frontier_table(report["rows"]))
     print(f"{len(report['rows'])} points in {out} ({report['seconds_under_load'] / 60:.1f} min under load)")
 
 

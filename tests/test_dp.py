@@ -184,6 +184,26 @@ def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypa
     assert report["epsilon"] == pytest.approx(flower_epsilon(z, 1, 1e-5), rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["adaptive-server", "adaptive-client"])
+def test_flowers_adaptive_norm_shrinks_when_every_update_is_clipped(tmp_path, monkeypatch, mode):
+    # Andrew et al. 2021 count the updates *within* the norm (b) and set C <- C exp(-lr (b - quantile)), so
+    # a norm below every update grows. Flower 1.41 counts the *clipped* ones in that formula: it shrinks.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    clip = 0.05
+    config = make_config(central_dp=mode, dp_clip_norm=clip, dp_noise_multiplier=1e-3, dp_clipped_count_stddev=1e-3)
+    np.random.seed(0)
+    global_w, store, _, _, ledger = one_round(config, tmp_path)
+    for record in store.records("update"):
+        captured = store.load(record)
+        raw = norm({k: captured[k].double() - global_w[k].double() for k in global_w})
+        assert raw > 2 * clip or (mode == "adaptive-client" and raw == pytest.approx(clip, rel=1e-5))
+    # every update clipped: Flower's fraction is 1 (Andrew et al.'s b is 0), so C x exp(-0.2 (1 - 0.5))
+    assert ledger.strategy.clipping_norm == pytest.approx(clip * math.exp(-0.2 * 0.5), rel=1e-3)
+    assert ledger.report()["central"]["final-clip-norm"] < clip  # what privacy.json shows
+
+
 # --- settings refused before training ------------------------------------------------------------
 
 
