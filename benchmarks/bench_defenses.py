@@ -520,22 +520,33 @@ def attack_captures(tmp: Path, attack_config: FedsimConfig, initial: dict, attac
     return {**out, "attack": results, "attack-reused": len(reused) == len(attacks), "attacks-reused": reused}
 
 
-def frontier_point(base: dict, setting: dict, rounds: int, attacks: dict[str, dict], cache_dir: Path) -> dict:
-    """One point: a FedAvg run (accuracy, ε) and a FedSGD capture run attacked, under the same mechanism, seeded."""
+TRAINED = ("accuracy", "accuracy_per_round", "epsilon", "privacy", "training_seconds_under_load")
+
+
+def frontier_point(base: dict, setting: dict, rounds: int, attacks: dict[str, dict], cache_dir: Path,
+                   trained_before: dict | None = None) -> dict:  # fmt: skip
+    """One point: a FedAvg run (accuracy, ε) and a FedSGD capture run attacked, under the same mechanism, seeded.
+
+    `trained_before`: the point's earlier file, when only the attacks changed: its (seeded) FedAvg run is kept."""
     config = FedsimConfig.from_mapping({**base, **setting["overrides"], "num-rounds": rounds})
     start = time.perf_counter()
     seed_everything(config.seed)
     fed = Federation.from_config(config)
     initial = initial_model(config, fed).state_dict()  # TL-DMI's pre-training once, for both runs
-    trained = stack_run(config, rounds, None, initial=initial)
     row = {"mechanism": setting["mechanism"], "label": setting["label"], "key": setting["key"],
-           "overrides": setting["overrides"], "rounds": rounds, "accuracy": trained["accuracy"][-1],
-           "accuracy_per_round": trained["accuracy"], "epsilon": run_epsilon(trained["privacy"]),
-           "privacy": trained["privacy"]}  # fmt: skip
+           "overrides": setting["overrides"], "rounds": rounds}  # fmt: skip
+    if trained_before is not None:
+        row |= {k: trained_before[k] for k in TRAINED if k in trained_before}
+        row["training"] = "kept from the point's earlier file: only the attacks changed"
+    else:
+        trained = stack_run(config, rounds, None, initial=initial)
+        row |= {"accuracy": trained["accuracy"][-1], "accuracy_per_round": trained["accuracy"],
+                "epsilon": run_epsilon(trained["privacy"]), "privacy": trained["privacy"],
+                "training_seconds_under_load": time.perf_counter() - start}  # fmt: skip
     per_round = dict(setting["overrides"])
     if "dp-target-epsilon" in per_round:  # the same noise multiplier per round as the trained run
         per_round.pop("dp-target-epsilon")
-        per_round["dp-noise-multiplier"] = trained["privacy"]["central"]["noise-multiplier"]
+        per_round["dp-noise-multiplier"] = row["privacy"]["central"]["noise-multiplier"]
     attack_config = FedsimConfig.from_mapping(
         {**base, **per_round, "recipe": "fedsgd", "batch-size": 1, "num-rounds": 1, "examples-per-client": 16}
     )
@@ -671,11 +682,16 @@ def frontier(args: argparse.Namespace) -> None:
         (s for s in frontier_settings(args.public) if s["mechanism"] in chosen),
         key=lambda s: chosen.index(s["mechanism"]),
     )  # in the order asked: parallel runs share work
+    if getattr(args, "reverse", False):
+        settings_.reverse()
     for setting in settings_:
         path = points_dir / f"{setting['key']}.json"
-        if path.exists() and json.loads(path.read_text()).get("setup") == setup:
+        before = json.loads(path.read_text()) if path.exists() else None
+        if before and before.get("setup") == setup:
             continue  # resumable: a point on disk with the same setup is done
-        row = frontier_point(base, setting, rounds, attacks, points_dir.parent / (out.stem + "_attacks"))
+        same_training = before and {**before["setup"], "attacks": None} == {**setup, "attacks": None}
+        cache = points_dir.parent / (out.stem + "_attacks")
+        row = frontier_point(base, setting, rounds, attacks, cache, before if same_training else None)
         atomic_write_json(path, {**row, "setup": setup})
         print(frontier_line(row), flush=True)
     report = collect_frontier(points_dir, out, setup)
@@ -705,6 +721,7 @@ def main() -> None:
     )
     parser.add_argument("--frontier", action="store_true", help="accuracy and DLG PSNR against the run's epsilon")
     parser.add_argument("--mechanisms", default=",".join((*NON_DP, "ldp", *CENTRAL)), help="frontier: which to run")
+    parser.add_argument("--reverse", action="store_true", help="frontier: run the points in reverse order")
     parser.add_argument("--ig-iterations", type=int, default=200, help="frontier: Inverting Gradients' Adam steps")
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")

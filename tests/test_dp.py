@@ -362,3 +362,9 @@ def test_the_frontier_resumes_is_seeded_and_shows_the_server_sees_the_raw_update
     again = json.loads(files[0].read_text())
     assert again["accuracy_per_round"] == first["accuracy_per_round"]
     assert again["privacy"] == first["privacy"] and again["capture-sha256"] == first["capture-sha256"]
+    args.iterations = 2  # only the attacks change: every point keeps its FedAvg run and attacks its capture again
+    frontier(args)
+    rows_after = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    assert [r["accuracy_per_round"] for r in rows_after] == [r["accuracy_per_round"] for r in rows]
+    assert all(r["training"].startswith("kept") and r["setup"]["attacks"]["dlg"]["iterations"] == 2 for r in rows_after)
+    assert [r["capture-sha256"] for r in rows_after] == [r["capture-sha256"] for r in rows]
