@@ -567,23 +567,28 @@ FRONTIER_STYLE = {  # mechanism: (legend, marker, colour)
 
 
 def plot_frontier(rows: list[dict], path: Path) -> None:
-    """Accuracy and each attack's PSNR against the run's ε (log scale); the runs without DP in a band at ∞."""
+    """Accuracy and each attack's PSNR against the run's ε (log scale); the runs without DP in a band at ∞.
+
+    Server- and client-side clipping at the same ε give the same model here (same norm, same seeded noise),
+    so the client-side curves are drawn hollow over the server-side ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     attacks = [a for a in FRONTIER_ATTACKS if any(a in r["attack"] for r in rows)]
-    fig, axes = plt.subplots(1, 1 + len(attacks), figsize=(5 * (1 + len(attacks)), 5.2), sharex=True)
+    names = {"dlg": "DLG", "idlg": "iDLG", "ig": "Inverting Gradients"}
+    panels = [("accuracy", "global test accuracy (%)", "the released model")]
+    panels += [(a, f"{names[a]} PSNR (dB, mean of 3 images)", f"{names[a]} on the curious server's captures")
+               for a in attacks]  # fmt: skip
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(13, 4.6 * ((len(panels) + 1) // cols)))
+    axes = list(axes.flat)
     dp = [r for r in rows if r["epsilon"] is not None]
     top = max((r["epsilon"] for r in dp), default=10.0)
     inf_x = top * 30  # where ∞ is drawn: right of every finite ε, past a dashed line
-    plain = sorted((r for r in rows if r["epsilon"] is None), key=lambda r: NON_DP.index(r["mechanism"]))
-    panels = [("accuracy", "global test accuracy (%)", "utility")] + [
-        (a, f"{ATTACK_NAMES.get(a, 'IG' if a == 'ig' else a)} PSNR on the captures (dB)", f"{a}: the curious server")
-        for a in attacks
-    ]
-    for ax, (what, ylabel, title) in zip(axes, panels, strict=True):
+    plain = [r for r in rows if r["epsilon"] is None]
+    for ax, (what, ylabel, title) in zip(axes, panels, strict=False):
 
         def value(r, what=what):
             if what == "accuracy":
@@ -593,25 +598,40 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         for mechanism, (name, marker, colour) in FRONTIER_STYLE.items():
             points = sorted((r for r in dp if r["mechanism"] == mechanism), key=lambda r: r["epsilon"])
             if points:
+                hollow = {"markerfacecolor": "none", "markersize": 10} if mechanism.endswith("client") or \
+                    mechanism == "client-fixed" else {}  # fmt: skip
                 ax.plot([r["epsilon"] for r in points], [value(r) for r in points], marker=marker, color=colour,
-                        label=name)  # fmt: skip
-        for i, r in enumerate(plain):
+                        label=name, **hollow)  # fmt: skip
+        values = [value(r) for r in plain]
+        low, high = ax.get_ylim() if not values else (min([*values, *ax.get_ylim()]), max([*values, *ax.get_ylim()]))
+        order = sorted(range(len(plain)), key=lambda i: values[i])
+        for rank, i in enumerate(order):  # labels in a column, evenly spaced, each pointing at its run
+            r = plain[i]
             colour = "black" if r["mechanism"] == "none" else f"C{5 + NON_DP.index(r['mechanism'])}"
-            ax.plot([inf_x], [value(r)], marker="*" if r["mechanism"] == "none" else "X", color=colour, linestyle="")
-            text = f"{r['mechanism']} {r['label']}" if r["mechanism"] != "none" else "no defense"
-            ax.annotate(text, (inf_x, value(r)), textcoords="offset points", xytext=(5, 3 - 2 * (i % 3)), fontsize=6)
+            ax.plot([inf_x], [values[i]], marker="*" if r["mechanism"] == "none" else "X", color=colour,
+                    markersize=9, linestyle="")  # fmt: skip
+            text = "no defense" if r["mechanism"] == "none" else f"{r['mechanism']} {r['label']}"
+            y_text = low + (high - low) * (0.04 + 0.92 * rank / max(len(plain) - 1, 1))
+            ax.annotate(text, (inf_x, values[i]), xytext=(inf_x * 8, y_text), fontsize=7, va="center",
+                        arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.6})  # fmt: skip
         baseline = next((r for r in plain if r["mechanism"] == "none"), None)
         if baseline:
             ax.axhline(value(baseline), color="black", linestyle=":", linewidth=0.8)
         ax.axvline(top * 5, color="grey", linestyle="--", linewidth=0.8)
         ax.set(xscale="log", xlabel="ε of the run (δ = 1e-5); right of the dashed line: no DP (ε = ∞)",
                ylabel=ylabel, title=title)  # fmt: skip
-        ax.set_xlim(right=inf_x * 20)
+        ax.set_xlim(right=inf_x * 3000)
+        decades = [10.0**k for k in range(0, int(math.log10(top)) + 1, 2)]
+        ax.set_xticks([*decades, inf_x], [*(f"$10^{{{int(math.log10(d))}}}$" for d in decades), "∞"])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, loc="upper left")
-    fig.suptitle("MNIST / DLG's LeNet, 3 clients: privacy spent against utility and against the curious server "
-                 "(dotted: no defense; every point one run)")  # fmt: skip
-    fig.tight_layout()
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("MNIST / DLG's LeNet, 3 clients, 6 FedAvg rounds: privacy spent against utility and against the "
+                 "curious server\n(dotted: no defense; every point one run; hollow: client-side clipping)")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
