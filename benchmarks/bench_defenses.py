@@ -593,7 +593,9 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         def value(r, what=what):
             if what == "accuracy":
                 return 100 * r["accuracy"]
-            return r["attack"][what]["psnr_mean"] if what in r["attack"] else float("nan")
+            if what not in r["attack"] or what in r.get("stale_attacks", []):
+                return float("nan")  # not run, or run with other options than the panel's
+            return r["attack"][what]["psnr_mean"]
 
         for mechanism, (name, marker, colour) in FRONTIER_STYLE.items():
             points = sorted((r for r in dp if r["mechanism"] == mechanism), key=lambda r: r["epsilon"])
@@ -656,6 +658,9 @@ def frontier_table(rows: list[dict]) -> str:
         same = "its own" if seen == f"{r['mechanism']} {r['label']}" else f"= {seen}'s, bit for bit"
         eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         psnr = [f"{r['attack'][a]['psnr_mean']:.1f}" for a in attacks]
+        for i, a in enumerate(attacks):  # an attack run with other options than the rest of the table
+            if a in r.get("stale_attacks", []):
+                psnr[i] += f" ({r['setup']['attacks'][a]['iterations']} steps)"
         cells = [r["mechanism"], r["label"], eps, f"{100 * r['accuracy']:.1f} %", *psnr, same]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -668,6 +673,8 @@ def collect_frontier(points_dir: Path, out: Path, setup: dict) -> dict:
     order = {s["key"]: i for i, s in enumerate(frontier_settings(setup.get("public", "fashion-mnist")))}
     rows = [json.loads(f.read_text()) for f in sorted(points_dir.glob("*.json"))]
     rows.sort(key=lambda r: order.get(r["key"], len(order)))
+    for r in rows:  # attacks run with other options than `setup`'s (a point not yet rerun)
+        r["stale_attacks"] = [a for a in r["attack"] if r["setup"]["attacks"].get(a) != setup["attacks"].get(a)]
     report = {"benchmark": "bench_defenses --frontier", "setup": setup, "rows": rows,
               "seconds_under_load": sum(r["seconds_under_load"] for r in rows)}  # fmt: skip
     atomic_write_json(out, report)
@@ -704,7 +711,7 @@ def frontier(args: argparse.Namespace) -> None:
     )  # in the order asked: parallel runs share work
     if getattr(args, "reverse", False):
         settings_.reverse()
-    for setting in settings_:
+    for setting in [] if getattr(args, "collect_only", False) else settings_:
         path = points_dir / f"{setting['key']}.json"
         before = json.loads(path.read_text()) if path.exists() else None
         if before and before.get("setup") == setup:
@@ -742,6 +749,7 @@ def main() -> None:
     parser.add_argument("--frontier", action="store_true", help="accuracy and DLG PSNR against the run's epsilon")
     parser.add_argument("--mechanisms", default=",".join((*NON_DP, "ldp", *CENTRAL)), help="frontier: which to run")
     parser.add_argument("--reverse", action="store_true", help="frontier: run the points in reverse order")
+    parser.add_argument("--collect-only", action="store_true", help="frontier: only table and plot the points on disk")
     parser.add_argument("--ig-iterations", type=int, default=200, help="frontier: Inverting Gradients' Adam steps")
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
