@@ -43,13 +43,20 @@ noisy settings vary slightly between runs.
 Results: benchmarks/results/defenses.json (written after every setting) and defenses.png.
 
 The privacy frontier (`--frontier`): accuracy and attack PSNR against the run's epsilon, for local DP
-(ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP with server-side and client-side fixed
-clipping (dp-target-epsilon in {1, 8, 64, 512, 4096} over `--rounds`, dp-clip-norm 0.5). Every point is
-a run through the run's own strategy stack (server.server_app.server_strategy: CuriousStrategy ->
-PrivacyLedger -> Flower's DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the
-epsilon is the one the run's privacy.json reports (Flower's RdpAccountant). The attack (DLG) runs on the
-curious server's captures of a 1-round FedSGD run (batch 1) with the same per-round mechanism. Results:
-benchmarks/results/dp_frontier.json and dp_frontier.png.
+(ldp-epsilon per round in {1e1, 1e2, 1e3, 1e4, 1e5}) and central DP in its four modes (server- and
+client-side, fixed and adaptive clipping; dp-target-epsilon in {1e1, ..., 1e5} over `--rounds`, dp-clip-norm 1,
+adaptive: dp-clipped-count-stddev 1), beside the undefended baseline and the non-DP defenses (noise
+v = 1e-3, 1e-2; clip C = 1; prune 50 %, 90 %; TL-DMI k = 2), drawn at ε = ∞. The federation: 3 clients of
+500 MNIST images, 2 local epochs of batch 16, lr 0.1 (FRONTIER_BASE). Every point is a run through the
+run's own strategy stack (server.server_app.server_strategy: CuriousStrategy -> PrivacyLedger -> Flower's
+DP wrapper -> FedAvg), clients in-process behind the ClientApp's mods; the epsilon is the one the run's
+privacy.json reports (Flower's RdpAccountant). DLG, iDLG and Inverting Gradients run on the curious
+server's captures of a 1-round FedSGD run (batch 1, one image per client) with the same per-round
+mechanism; a capture bit-identical (SHA-256) to one already attacked reuses that seeded result, which the
+point records. Each point is written to benchmarks/results/dp_frontier_points/<key>.json as it finishes
+and skipped when the benchmark runs again (so parallel runs with disjoint `--mechanisms` share the work);
+numpy's and torch's generators are seeded per point (Flower's DP noise draws from numpy; the `noise`
+defense keeps OS entropy). Results: benchmarks/results/dp_frontier.json and dp_frontier.png.
 """
 
 from __future__ import annotations
@@ -370,19 +377,41 @@ def line(row: dict, attacks: list[str]) -> str:
 
 # --- the privacy frontier: epsilon of the run on the x-axis ---------------------------------------
 
-FRONTIER_CLIP = 0.5
+FRONTIER_BASE = {"model": "lenet-dlg", "num-clients": 3, "examples-per-client": 500, "local-epochs": 2,
+                 "batch-size": 16, "lr": LR, "seed": 0}  # fmt: skip
+"""The frontier's federation: 3 clients of 500 MNIST images, 2 local epochs of batch 16 (89 % after 8 rounds)."""
+FRONTIER_CLIP = 1.0  # about the clients' update norms at these settings (0.7 to 2.8 over the 8 rounds)
+FRONTIER_EPSILONS = (10.0, 100.0, 1e3, 1e4, 1e5)
+FRONTIER_COUNT_STDDEV = 1.0  # adaptive clipping: the clipped count's noise, so that z can reach 2 (ε of 10 in 8 rounds)
+FRONTIER_ATTACKS = ("dlg", "idlg", "ig")
+CENTRAL = ("server-fixed", "client-fixed", "adaptive-server", "adaptive-client")
+NON_DP = ("none", "noise", "clip", "prune", "tldmi")
 
 
-def frontier_settings() -> list[dict]:
-    """Every (mechanism, epsilon) point: local DP by its per-round epsilon, central DP by the run's target."""
-    out = []
-    for eps in (1e1, 1e2, 1e3, 1e4, 1e5):
+def frontier_settings(public: str) -> list[dict]:
+    """Every frontier point: the undefended baseline and the non-DP defenses (no ε), local DP by its per-round ε,
+    central DP (four modes) by the run's target ε. `key` names the point's file (the resume key)."""
+    out = [{"mechanism": "none", "label": "no defense", "overrides": {}}]
+    for v in (1e-3, 1e-2):
+        noise = {"defenses": "noise", "noise-scale": LR * math.sqrt(v)}
+        out.append({"mechanism": "noise", "label": f"v={v:g}", "overrides": noise})
+    clip = {"defenses": "clip", "clip-norm": FRONTIER_CLIP}
+    out.append({"mechanism": "clip", "label": f"C={FRONTIER_CLIP:g}", "overrides": clip})
+    for p in (50.0, 90.0):
+        out.append({"mechanism": "prune", "label": f"p={p:g}%", "overrides": {"defenses": "prune", "prune-percent": p}})
+    out.append({"mechanism": "tldmi", "label": "k=2", "overrides": {"defenses": "tldmi", "tldmi-layers": 2,
+                "tldmi-public": public, "tldmi-pretrain-epochs": 3}})  # fmt: skip
+    for eps in FRONTIER_EPSILONS:
         out.append({"mechanism": "ldp", "label": f"ε/round={eps:g}",
-                    "overrides": {"defenses": "ldp", "ldp-epsilon": eps, "ldp-clip-norm": 1.0}})  # fmt: skip
-    for mode in ("server-fixed", "client-fixed"):
-        for eps in (1.0, 8.0, 64.0, 512.0, 4096.0):
+                    "overrides": {"defenses": "ldp", "ldp-epsilon": eps, "ldp-clip-norm": FRONTIER_CLIP}})  # fmt: skip
+    for mode in CENTRAL:
+        for eps in FRONTIER_EPSILONS:
             overrides = {"central-dp": mode, "dp-target-epsilon": eps, "dp-clip-norm": FRONTIER_CLIP}
+            if mode.startswith("adaptive"):
+                overrides["dp-clipped-count-stddev"] = FRONTIER_COUNT_STDDEV
             out.append({"mechanism": mode, "label": f"ε={eps:g}", "overrides": overrides})
+    for s in out:
+        s["key"] = f"{s['mechanism']}-{s['label'].split('=')[-1].rstrip('%')}".replace(" ", "-")
     return out
 
 
@@ -396,8 +425,22 @@ class Nodes:
         return list(self.ids)
 
 
-def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_dir: str = "") -> dict:
-    """`rounds` rounds through the run's real strategy stack, clients in-process behind the ClientApp's mods."""
+def seed_everything(seed: int) -> None:
+    """Flower's DP noise (its wrappers and LocalDpMod) draws from numpy's global generator: seed it, and torch.
+
+    The `noise` defense keeps drawing from OS entropy (clients.defenses: the server must not regenerate it)."""
+    import numpy as np
+
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_dir: str = "",
+              initial: dict | None = None) -> dict:  # fmt: skip
+    """`rounds` rounds through the run's real strategy stack, clients in-process behind the ClientApp's mods.
+
+    `initial` is the round-1 global model (default: the seeded one, pre-trained as server_app does under TL-DMI).
+    """
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients.defenses import CentralDpClipping
@@ -407,6 +450,7 @@ def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_d
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a ServerApp process's identity
     fed = Federation.from_config(config)
     model = fed.build_model()
+    model.load_state_dict(initial if initial is not None else initial_model(config, fed).state_dict())
     test_x, test_y = fed.test_split()
     store = CaptureStore(store_dir) if store_dir else None
     strategy, ledger = server_strategy(config, store, {"model": config.model, "input_shape": list(fed.data.input_shape),
@@ -430,101 +474,275 @@ def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_d
     return {"accuracy": accuracy, "privacy": ledger.report() if ledger else {}, "store": store}
 
 
-def run_epsilon(privacy: dict) -> float:
-    """The run's epsilon: the model's under central DP, the most-spending client's under local DP."""
-    return (privacy.get("central") or privacy.get("local"))["epsilon"]
+def run_epsilon(privacy: dict) -> float | None:
+    """The run's ε: the model's under central DP, the most-spending client's under local DP; None without DP."""
+    part = privacy.get("central") or privacy.get("local")
+    return part["epsilon"] if part else None
 
 
-def frontier_point(base: dict, setting: dict, rounds: int, dlg: dict) -> dict:
-    """One point: a FedAvg run (accuracy, epsilon) and a FedSGD capture run attacked by DLG, same mechanism."""
+def capture_digest(global_state: dict, updates: list[dict], records: list[dict]) -> str:
+    """SHA-256 of what the curious server captured: the global model, every update bit for bit, what each declared."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([r.get("declared") or {} for r in records], sort_keys=True).encode())
+    for state in (global_state, *updates):
+        for name in sorted(state):
+            h.update(name.encode())
+            h.update(state[name].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def attack_captures(tmp: Path, attack_config: FedsimConfig, initial: dict, attacks: dict[str, dict],
+                    cache_dir: Path) -> dict:  # fmt: skip
+    """A 1-round FedSGD run (batch 1) under the point's mechanism, its captures attacked by each attack.
+
+    Each attack's result is kept per capture digest and options in `cache_dir`: a capture bit-identical to one
+    already attacked (the raw update under every server-side mode, the clipped one under client-side clipping:
+    the noise comes after the capture) gets the same, seeded, result, and the point says so (`attacks-reused`).
+    """
+    import hashlib
+    import json
+
     from attacks import get_attack, reconstruct_many
-    from fedsim.app.attack_runner import load_target
+    from attacks.contract import target_from_capture
 
+    captured = stack_run(attack_config, 1, tmp / "captures", truth_dir=str(tmp / "truth"), initial=initial)
+    store = captured["store"]
+    global_state = store.load(store.global_record(1))
+    records = sorted(store.records("update"), key=lambda r: str(r["client"]))
+    updates = [store.load(r) for r in records]
+    if attack_config.central_dp in ("client-fixed", "adaptive-client"):
+        for r in records:  # the server sent the clipping norm: it knows the update it gets back is clipped
+            r["declared"] = {**(r.get("declared") or {}), "defenses": "clip", "clip-norm": attack_config.dp_clip_norm}
+    digest = capture_digest(global_state, updates, records)
+    out = {"capture-sha256": digest, "capture-update-norms": [
+        math.sqrt(sum(float((u[k].double() - global_state[k].double()).pow(2).sum()) for k in global_state))
+        for u in updates]}  # fmt: skip
+    targets = [target_from_capture(global_state, u, r, aware=True) for u, r in zip(updates, records, strict=True)]
+    truths = [load_tensors(tmp / "truth" / "round-0001" / f"client-{r['client']}.safetensors") for r in records]
+    results, reused = {}, []
+    for name, options in attacks.items():
+        budget = hashlib.sha256(json.dumps({name: options}, sort_keys=True).encode()).hexdigest()
+        cached = cache_dir / f"{digest[:16]}-{name}-{budget[:8]}.json"  # the capture, the attack and its options
+        if cached.exists():
+            results[name] = json.loads(cached.read_text())["result"]
+            reused.append(name)
+            continue
+        start = time.perf_counter()
+        attack = get_attack(name, **options)
+        found = reconstruct_many(attack, targets, seed=attack_config.seed, raise_on_divergence=False)
+        results[name] = summarise(found, truths, time.perf_counter() - start)
+        record = {"capture-sha256": digest, "attack": name, "options": options, "result": results[name]}
+        atomic_write_json(cached, record)
+    return {**out, "attack": results, "attack-reused": len(reused) == len(attacks), "attacks-reused": reused}
+
+
+TRAINED = ("accuracy", "accuracy_per_round", "epsilon", "privacy", "training_seconds_under_load")
+
+
+def frontier_point(base: dict, setting: dict, rounds: int, attacks: dict[str, dict], cache_dir: Path,
+                   trained_before: dict | None = None) -> dict:  # fmt: skip
+    """One point: a FedAvg run (accuracy, ε) and a FedSGD capture run attacked, under the same mechanism, seeded.
+
+    `trained_before`: the point's earlier file, when only the attacks changed: its (seeded) FedAvg run is kept."""
     config = FedsimConfig.from_mapping({**base, **setting["overrides"], "num-rounds": rounds})
     start = time.perf_counter()
-    trained = stack_run(config, rounds, None)
-    row = {"mechanism": setting["mechanism"], "label": setting["label"], "overrides": setting["overrides"],
-           "accuracy": trained["accuracy"][-1], "accuracy_per_round": trained["accuracy"],
-           "epsilon": run_epsilon(trained["privacy"]), "privacy": trained["privacy"]}  # fmt: skip
+    seed_everything(config.seed)
+    fed = Federation.from_config(config)
+    initial = initial_model(config, fed).state_dict()  # TL-DMI's pre-training once, for both runs
+    row = {"mechanism": setting["mechanism"], "label": setting["label"], "key": setting["key"],
+           "overrides": setting["overrides"], "rounds": rounds}  # fmt: skip
+    if trained_before is not None:
+        row |= {k: trained_before[k] for k in TRAINED if k in trained_before}
+        row["training"] = "kept from the point's earlier file: only the attacks changed"
+    else:
+        trained = stack_run(config, rounds, None, initial=initial)
+        row |= {"accuracy": trained["accuracy"][-1], "accuracy_per_round": trained["accuracy"],
+                "epsilon": run_epsilon(trained["privacy"]), "privacy": trained["privacy"],
+                "training_seconds_under_load": time.perf_counter() - start}  # fmt: skip
     per_round = dict(setting["overrides"])
     if "dp-target-epsilon" in per_round:  # the same noise multiplier per round as the trained run
         per_round.pop("dp-target-epsilon")
-        per_round["dp-noise-multiplier"] = trained["privacy"]["central"]["noise-multiplier"]
+        per_round["dp-noise-multiplier"] = row["privacy"]["central"]["noise-multiplier"]
     attack_config = FedsimConfig.from_mapping(
         {**base, **per_round, "recipe": "fedsgd", "batch-size": 1, "num-rounds": 1, "examples-per-client": 16}
     )
+    seed_everything(config.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        captured = stack_run(attack_config, 1, Path(tmp) / "captures", truth_dir=str(Path(tmp) / "truth"))
-        store = captured["store"]
-        global_state = store.load(store.global_record(1))
-        targets, truths = [], []
-        for record in store.records("update"):
-            targets.append(load_target(global_state, store.load(record), record, aware=True))
-            truths.append(load_tensors(Path(tmp) / "truth" / "round-0001" / f"client-{record['client']}.safetensors"))
-        results = reconstruct_many(get_attack("dlg", **dlg), targets, seed=0, raise_on_divergence=False)
-    row["attack"] = {"dlg": summarise(results, truths, 0.0)}
-    row["seconds"] = time.perf_counter() - start
+        row |= attack_captures(Path(tmp), attack_config, initial, attacks, cache_dir)
+    row["seconds_under_load"] = time.perf_counter() - start
     return row
 
 
+FRONTIER_STYLE = {  # mechanism: (legend, marker, colour)
+    "ldp": ("local DP (ε per client)", "o", "C0"),
+    "server-fixed": ("central DP, server-side fixed clipping (ε of the model)", "^", "C1"),
+    "client-fixed": ("central DP, client-side fixed clipping", "s", "C2"),
+    "adaptive-server": ("central DP, server-side adaptive clipping", "v", "C3"),
+    "adaptive-client": ("central DP, client-side adaptive clipping", "D", "C4"),
+}
+
+
 def plot_frontier(rows: list[dict], path: Path) -> None:
-    """Accuracy and DLG PSNR against the run's epsilon (log scale), one curve per mechanism."""
+    """Accuracy and each attack's PSNR against the run's ε (log scale); the runs without DP in a band at ∞.
+
+    Server- and client-side clipping at the same ε give the same model here (same norm, same seeded noise),
+    so the client-side curves are drawn hollow over the server-side ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, psnr) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    names = {"ldp": "local DP (per client)", "server-fixed": "central DP, server-side clipping (the model)",
-             "client-fixed": "central DP, client-side clipping (the model)"}  # fmt: skip
-    for i, (mechanism, name) in enumerate(names.items()):
-        points = sorted((r for r in rows if r["mechanism"] == mechanism), key=lambda r: r["epsilon"])
-        if not points:
-            continue
-        xs = [r["epsilon"] for r in points]
-        style = {"marker": "o^s"[i], "color": f"C{i}", "label": name}
-        acc.plot(xs, [100 * r["accuracy"] for r in points], **style)
-        psnr.plot(xs, [r["attack"]["dlg"]["psnr_mean"] for r in points], **style)
-    acc.set(xscale="log", xlabel="ε of the run (δ = 1e-5)", ylabel="global test accuracy (%)", title="utility")
-    psnr.set(xscale="log", xlabel="ε of the run (δ = 1e-5)", ylabel="DLG PSNR on the captures (dB)",
-             title="what the curious server reconstructs")  # fmt: skip
-    for ax in (acc, psnr):
+    attacks = [a for a in FRONTIER_ATTACKS if any(a in r["attack"] for r in rows)]
+    names = {"dlg": "DLG", "idlg": "iDLG", "ig": "Inverting Gradients"}
+    panels = [("accuracy", "global test accuracy (%)", "the released model")]
+    panels += [(a, f"{names[a]} PSNR (dB, mean of 3 images)", f"{names[a]} on the curious server's captures")
+               for a in attacks]  # fmt: skip
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(13, 4.6 * ((len(panels) + 1) // cols)))
+    axes = list(axes.flat)
+    dp = [r for r in rows if r["epsilon"] is not None]
+    top = max((r["epsilon"] for r in dp), default=10.0)
+    inf_x = top * 30  # where ∞ is drawn: right of every finite ε, past a dashed line
+    plain = [r for r in rows if r["epsilon"] is None]
+    for ax, (what, ylabel, title) in zip(axes, panels, strict=False):
+
+        def value(r, what=what):
+            if what == "accuracy":
+                return 100 * r["accuracy"]
+            if what not in r["attack"] or what in r.get("stale_attacks", []):
+                return float("nan")  # not run, or run with other options than the panel's
+            return r["attack"][what]["psnr_mean"]
+
+        for mechanism, (name, marker, colour) in FRONTIER_STYLE.items():
+            points = sorted((r for r in dp if r["mechanism"] == mechanism), key=lambda r: r["epsilon"])
+            if points:
+                hollow = {"markerfacecolor": "none", "markersize": 10} if mechanism.endswith("client") or \
+                    mechanism == "client-fixed" else {}  # fmt: skip
+                ax.plot([r["epsilon"] for r in points], [value(r) for r in points], marker=marker, color=colour,
+                        label=name, **hollow)  # fmt: skip
+        values = [value(r) for r in plain]
+        low, high = ax.get_ylim() if not values else (min([*values, *ax.get_ylim()]), max([*values, *ax.get_ylim()]))
+        order = sorted(range(len(plain)), key=lambda i: values[i])
+        for rank, i in enumerate(order):  # labels in a column, evenly spaced, each pointing at its run
+            r = plain[i]
+            colour = "black" if r["mechanism"] == "none" else f"C{5 + NON_DP.index(r['mechanism'])}"
+            ax.plot([inf_x], [values[i]], marker="*" if r["mechanism"] == "none" else "X", color=colour,
+                    markersize=9, linestyle="")  # fmt: skip
+            text = "no defense" if r["mechanism"] == "none" else f"{r['mechanism']} {r['label']}"
+            y_text = low + (high - low) * (0.04 + 0.92 * rank / max(len(plain) - 1, 1))
+            ax.annotate(text, (inf_x, values[i]), xytext=(inf_x * 8, y_text), fontsize=7, va="center",
+                        arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.6})  # fmt: skip
+        baseline = next((r for r in plain if r["mechanism"] == "none"), None)
+        if baseline:
+            ax.axhline(value(baseline), color="black", linestyle=":", linewidth=0.8)
+        ax.axvline(top * 5, color="grey", linestyle="--", linewidth=0.8)
+        ax.set(xscale="log", xlabel="ε of the run (δ = 1e-5); right of the dashed line: no DP (ε = ∞)",
+               ylabel=ylabel, title=title)  # fmt: skip
+        ax.set_xlim(right=inf_x * 3000)
+        decades = [10.0**k for k in range(0, int(math.log10(top)) + 1, 2)]
+        ax.set_xticks([*decades, inf_x], [*(f"$10^{{{int(math.log10(d))}}}$" for d in decades), "∞"])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
-    psnr.legend(fontsize=7)
-    fig.suptitle("MNIST / DLG's LeNet, 3 clients: privacy spent against utility and against the curious server")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("MNIST / DLG's LeNet, 3 clients, 6 FedAvg rounds: privacy spent against utility and against the "
+                 "curious server\n(dotted: no defense; every point one run; hollow: client-side clipping)")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def merge_frontier(paths: list[str], out: Path) -> None:
-    """One results file and one plot from the frontier's parts (run side by side, one per mechanism)."""
+def frontier_line(row: dict) -> str:
+    eps = "∞" if row["epsilon"] is None else f"{row['epsilon']:.4g}"
+    psnr = "  ".join(f"{a} {row['attack'][a]['psnr_mean']:5.1f}" for a in FRONTIER_ATTACKS if a in row["attack"])
+    reused = " (capture seen before: attack reused)" if row.get("attack-reused") else ""
+    return (f"{row['mechanism']:>15} {row['label']:>14}  ε {eps:>10}  acc {100 * row['accuracy']:5.1f}%  {psnr}"
+            f"  ({row['seconds_under_load']:.0f} s){reused}")  # fmt: skip
+
+
+def frontier_table(rows: list[dict]) -> str:
+    """The frontier as a Markdown table: ε, accuracy, each attack's PSNR, and whose capture the server got."""
+    attacks = [a for a in FRONTIER_ATTACKS if any(a in r["attack"] for r in rows)]
+    names = {"dlg": "DLG", "idlg": "iDLG", "ig": "IG"}
+    first: dict[str, str] = {}
+    head = ["mechanism", "setting", "ε of the run", "accuracy", *(f"{names[a]} dB" for a in attacks), "capture"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        seen = first.setdefault(r["capture-sha256"], f"{r['mechanism']} {r['label']}")
+        same = "its own" if seen == f"{r['mechanism']} {r['label']}" else f"= {seen}'s, bit for bit"
+        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        psnr = [f"{r['attack'][a]['psnr_mean']:.1f}" for a in attacks]
+        for i, a in enumerate(attacks):  # an attack run with other options than the rest of the table
+            if a in r.get("stale_attacks", []):
+                psnr[i] += f" ({r['setup']['attacks'][a]['iterations']} steps)"
+        cells = [r["mechanism"], r["label"], eps, f"{100 * r['accuracy']:.1f} %", *psnr, same]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def collect_frontier(points_dir: Path, out: Path, setup: dict) -> dict:
+    """dp_frontier.json and .png from every point file in `points_dir`, in the settings' order."""
     import json
 
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    merged = {**parts[0], "rows": [row for part in parts for row in part["rows"]],
-              "seconds": max(part.get("seconds", 0.0) for part in parts), "parts": paths}  # fmt: skip
-    atomic_write_json(out, merged)
-    plot_frontier(merged["rows"], out.with_suffix(".png"))
-    print(f"{len(merged['rows'])} points in {out}")
+    order = {s["key"]: i for i, s in enumerate(frontier_settings(setup.get("public", "fashion-mnist")))}
+    rows = [json.loads(f.read_text()) for f in sorted(points_dir.glob("*.json"))]
+    rows.sort(key=lambda r: order.get(r["key"], len(order)))
+    for r in rows:  # attacks run with other options than `setup`'s (a point not yet rerun)
+        r["stale_attacks"] = [a for a in r["attack"] if r["setup"]["attacks"].get(a) != setup["attacks"].get(a)]
+    report = {"benchmark": "bench_defenses --frontier", "setup": setup, "rows": rows,
+              "seconds_under_load": sum(r["seconds_under_load"] for r in rows)}  # fmt: skip
+    atomic_write_json(out, report)
+    if rows:
+        plot_frontier(rows, out.with_suffix(".png"))
+    return report
 
 
-def frontier(args: argparse.Namespace, base: dict) -> None:
+def frontier(args: argparse.Namespace) -> None:
+    """Run the frontier's points not yet on disk (each written atomically as it finishes), then collect them."""
+    import json
+
     logging.getLogger("flwr").setLevel(logging.ERROR)  # not a warning per round that evaluation is off
+    torch.set_num_threads(1)
     out = Path(args.out) if args.out != str(RESULTS / "defenses.json") else RESULTS / "dp_frontier.json"
+    points_dir = out.parent / (out.stem + "_points")
+    base = {**FRONTIER_BASE, "dataset": args.dataset, "data-dir": args.data_dir}
+    if args.examples:
+        base["examples-per-client"] = args.examples
     dlg = {"iterations": args.iterations, "restarts": args.restarts, "rescues": 3}  # a blown-up step is retried
-    report = {"benchmark": "bench_defenses --frontier", "setup": {**vars(args), "base": base, "dlg": dlg}, "rows": []}
-    started = time.perf_counter()
-    chosen = {m for m in args.mechanisms.split(",") if m}
-    for setting in [s for s in frontier_settings() if s["mechanism"] in chosen]:
-        row = frontier_point(base, setting, args.rounds, dlg)
-        report["rows"].append(row)
-        report["seconds"] = time.perf_counter() - started
-        atomic_write_json(out, report)
-        print(f"{row['mechanism']:>12} {row['label']:>14}  ε {row['epsilon']:10.4g}  acc {100 * row['accuracy']:5.1f}%"
-              f"  dlg {row['attack']['dlg']['psnr_mean']:5.1f} dB  ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
-    plot_frontier(report["rows"], out.with_suffix(".png"))
-    print(f"results in {out} ({report['seconds'] / 60:.1f} min)")
+    options = {"dlg": dlg, "idlg": dict(dlg), "ig": {"iterations": args.ig_iterations, "restarts": 1}}
+    attacks = {a: options[a] for a in args.attacks.split(",") if a}
+    rounds = args.rounds or 8
+    setup = {"base": base, "rounds": rounds, "public": args.public, "attacks": attacks, "images": base["num-clients"],
+             "attack-capture": "1 FedSGD round, batch 1, one image per client, seed 0"}  # fmt: skip
+    chosen = [m for m in args.mechanisms.split(",") if m]
+    known = (*NON_DP, "ldp", *CENTRAL)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown mechanism(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    settings_ = sorted(
+        (s for s in frontier_settings(args.public) if s["mechanism"] in chosen),
+        key=lambda s: chosen.index(s["mechanism"]),
+    )  # in the order asked: parallel runs share work
+    if getattr(args, "reverse", False):
+        settings_.reverse()
+    for setting in [] if getattr(args, "collect_only", False) else settings_:
+        path = points_dir / f"{setting['key']}.json"
+        before = json.loads(path.read_text()) if path.exists() else None
+        if before and before.get("setup") == setup:
+            continue  # resumable: a point on disk with the same setup is done
+        same_training = before and {**before["setup"], "attacks": None} == {**setup, "attacks": None}
+        cache = points_dir.parent / (out.stem + "_attacks")
+        row = frontier_point(base, setting, rounds, attacks, cache, before if same_training else None)
+        atomic_write_json(path, {**row, "setup": setup})
+        print(frontier_line(row), flush=True)
+    report = collect_frontier(points_dir, out, setup)
+    if report["rows"]:
+        print(frontier_table(report["rows"]))
+    print(f"{len(report['rows'])} points in {out} ({report['seconds_under_load'] / 60:.1f} min under load)")
 
 
 def main() -> None:
@@ -532,10 +750,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--public", default="fashion-mnist", help="TL-DMI's public dataset")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--examples", type=int, default=1000, help="examples per client in the accuracy half")
+    parser.add_argument("--rounds", type=int, default=None, help="FedAvg rounds (default 5; the frontier 8)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="examples per client in the accuracy half (default 1000; the frontier 500)")  # fmt: skip
     parser.add_argument("--images", type=int, default=3, help="clients (one image each) attacked per setting")
-    parser.add_argument("--attacks", default="dlg,idlg,grnn", help="comma-separated attacks (dlg, idlg, grnn)")
+    parser.add_argument("--attacks", default=None, help="attacks (dlg,idlg,grnn; frontier: dlg,idlg,ig)")
     parser.add_argument("--iterations", type=int, default=40, help="DLG/iDLG L-BFGS steps (x20 inner iterations)")
     parser.add_argument("--restarts", type=int, default=4, help="DLG/iDLG restarts (the best by loss is kept)")
     parser.add_argument("--grnn-iterations", type=int, default=300, help="GRNN RMSprop steps (1 restart)")
@@ -546,13 +765,20 @@ def main() -> None:
         "--only", default="noise,prune,ldp,clip,tldmi", help="comma-separated defenses to run (the baseline always)"
     )
     parser.add_argument("--frontier", action="store_true", help="accuracy and DLG PSNR against the run's epsilon")
-    parser.add_argument("--mechanisms", default="ldp,server-fixed,client-fixed", help="frontier: which to run")
-    parser.add_argument("--merge", default="", help="frontier: comma-separated part files to merge and plot")
+    parser.add_argument("--mechanisms", default=",".join((*NON_DP, "ldp", *CENTRAL)), help="frontier: which to run")
+    parser.add_argument("--reverse", action="store_true", help="frontier: run the points in reverse order")
+    parser.add_argument("--collect-only", action="store_true", help="frontier: only table and plot the points on disk")
+    parser.add_argument("--ig-iterations", type=int, default=200, help="frontier: Inverting Gradients' Adam steps")
     parser.add_argument("--skip-attack", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 images, 5 DLG / 20 GRNN steps")
     parser.add_argument("--out", default=str(RESULTS / "defenses.json"))
     args = parser.parse_args()
+    if args.frontier:
+        args.attacks = args.attacks or ",".join(FRONTIER_ATTACKS)
+        return frontier(args)
+    args.rounds, args.examples = args.rounds or 5, args.examples or 1000
+    args.attacks = args.attacks or "dlg,idlg,grnn"
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no INFO line per aggregation or LocalDpMod call
     if args.quick:
         args.rounds, args.images, args.iterations, args.restarts, args.examples = 1, 2, 5, 1, 200
@@ -570,10 +796,6 @@ def main() -> None:
         "lr": LR,
         "seed": 0,
     }
-    if args.merge:
-        return merge_frontier(args.merge.split(","), RESULTS / "dp_frontier.json")
-    if args.frontier:
-        return frontier(args, base)
     only = {d for d in args.only.split(",") if d}
     chosen = [s for s in settings(args.public) if not only or s["defense"] in only or s["defense"] == "none"]
     out = Path(args.out)

@@ -252,7 +252,7 @@ class FedsimConfig:
     dp_target_quantile: float = field(
         default=0.5,
         metadata={
-            "help": "adaptive clipping: share of updates left unclipped that the norm aims at",
+            "help": "adaptive clipping: Flower's target_clipped_quantile, compared with the share of updates clipped",
             "range": Range(0.0, 1.0, low_open=True),
         },
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
@@ -144,14 +145,15 @@ def norm(update: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.values()))
 
 
-@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed"])
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed", "adaptive-server", "adaptive-client"])
 def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypatch, mode):
     # What a ServerApp process has: its messages carry its run and task ids and the SuperLink's node id.
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    clip, z = 0.05, 1.0
-    config = make_config(central_dp=mode, dp_clip_norm=clip, dp_noise_multiplier=z)
+    clip, z, count_std = 0.05, 1.0, 1.0
+    config = make_config(central_dp=mode, dp_clip_norm=clip, dp_noise_multiplier=z, dp_clipped_count_stddev=count_std)
+    np.random.seed(3)  # Flower's DP noise and noisy clipped count draw from numpy's global generator
     global_w, store, sent, released, ledger = one_round(config, tmp_path)
     updates = store.records("update")
     assert len(updates) == 3
@@ -160,7 +162,7 @@ def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypa
         captured = store.load(record)
         assert all(torch.equal(captured[k], sent[record["client"]][k]) for k in sent[record["client"]])  # bit-exact
         update = {k: captured[k].double() - global_w[k].double() for k in global_w}
-        if mode == "server-fixed":
+        if "server" in mode:
             assert norm(update) > 2 * clip  # the server clips after capturing: the raw update is exposed
         else:
             assert norm(update) <= clip * (1 + 1e-5)  # the client clipped it: that is what the server sees
@@ -168,11 +170,38 @@ def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypa
         clipped.append({k: v * scale for k, v in update.items()})
     plain = {k: global_w[k].double() + sum(u[k] for u in clipped) / 3 for k in global_w}
     noise = torch.cat([(released[k].double() - plain[k]).flatten() for k in global_w])
-    assert float(noise.std()) == pytest.approx(z * clip / 3, rel=0.05)  # Flower's std: z·C/n on the mean
-    assert abs(float(noise.mean())) < 0.05 * z * clip / 3
+    std = z * clip / 3  # Flower's std: z·C/n on the mean
+    if mode.startswith("adaptive"):
+        # Andrew et al.'s split: the update gets z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2), the clipped count the rest; and
+        # Flower noises the mean with the norm it has just adapted for the next round, not the one it clipped at.
+        adapted = ledger.strategy.clipping_norm
+        assert abs(adapted / clip - 1) > 0.1  # the two norms differ enough here (seeded) to tell them apart
+        std = (z**-2 - (2 * count_std) ** -2) ** -0.5 * adapted / 3
+    assert float(noise.std()) == pytest.approx(std, rel=0.05)
+    assert abs(float(noise.mean())) < 0.05 * std
     report = ledger.report()["central"]
     assert report["releases"] == 1
     assert report["epsilon"] == pytest.approx(flower_epsilon(z, 1, 1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["adaptive-server", "adaptive-client"])
+def test_flowers_adaptive_norm_shrinks_when_every_update_is_clipped(tmp_path, monkeypatch, mode):
+    # Andrew et al. 2021 count the updates *within* the norm (b) and set C <- C exp(-lr (b - quantile)), so
+    # a norm below every update grows. Flower 1.41 counts the *clipped* ones in that formula: it shrinks.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    clip = 0.05
+    config = make_config(central_dp=mode, dp_clip_norm=clip, dp_noise_multiplier=1e-3, dp_clipped_count_stddev=1e-3)
+    np.random.seed(0)
+    global_w, store, _, _, ledger = one_round(config, tmp_path)
+    for record in store.records("update"):
+        captured = store.load(record)
+        raw = norm({k: captured[k].double() - global_w[k].double() for k in global_w})
+        assert raw > 2 * clip or (mode == "adaptive-client" and raw == pytest.approx(clip, rel=1e-5))
+    # every update clipped: Flower's fraction is 1 (Andrew et al.'s b is 0), so C x exp(-0.2 (1 - 0.5))
+    assert ledger.strategy.clipping_norm == pytest.approx(clip * math.exp(-0.2 * 0.5), rel=1e-3)
+    assert ledger.report()["central"]["final-clip-norm"] < clip  # what privacy.json shows
 
 
 # --- settings refused before training ------------------------------------------------------------
@@ -189,6 +218,12 @@ def test_the_curious_server_captures_before_the_central_noise(tmp_path, monkeypa
         ({"central-dp": "server-fixed", "dp-noise-multiplier": 0}, r"dp-noise-multiplier = 0.0 must be > 0"),
         ({"central-dp": "adaptive-server", "dp-target-quantile": 1.5}, r"dp-target-quantile = 1.5 must be in"),
         ({"central-dp": "adaptive-server", "dp-clip-lr": 0}, r"dp-clip-lr = 0.0 must be > 0"),
+        ({"central-dp": "adaptive-client", "dp-target-quantile": 0}, r"dp-target-quantile = 0.0 must be in \(0, 1\]"),
+        ({"central-dp": "adaptive-client", "dp-clip-norm": -0.1}, r"dp-clip-norm = -0.1 must be > 0"),
+        (
+            {"central-dp": "adaptive-client", "dp-target-epsilon": 2.0, "dp-clipped-count-stddev": 0.5},
+            r"dp-target-epsilon = 2 cannot be reached in 2 rounds .*even noise multiplier 1 spends more",
+        ),
         ({"central-dp": "adaptive-client", "dp-clipped-count-stddev": -1}, r"dp-clipped-count-stddev = -1.0"),
         ({"central-dp": "adaptive-client", "dp-noise-multiplier": 1.0}, r"must be below 2 x dp-clipped-count"),
         ({"central-dp": "server-fixed", "dp-target-epsilon": 1e-6}, r"dp-target-epsilon = 1e-06 cannot be reached"),
@@ -219,12 +254,19 @@ def test_central_dp_refuses_unequal_weights_and_integer_counters():
     assert "integer counter" in check_dp(counters, fed, fed.build_model())
 
 
-def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path):
-    result = invoke_cli(
-        "run", "--set", "central-dp=server-fixed", "--set", "dp-delta=2", "--set", f"out-dir={tmp_path}"
-    )
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        (["dp-delta=2"], "error: dp-delta = 2.0 must be in (0, 1)"),
+        (["dp-target-epsilon=0.001", "num-rounds=50"], "error: dp-target-epsilon = 0.001 cannot be reached in 50 "
+         "rounds at dp-delta = 1e-05: even noise multiplier 1e+04 spends more"),
+    ],
+)  # fmt: skip
+def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path, setting, line):
+    sets = [arg for s in ["central-dp=server-fixed", *setting, f"out-dir={tmp_path}"] for arg in ("--set", s)]
+    result = invoke_cli("run", *sets)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: dp-delta = 2.0 must be in (0, 1)"]
+    assert result.stderr.strip().splitlines() == [line]
     assert not any(tmp_path.iterdir())
 
 
@@ -287,3 +329,42 @@ def test_the_report_shows_the_runs_epsilon_as_text(hostile_run):  # noqa: F811
     page = Page(write_report(hostile_run).read_text())
     assert "Privacy: central DP (central): ε = 2.5 at δ = 1e-05 for the released model over 3 rounds." in page.all_text
     assert_only_text(page, HOSTILE)
+
+
+@pytest.mark.slow
+def test_the_frontier_resumes_is_seeded_and_shows_the_server_sees_the_raw_update(tmp_path):
+    import argparse
+
+    from benchmarks.bench_defenses import frontier
+
+    args = argparse.Namespace(
+        out=str(tmp_path / "frontier.json"), dataset="sample-mnist", data_dir="", public="sample-fashion-mnist",
+        examples=16, rounds=1, iterations=1, restarts=1, ig_iterations=2, attacks="dlg",
+        mechanisms="none,server-fixed",
+    )  # fmt: skip
+    frontier(args)
+    points = tmp_path / "frontier_points"
+    files = sorted(points.glob("*.json"))
+    assert len(files) == 6  # the baseline and five ε
+    rows = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    none, central = rows[0], rows[1:]
+    assert none["mechanism"] == "none" and none["epsilon"] is None and not none["attack-reused"]
+    for row in central:
+        assert row["epsilon"] == pytest.approx(row["overrides"]["dp-target-epsilon"], rel=1e-3)
+        # the noise comes after the capture: the server's capture is the undefended run's, bit for bit
+        assert row["capture-sha256"] == none["capture-sha256"] and row["attack-reused"]
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    written = {f.name: f.stat().st_mtime_ns for f in files}
+    first = json.loads(files[0].read_text())
+    files[0].unlink()
+    frontier(args)  # resumes: only the missing point runs again, and gives the same numbers (seeded)
+    assert {f.name: f.stat().st_mtime_ns for f in files[1:]} == {n: t for n, t in written.items() if n != files[0].name}
+    again = json.loads(files[0].read_text())
+    assert again["accuracy_per_round"] == first["accuracy_per_round"]
+    assert again["privacy"] == first["privacy"] and again["capture-sha256"] == first["capture-sha256"]
+    args.iterations = 2  # only the attacks change: every point keeps its FedAvg run and attacks its capture again
+    frontier(args)
+    rows_after = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    assert [r["accuracy_per_round"] for r in rows_after] == [r["accuracy_per_round"] for r in rows]
+    assert all(r["training"].startswith("kept") and r["setup"]["attacks"]["dlg"]["iterations"] == 2 for r in rows_after)
+    assert [r["capture-sha256"] for r in rows_after] == [r["capture-sha256"] for r in rows]
