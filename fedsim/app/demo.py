@@ -8,6 +8,7 @@ A scenario is a TOML file in fedsim/app/scenarios/ (copy one to change it and pa
     [membership]                    optional: SeqMIA on the run (modes, shadows, epochs, max-nonmembers)
     [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
       name, [variants.run]          a variant's own run keys (over [run])
+      attacks = [...]               optional: the variant's own share of [attack] attacks (default: all)
       [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
 
 Every section, key and attack option is checked when the scenario loads, before anything runs.
@@ -30,7 +31,7 @@ from fedsim.files import atomic_write_text
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 SCENARIO_KEYS = ("title", "summary", "explanation", "run", "attack", "membership", "variants")
 ATTACK_KEYS = ("attacks", "clients", "rounds", "options")
-VARIANT_KEYS = ("name", "run", "accuracy")
+VARIANT_KEYS = ("name", "run", "accuracy", "attacks")
 MEMBERSHIP_KEYS = {"modes": "modes", "shadows": "num_shadows", "epochs": "epochs", "max-nonmembers": "max_nonmembers"}
 
 
@@ -39,6 +40,7 @@ class Variant:
     name: str
     run: dict
     accuracy: dict | None = None
+    attacks: list[str] | None = None
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Scenario:
         check_layout(data, f"scenario {path}")
         attack = data.get("attack", {})
         variants = [
-            Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"))
+            Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"), v.get("attacks"))
             for i, v in enumerate(data.get("variants", []))
         ] or [Variant("", {})]
         scenario = cls(
@@ -155,6 +157,13 @@ def check_layout(data: dict, where: str) -> None:
         for key in ("run", "accuracy"):
             if not isinstance(variant.get(key, {}), dict):
                 raise FedsimError(f"{where}: [[variants]] number {i + 1}: {key} must be a table of config keys")
+        _check_list(f"{where}: [[variants]] number {i + 1}: attacks", variant.get("attacks", []), str)
+        extra = [a for a in variant.get("attacks", []) if a not in listed]
+        if extra:
+            raise FedsimError(
+                f"{where}: [[variants]] number {i + 1}: attack {extra[0]!r} is not in [attack] attacks "
+                f"({', '.join(listed) or 'none'})"
+            )
 
 
 def check_attacks(attacks: list[str], options: dict[str, dict], where: str) -> None:
@@ -226,17 +235,19 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "has_test_split": run_facts(accuracy_dir).has_test_split,
                 "seed": config.seed,
                 "defenses": getattr(config, "defenses", ""),
+                "attacks": scenario.attacks if variant.attacks is None else variant.attacks,
             }
         )
     if scenario.attacks:
         # Every variant's captures in one batch of jobs: they share one Ray and every core.
         by_seed: dict[int, list] = {}
         for r in results:
-            jobs = plan(r["run_dir"], scenario.attacks, scenario.rounds, scenario.clients)[0]
+            jobs = plan(r["run_dir"], r["attacks"], scenario.rounds, scenario.clients)[0]
             by_seed.setdefault(r["seed"], []).extend(jobs)
         total = sum(len(jobs) for jobs in by_seed.values())
         where = f" in {len(results)} federations" if len(results) > 1 else ""
-        console.print(f"the server attacks {total} captured update(s){where} with {', '.join(scenario.attacks)}")
+        names = ", ".join(dict.fromkeys(a for r in results for a in r["attacks"]))
+        console.print(f"the server attacks {total} captured update(s){where} with {names}")
         for seed, jobs in by_seed.items():  # the seed of each job is its own run's (a variant may change it)
             with AttackProgress(console, "attack") as progress:
                 run_attacks(jobs, scenario.options, seed=seed, executor=executor, on_event=progress.update)
