@@ -234,3 +234,4 @@ def test_the_malicious_demo_shows_secure_aggregation_failing_against_a_cheating_
     page = re.sub(r"<[^>]+>", " ", (demo / "report.html").read_text())
     page = " ".join(page.split())
     assert "honest-but-curious server" in page and "cheating server (imprint)" in page
+    assert "server attack PSNR (dB)" in page and "reconstruction fails" in page and "image recovered" in page

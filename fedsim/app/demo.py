@@ -235,6 +235,7 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "has_test_split": run_facts(accuracy_dir).has_test_split,
                 "seed": config.seed,
                 "defenses": getattr(config, "defenses", ""),
+                "server_mode": config.server_mode,
                 "attacks": scenario.attacks if variant.attacks is None else variant.attacks,
             }
         )
@@ -287,6 +288,7 @@ def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
         heading=scenario.title,
         paragraphs=[p.strip() for p in scenario.explanation.split("\n\n") if p.strip()],
         tradeoff=_tradeoff_rows(results) if len(results) > 1 else [],
+        varied=_varied(results)[0],
         tradeoff_plot=_tradeoff_figure(results) if len(results) > 1 else None,
         seconds=seconds,
         variants=variants,
@@ -318,11 +320,20 @@ def _tradeoff_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _varied(results: list[dict]) -> tuple[str, str]:
+    """What the variants change, as the trade-off table's heading and the plot's caption name it."""
+    if len({r.get("defenses", "") for r in results}) > 1:
+        return "client's defense", "each defense"
+    if len({r.get("server_mode") for r in results}) > 1:
+        return "server", "each server"
+    return "variant", "each variant"
+
+
 def _tradeoff_figure(results: list[dict]) -> dict | None:
     plot = _tradeoff_plot([r for r in results if r["has_test_split"] is not False])
     if plot is None:
         return None
-    caption = "each defense: what the attack recovers (PSNR) against what the model learns (accuracy)"
+    caption = f"{_varied(results)[1]}: what the attack recovers (PSNR) against what the model learns (accuracy)"
     return figure(plot, "image/png", "attack PSNR against model accuracy", caption, plot=True)
 
 
