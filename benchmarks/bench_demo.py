@@ -137,6 +137,8 @@ def work(run: Path, row: dict) -> dict:
         "restarts": info.get("restarts"),
         "attack_seconds": result.get("seconds"),
         "first_iteration_over_40_db": next((i for i, p in row.get("psnr_curve") or [] if p > 40), None),
+        "status": result.get("status", row.get("status")),
+        "reason": result.get("reason", row.get("reason")),
     }
 
 

@@ -70,6 +70,9 @@ RECIPES = {
     "fedsgd": {"mode": "fedsgd"},
     "fedavg": {"mode": "fedavg", "local-epochs": 2, "batch-size": 4},
 }
+SIMULATION_ATTEMPTS = 3
+"""A SecAgg+ round fails when a client is lost (on a machine short of memory Ray's memory monitor kills client
+actors): the simulation is then run again."""
 NO_SECAGG = "SecAgg+ needs at least 3 clients on Flower 1.41 (SecAggPlusWorkflow's num_shares >= 3)"
 
 
@@ -170,11 +173,16 @@ def secure_run(data_dir: str, n: int, b: int, server: str, recipe: str, work: Pa
         }
     )
     seconds_file = run_dir / "simulation-seconds.json"
-    if not seconds_file.exists():
-        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted simulation starts again
+    for _attempt in range(SIMULATION_ATTEMPTS):
+        if seconds_file.exists():
+            break
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted or failed simulation starts again
         start = time.perf_counter()
         simulate(config, run_dir)
-        atomic_write_json(seconds_file, {"seconds": time.perf_counter() - start})
+        if CaptureStore(run_dir / "captures").records("update"):  # else the round failed (a client was lost)
+            atomic_write_json(seconds_file, {"seconds": time.perf_counter() - start})
+    if not seconds_file.exists():
+        raise SystemExit(f"{run_dir.name}: no aggregate captured in {SIMULATION_ATTEMPTS} simulations")
     seconds = json.loads(seconds_file.read_text())["seconds"]
     store = CaptureStore(run_dir / "captures")
     (record,) = store.records("update")

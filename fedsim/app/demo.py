@@ -210,8 +210,13 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             f"[bold]{label}[/]: {config.num_clients} clients train ({config.recipe}, batch "
             f"{config.batch_size}) on {config.dataset}; the server captures their updates"
         )
-        with RoundProgress(config.num_rounds, console) as progress:
-            simulate(config, out_dir / run_name, on_round=progress.update)
+        for attempt in range(1 + SIMULATION_RETRIES):
+            with RoundProgress(config.num_rounds, console) as progress:
+                simulate(config, out_dir / run_name, on_round=progress.update)
+            if not scenario.attacks or captured_updates(out_dir / run_name) or attempt == SIMULATION_RETRIES:
+                break
+            console.print("  [yellow]no update was captured (a client was lost); the federation runs again[/]")
+            shutil.rmtree(out_dir / run_name)
         accuracy_dir = out_dir / run_name
         accuracy = final_accuracy(accuracy_dir)
         if variant.accuracy is not None:
@@ -260,6 +265,20 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     page = out_dir / "report.html"
     atomic_write_text(page, demo_page(scenario, results, time.time() - started))
     return page
+
+
+SIMULATION_RETRIES = 1
+"""A round in which a client is lost captures nothing under secure aggregation (SecAgg+ drops the round), e.g.
+when a machine short of memory has Ray's memory monitor kill a client actor: the variant's federation then
+runs once more, so that the page has something to show."""
+
+
+def captured_updates(run_dir: Path) -> int:
+    """How many client updates (or secure aggregates) the run's server captured."""
+    from fedsim.captures import CaptureStore
+
+    captures = run_dir / "captures"
+    return len(CaptureStore(captures).records("update")) if captures.is_dir() else 0
 
 
 def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
