@@ -174,14 +174,14 @@ def secure_run(data_dir: str, n: int, b: int, server: str, recipe: str, work: Pa
     )
     seconds_file = run_dir / "simulation-seconds.json"
     for _attempt in range(SIMULATION_ATTEMPTS):
-        if seconds_file.exists():
+        if seconds_file.exists() and CaptureStore(run_dir / "captures").records("update"):
             break
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted or failed simulation starts again
         start = time.perf_counter()
         simulate(config, run_dir)
         if CaptureStore(run_dir / "captures").records("update"):  # else the round failed (a client was lost)
             atomic_write_json(seconds_file, {"seconds": time.perf_counter() - start})
-    if not seconds_file.exists():
+    if not (seconds_file.exists() and CaptureStore(run_dir / "captures").records("update")):
         raise SystemExit(f"{run_dir.name}: no aggregate captured in {SIMULATION_ATTEMPTS} simulations")
     seconds = json.loads(seconds_file.read_text())["seconds"]
     store = CaptureStore(run_dir / "captures")

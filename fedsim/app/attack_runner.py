@@ -368,7 +368,10 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
             def report(name: str, it: int, loss: float) -> None:
                 if time.time() - last[0] > 0.5:  # throttled: the queue is an actor
                     last[0] = time.time()
-                    losses.put_nowait((name, it, loss))
+                    try:
+                        losses.put_nowait((name, it, loss))
+                    except Exception:  # the queue's actor was lost: progress is only for the display
+                        pass
 
             return execute(payloads, attack, attack_options, device, report)
 
@@ -382,11 +385,15 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
                 payloads, group[0].attack, options.get(group[0].attack, {})
             )
             pending[ref] = group
+        progress = True
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            while not losses.empty():
-                name, it, loss = losses.get_nowait()
-                emit({"event": "loss", "job": name, "iteration": it, "loss": loss})
+            try:
+                while progress and not losses.empty():
+                    name, it, loss = losses.get_nowait()
+                    emit({"event": "loss", "job": name, "iteration": it, "loss": loss})
+            except ray.exceptions.RayError:  # the queue's actor was lost (e.g. to Ray's memory monitor): no progress
+                progress = False
             for ref in done:
                 group = pending.pop(ref)
                 try:
