@@ -235,3 +235,12 @@ def test_the_malicious_demo_shows_secure_aggregation_failing_against_a_cheating_
     page = " ".join(page.split())
     assert "honest-but-curious server" in page and "cheating server (imprint)" in page
     assert "server attack PSNR (dB)" in page and "reconstruction fails" in page and "image recovered" in page
+
+
+def test_a_federation_that_captured_nothing_is_noticed(tmp_path):
+    """What makes the demo run a variant's federation again: no captured update (a round a lost client dropped)."""
+    from fedsim.app.demo import captured_updates
+
+    assert captured_updates(tmp_path / "never-ran") == 0
+    (tmp_path / "run" / "captures").mkdir(parents=True)
+    assert captured_updates(tmp_path / "run") == 0

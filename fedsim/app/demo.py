@@ -267,10 +267,10 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     return page
 
 
-SIMULATION_RETRIES = 1
+SIMULATION_RETRIES = 2
 """A round in which a client is lost captures nothing under secure aggregation (SecAgg+ drops the round), e.g.
 when a machine short of memory has Ray's memory monitor kill a client actor: the variant's federation then
-runs once more, so that the page has something to show."""
+runs again (up to twice), so that the page has something to show."""
 
 
 def captured_updates(run_dir: Path) -> int:
