@@ -20,6 +20,7 @@ from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
 from attacks.labels import infer_labels
+from attacks.trap import Trap
 from fedsim.errors import FedsimError
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -29,6 +30,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "analytic": Analytic,
     "ig": InvertingGradients,
     "imprint": Imprint,
+    "trap": Trap,
 }
 
 

@@ -76,16 +76,24 @@ class Imprint(Attack):
                 progress(0, run.loss)
         return runs, infos
 
-    def _attack(self, target: AttackTarget, device: torch.device) -> tuple[Trial, dict]:
+    def _rows(self, target: AttackTarget, signal: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bin: the weight and bias gradients of the images in it (the differences of consecutive rows)."""
         imprint_block(target)
-        objective, signal = observed_signal(target, unroll=False)
-        n = target.batch_size if objective == "gradient" else (target.recipe.num_examples or target.batch_size)
-        d_w, d_b = bin_differences(signal[0].detach().double(), signal[1].detach().double())
+        return bin_differences(signal[0].detach().double(), signal[1].detach().double())
+
+    def _candidates(self, d_w: torch.Tensor, d_b: torch.Tensor, n: int, shape: tuple) -> torch.Tensor:
+        """Up to n images: the ratio of every filled bin, those with the largest bias gradients first."""
         filled = (d_b.abs() > self.min_bias_grad * d_b.abs().max()).nonzero().squeeze(1)
         if filled.numel() == 0 or not torch.isfinite(d_b).all():
-            raise FedsimError("imprint attack: the imprint block's bias gradient is zero; nothing leaks")
+            raise FedsimError(f"{self.name} attack: the tampered layer's bias gradient is zero; nothing leaks")
         order = filled[d_b[filled].abs().argsort(descending=True)][:n]
-        x = (d_w[order] / d_b[order, None]).view(-1, *target.input_shape)
+        return (d_w[order] / d_b[order, None]).view(-1, *shape)
+
+    def _attack(self, target: AttackTarget, device: torch.device) -> tuple[Trial, dict]:
+        objective, signal = observed_signal(target, unroll=False)
+        n = target.batch_size if objective == "gradient" else (target.recipe.num_examples or target.batch_size)
+        d_w, d_b = self._rows(target, signal)
+        x = self._candidates(d_w, d_b, n, tuple(target.input_shape))
         exact = on_pixel_grid(x)
         missing = n - len(x)
         x = torch.cat([x, torch.full((missing, *target.input_shape), 0.5, dtype=x.dtype)])
@@ -103,7 +111,7 @@ class Imprint(Attack):
             "label_method": method,
             "attack": self.name,
             "bins": int(d_b.numel()),
-            "bins_filled": int(filled.numel()),
+            "bins_filled": int((d_b.abs() > self.min_bias_grad * d_b.abs().max()).sum()),
             "exact": int(exact.sum()),
             "exact_slots": [int(i) for i in exact.nonzero().squeeze(1)],
             "missing": missing,

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES
+from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES, SERVER_MODES
 from fedsim.errors import FedsimError
 from fedsim.files import append_line, load_tensors, read_jsonl, save_tensors
 
@@ -184,7 +184,7 @@ DECLARED = {
 
 
 SERVER = {
-    "mode": lambda f, v: _choice(f, v, ("curious", "imprint")),
+    "mode": lambda f, v: _choice(f, v, SERVER_MODES),
     "statistic": check_name,
     "bins": lambda f, v: check_int(f, v, 2, 65536),  # sizes the imprint block the attack rebuilds
     "secure-aggregation": _flag,

@@ -20,8 +20,9 @@ PARTITIONS = ("iid", "dirichlet")
 DEFENSES = ("noise", "clip", "ldp", "prune", "tldmi")
 """The client-side defenses a run may name; clients/defenses.py holds them, in the order clients apply them."""
 NOISE_TYPES = ("gaussian", "laplace")
-SERVER_MODES = ("curious", "imprint")
-"""curious: honest-but-curious; imprint: a server that tampers with the model (docs/malicious_server.md)."""
+SERVER_MODES = ("curious", "imprint", "trap")
+"""curious: honest-but-curious; imprint: a server that tampers with the model's architecture; trap: one that sets
+trap weights in its first fully connected layer, architecture unchanged (docs/malicious_server.md)."""
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -455,10 +456,11 @@ class FedsimConfig:
                     "behind one capture: no bin could hold an image alone; use at least that many "
                     "(4x recovers about 78%)"
                 )
-            if "tldmi" in self.defense_list():
-                raise FedsimError(
-                    "server-mode = imprint cannot wrap a TL-DMI model: its clients freeze the first layers"
-                )
+        if self.server_mode != "curious" and "tldmi" in self.defense_list():
+            raise FedsimError(
+                f"server-mode = {self.server_mode} cannot tamper with a TL-DMI model: its clients freeze the "
+                "first layers"
+            )
         if self.secure_aggregation:
             if self.defense_list():
                 raise FedsimError(

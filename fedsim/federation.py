@@ -16,6 +16,7 @@ from fedsim.errors import FedsimError
 from fedsim.imprint import imprinted
 from fedsim.models import build_model, load_pretrained
 from fedsim.shards import check_batch_size, partition, summary
+from fedsim.trap import first_linear
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Federation:
             load_pretrained(model, self.config.pretrained)
         if self.config.server_mode == "imprint":  # the cheating server's architecture, which the clients run too
             model = imprinted(model, self.data.input_shape, self.config.imprint_bins)
+        if self.config.server_mode == "trap":  # architecture unchanged: refuse a model without a first linear layer
+            first_linear(model, self.data.input_shape)
         if "tldmi" in self.config.defense_list():
             tldmi_layers(model, self.config.tldmi_layers)  # refuses a k deeper than the model
         return model

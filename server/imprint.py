@@ -1,4 +1,5 @@
-"""A server that cheats: it puts Robbing the Fed's imprint block in every global model it sends (fedsim/imprint.py)."""
+"""A server that cheats: it puts Robbing the Fed's imprint block in every global model it sends (fedsim/imprint.py),
+or trap weights in its first fully connected layer (fedsim/trap.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,25 @@ from fedsim.config import FedsimConfig
 from fedsim.datasets import to_float
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation
-from fedsim.imprint import ImprintedModel, tamper
+from fedsim.imprint import ImprintedModel, imprint_state, tamper
+from fedsim.trap import set_traps, trap_state
 from server.wrapper import StrategyWrapper
 
 
-def tamper_with(fed: Federation, model: ImprintedModel) -> dict:
+def tamper_with(fed: Federation, model: torch.nn.Module) -> tuple[dict | None, dict[str, torch.Tensor] | None]:
+    """How the server tampers with `model` (for the records) and the tensors it writes into every global model it
+    sends; (None, None) for an honest-but-curious server."""
+    if fed.config.server_mode == "imprint":
+        tampering = tamper_imprint(fed, model)
+        return tampering, imprint_state(model)
+    if fed.config.server_mode == "trap":
+        public_x = to_float(fed.data.test_x)
+        tampering = set_traps(model, fed.data.input_shape, public_x, fed.config.captured_examples(), fed.config.seed)
+        return tampering, trap_state(model, fed.data.input_shape)
+    return None, None
+
+
+def tamper_imprint(fed: Federation, model: ImprintedModel) -> dict:
     """Set the imprint rows from the server's public data (the test split, disjoint from the clients' shards)."""
     public_x = to_float(fed.data.test_x)
     if len(public_x) < 2:
@@ -37,9 +52,10 @@ def server_field(config: FedsimConfig, tampering: dict | None) -> dict:
 
 
 class TamperingStrategy(StrategyWrapper):
-    """Delegates everything to the inner strategy, but writes the imprint rows into the weights it sends and into
-    the aggregate it keeps: one client step moves the rows far from where the public data put the bins, and a
-    global model with moved rows would shift its inputs by far more than a brightness change.
+    """Delegates everything to the inner strategy, but writes the tampered rows (imprint or trap) into the weights it
+    sends and into the aggregate it keeps: one client step moves the imprint rows far from where the public data
+    put the bins (a global model with moved rows would shift its inputs by far more than a brightness change), and
+    moves trap rows off the traps.
     """
 
     def __init__(self, strategy: Strategy, tampered: dict[str, torch.Tensor]) -> None:
@@ -47,7 +63,7 @@ class TamperingStrategy(StrategyWrapper):
         self.tampered = tampered
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Cheating server: imprint block (%s) in every global model", ", ".join(self.tampered))
+        log(INFO, "\t├──> Cheating server: tampered %s in every global model", ", ".join(self.tampered))
         self.strategy.summary()
 
     def configure_train(

@@ -19,7 +19,6 @@ from fedsim.config import FedsimConfig, check_run_name
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation, evaluate, tldmi_layers
 from fedsim.files import append_line, atomic_write_json, atomic_write_text, save_tensors
-from fedsim.imprint import imprint_state
 from fedsim.privacy import central_dp_problem
 from server.curious import CuriousStrategy
 from server.dp import PrivacyLedger, make_dp_strategy
@@ -108,7 +107,7 @@ def run_server(
     atomic_write_json(run_dir / "shards.json", fed.summary())
 
     model = fed.build_model()
-    tampering = tamper_with(fed, model) if config.server_mode == "imprint" else None
+    tampering, tampered = tamper_with(fed, model)
     problem = check_dp(config, fed, model)
     if problem:
         raise FedsimError(problem)
@@ -149,7 +148,7 @@ def run_server(
 
     strategy, ledger = server_strategy(config, store, describe, record_train, curious)
     if tampering is not None:  # outside the curious wrapper: the captured global model is the tampered one
-        strategy = TamperingStrategy(strategy, imprint_state(model))
+        strategy = TamperingStrategy(strategy, tampered)
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
@@ -177,7 +176,7 @@ def run_server(
             store=store,
             describe=describe,
             recipe=train_config,
-            tampered=imprint_state(model) if tampering is not None else None,
+            tampered=tampered,
             evaluate=global_evaluate,
             on_round=record_train,
             # the most examples one reply can weigh: a FedSGD batch, or a whole shard under FedAvg

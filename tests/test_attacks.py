@@ -264,7 +264,7 @@ def test_a_reconstruction_stuck_far_from_the_gradient_is_flagged(cifar) -> None:
 
 
 def test_registry_and_option_errors() -> None:
-    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "ig", "imprint"}
+    assert set(ATTACKS) == {"dlg", "idlg", "grnn", "analytic", "ig", "imprint", "trap"}
     assert get_attack("dlg").iterations == 300 and get_attack("grnn").lr == 1e-4
     with pytest.raises(FedsimError, match="dlg, idlg, grnn, analytic, ig"):
         get_attack("dgl")

@@ -200,3 +200,45 @@ def test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser(tm
     assert "SSIM 1 = identical" in text
     headings = re.findall(r"dlg · round (\d+) · client (\d+)", text)
     assert headings == [("1", "0"), ("1", "1")], headings
+
+
+def test_a_variant_attacks_only_its_own_share_of_the_scenarios_attacks(tmp_path):
+    scenario = Scenario.load("malicious")
+    assert [v.attacks for v in scenario.variants] == [["dlg"], ["imprint"]]
+    bad = tmp_path / "bad.toml"
+    bad.write_text((SCENARIO_DIR / "malicious.toml").read_text().replace('attacks = ["imprint"]', 'attacks = ["ig"]'))
+    with pytest.raises(FedsimError, match="attack 'ig' is not in \\[attack\\] attacks"):
+        Scenario.load(str(bad))
+
+
+@pytest.mark.slow
+def test_the_malicious_demo_shows_secure_aggregation_failing_against_a_cheating_server(tmp_path, no_strays):
+    """`fedsim demo malicious` (DLG cut to 2 iterations): under SecAgg+ the curious server's DLG recovers nothing
+    recognisable, the cheating server's imprint gets the images back; both on one page."""
+    import json
+
+    scenario = tmp_path / "quick.toml"
+    text = (SCENARIO_DIR / "malicious.toml").read_text()
+    assert "iterations = 8 " in text
+    scenario.write_text(text.replace("iterations = 8 ", "iterations = 2 "))
+    result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    demo = tmp_path / "demos" / "quick"
+    curious = json.loads((demo / "honest-but-curious-server" / "metrics.json").read_text())["summary"]
+    cheating = json.loads((demo / "cheating-server--imprint" / "metrics.json").read_text())["summary"]
+    assert set(curious) == {"dlg"} and set(cheating) == {"imprint"}
+    assert curious["dlg"]["median_psnr_mean"] < 15  # nothing recognisable
+    assert cheating["imprint"]["median_psnr_mean"] > 30  # the images, most of them exactly
+    page = re.sub(r"<[^>]+>", " ", (demo / "report.html").read_text())
+    page = " ".join(page.split())
+    assert "honest-but-curious server" in page and "cheating server (imprint)" in page
+    assert "server attack PSNR (dB)" in page and "reconstruction fails" in page and "image recovered" in page
+
+
+def test_a_federation_that_captured_nothing_is_noticed(tmp_path):
+    """What makes the demo run a variant's federation again: no captured update (a round a lost client dropped)."""
+    from fedsim.app.demo import captured_updates
+
+    assert captured_updates(tmp_path / "never-ran") == 0
+    (tmp_path / "run" / "captures").mkdir(parents=True)
+    assert captured_updates(tmp_path / "run") == 0

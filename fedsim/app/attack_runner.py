@@ -368,7 +368,10 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
             def report(name: str, it: int, loss: float) -> None:
                 if time.time() - last[0] > 0.5:  # throttled: the queue is an actor
                     last[0] = time.time()
-                    losses.put_nowait((name, it, loss))
+                    try:
+                        losses.put_nowait((name, it, loss))
+                    except Exception:  # the queue's actor was lost: progress is only for the display
+                        pass
 
             return execute(payloads, attack, attack_options, device, report)
 
@@ -381,17 +384,25 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
             ref = task.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
                 payloads, group[0].attack, options.get(group[0].attack, {})
             )
-            pending[ref] = group
+            pending[ref] = (group, payloads)
+        progress = True
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            while not losses.empty():
-                name, it, loss = losses.get_nowait()
-                emit({"event": "loss", "job": name, "iteration": it, "loss": loss})
+            try:
+                while progress and not losses.empty():
+                    name, it, loss = losses.get_nowait()
+                    emit({"event": "loss", "job": name, "iteration": it, "loss": loss})
+            except ray.exceptions.RayError:  # the queue's actor was lost (e.g. to Ray's memory monitor): no progress
+                progress = False
             for ref in done:
-                group = pending.pop(ref)
+                group, payloads = pending.pop(ref)
                 try:
                     outcomes = ray.get(ref)
-                except Exception as exc:  # the worker itself died (e.g. out of memory)
+                except ray.exceptions.OutOfMemoryError:  # Ray's memory monitor killed the worker: once more, here
+                    emit({"event": "warning", "message": f"{group[0].label}: its worker was killed for memory; "
+                          "running it in this process"})  # fmt: skip
+                    outcomes = execute(payloads, group[0].attack, options.get(group[0].attack, {}), device)
+                except Exception as exc:  # the worker itself died
                     outcomes = [{"status": "failed", "reason": f"worker failed: {exc}"} for _ in group]
                 summaries += _finish(group, outcomes, options, seed, emit)
         return summaries

@@ -8,6 +8,7 @@ A scenario is a TOML file in fedsim/app/scenarios/ (copy one to change it and pa
     [membership]                    optional: SeqMIA on the run (modes, shadows, epochs, max-nonmembers)
     [[variants]]                    optional: the same scenario again with other keys, e.g. a defense each;
       name, [variants.run]          a variant's own run keys (over [run])
+      attacks = [...]               optional: the variant's own share of [attack] attacks (default: all)
       [variants.accuracy]           optional: keys of a second run that measures this variant's accuracy
 
 Every section, key and attack option is checked when the scenario loads, before anything runs.
@@ -30,7 +31,7 @@ from fedsim.files import atomic_write_text
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 SCENARIO_KEYS = ("title", "summary", "explanation", "run", "attack", "membership", "variants")
 ATTACK_KEYS = ("attacks", "clients", "rounds", "options")
-VARIANT_KEYS = ("name", "run", "accuracy")
+VARIANT_KEYS = ("name", "run", "accuracy", "attacks")
 MEMBERSHIP_KEYS = {"modes": "modes", "shadows": "num_shadows", "epochs": "epochs", "max-nonmembers": "max_nonmembers"}
 
 
@@ -39,6 +40,7 @@ class Variant:
     name: str
     run: dict
     accuracy: dict | None = None
+    attacks: list[str] | None = None
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Scenario:
         check_layout(data, f"scenario {path}")
         attack = data.get("attack", {})
         variants = [
-            Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"))
+            Variant(v.get("name", f"variant {i + 1}"), v.get("run", {}), v.get("accuracy"), v.get("attacks"))
             for i, v in enumerate(data.get("variants", []))
         ] or [Variant("", {})]
         scenario = cls(
@@ -155,6 +157,13 @@ def check_layout(data: dict, where: str) -> None:
         for key in ("run", "accuracy"):
             if not isinstance(variant.get(key, {}), dict):
                 raise FedsimError(f"{where}: [[variants]] number {i + 1}: {key} must be a table of config keys")
+        _check_list(f"{where}: [[variants]] number {i + 1}: attacks", variant.get("attacks", []), str)
+        extra = [a for a in variant.get("attacks", []) if a not in listed]
+        if extra:
+            raise FedsimError(
+                f"{where}: [[variants]] number {i + 1}: attack {extra[0]!r} is not in [attack] attacks "
+                f"({', '.join(listed) or 'none'})"
+            )
 
 
 def check_attacks(attacks: list[str], options: dict[str, dict], where: str) -> None:
@@ -201,8 +210,13 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
             f"[bold]{label}[/]: {config.num_clients} clients train ({config.recipe}, batch "
             f"{config.batch_size}) on {config.dataset}; the server captures their updates"
         )
-        with RoundProgress(config.num_rounds, console) as progress:
-            simulate(config, out_dir / run_name, on_round=progress.update)
+        for attempt in range(1 + SIMULATION_RETRIES):
+            with RoundProgress(config.num_rounds, console) as progress:
+                simulate(config, out_dir / run_name, on_round=progress.update)
+            if not scenario.attacks or captured_updates(out_dir / run_name) or attempt == SIMULATION_RETRIES:
+                break
+            console.print("  [yellow]no update was captured (a client was lost); the federation runs again[/]")
+            shutil.rmtree(out_dir / run_name)
         accuracy_dir = out_dir / run_name
         accuracy = final_accuracy(accuracy_dir)
         if variant.accuracy is not None:
@@ -226,17 +240,20 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
                 "has_test_split": run_facts(accuracy_dir).has_test_split,
                 "seed": config.seed,
                 "defenses": getattr(config, "defenses", ""),
+                "server_mode": config.server_mode,
+                "attacks": scenario.attacks if variant.attacks is None else variant.attacks,
             }
         )
     if scenario.attacks:
         # Every variant's captures in one batch of jobs: they share one Ray and every core.
         by_seed: dict[int, list] = {}
         for r in results:
-            jobs = plan(r["run_dir"], scenario.attacks, scenario.rounds, scenario.clients)[0]
+            jobs = plan(r["run_dir"], r["attacks"], scenario.rounds, scenario.clients)[0]
             by_seed.setdefault(r["seed"], []).extend(jobs)
         total = sum(len(jobs) for jobs in by_seed.values())
         where = f" in {len(results)} federations" if len(results) > 1 else ""
-        console.print(f"the server attacks {total} captured update(s){where} with {', '.join(scenario.attacks)}")
+        names = ", ".join(dict.fromkeys(a for r in results for a in r["attacks"]))
+        console.print(f"the server attacks {total} captured update(s){where} with {names}")
         for seed, jobs in by_seed.items():  # the seed of each job is its own run's (a variant may change it)
             with AttackProgress(console, "attack") as progress:
                 run_attacks(jobs, scenario.options, seed=seed, executor=executor, on_event=progress.update)
@@ -248,6 +265,20 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     page = out_dir / "report.html"
     atomic_write_text(page, demo_page(scenario, results, time.time() - started))
     return page
+
+
+SIMULATION_RETRIES = 2
+"""A round in which a client is lost captures nothing under secure aggregation (SecAgg+ drops the round), e.g.
+when a machine short of memory has Ray's memory monitor kill a client actor: the variant's federation then
+runs again (up to twice), so that the page has something to show."""
+
+
+def captured_updates(run_dir: Path) -> int:
+    """How many client updates (or secure aggregates) the run's server captured."""
+    from fedsim.captures import CaptureStore
+
+    captures = run_dir / "captures"
+    return len(CaptureStore(captures).records("update")) if captures.is_dir() else 0
 
 
 def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
@@ -276,6 +307,7 @@ def demo_page(scenario: Scenario, results: list[dict], seconds: float) -> str:
         heading=scenario.title,
         paragraphs=[p.strip() for p in scenario.explanation.split("\n\n") if p.strip()],
         tradeoff=_tradeoff_rows(results) if len(results) > 1 else [],
+        varied=_varied(results)[0],
         tradeoff_plot=_tradeoff_figure(results) if len(results) > 1 else None,
         seconds=seconds,
         variants=variants,
@@ -307,11 +339,20 @@ def _tradeoff_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _varied(results: list[dict]) -> tuple[str, str]:
+    """What the variants change, as the trade-off table's heading and the plot's caption name it."""
+    if len({r.get("defenses", "") for r in results}) > 1:
+        return "client's defense", "each defense"
+    if len({r.get("server_mode") for r in results}) > 1:
+        return "server", "each server"
+    return "variant", "each variant"
+
+
 def _tradeoff_figure(results: list[dict]) -> dict | None:
     plot = _tradeoff_plot([r for r in results if r["has_test_split"] is not False])
     if plot is None:
         return None
-    caption = "each defense: what the attack recovers (PSNR) against what the model learns (accuracy)"
+    caption = f"{_varied(results)[1]}: what the attack recovers (PSNR) against what the model learns (accuracy)"
     return figure(plot, "image/png", "attack PSNR against model accuracy", caption, plot=True)
 
 
