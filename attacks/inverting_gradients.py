@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from attacks.analytic import linear_input
 from attacks.base import Attack, AttackTarget, Progress, Trial, problem_generator
 from attacks.idlg import target_labels
 from attacks.labels import METHODS
@@ -44,6 +45,35 @@ def running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tenso
     return [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in layers]
 
 
+def layer_inputs(model: nn.Module, state: dict, x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The inputs of `modules` (of `model`) in one functional forward pass of x, in the order of `modules`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen[id(module)] = inputs[0]
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        functional_call(model, state, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[id(m)] for m in modules]
+
+
+def batchnorm_gap(
+    inputs: Sequence[torch.Tensor], running: Sequence[Sequence[torch.Tensor]], first: float = 10.0
+) -> torch.Tensor:
+    """Σ_l ||μ_l(x) - μ_l||₂ + ||σ²_l(x) - σ²_l||₂ over the BatchNorm layers' inputs, the first layer `first` times."""
+    total = inputs[0].new_zeros(())
+    for layer, (h, (run_mean, run_var)) in enumerate(zip(inputs, running, strict=True)):
+        h = h.transpose(0, 1).flatten(1)  # [C, N*H*W]
+        mean, var = h.mean(1), h.var(1, unbiased=False)
+        term = torch.linalg.vector_norm(var - run_var) + torch.linalg.vector_norm(mean - run_mean)
+        total = total + (first if layer == 0 else 1.0) * term
+    return total
+
+
 def batchnorm_prior(
     model: nn.Module, state: dict, x: torch.Tensor, running: Sequence[Sequence[torch.Tensor]], first: float = 10.0
 ) -> torch.Tensor:
@@ -51,23 +81,19 @@ def batchnorm_prior(
     BatchNorm layer, ||μ_l(x) - μ_l||₂ + ||σ²_l(x) - σ²_l||₂ between the batch statistics of the layer's input
     for the dummy batch x and the running statistics (μ_l, σ²_l) the server sent; the first layer's term
     counts `first` times (DeepInversion's and breaching's multiplier 10)."""
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    return batchnorm_gap(layer_inputs(model, state, x, batchnorm_layers(model)), running, first)
 
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        h = inputs[0].transpose(0, 1).flatten(1)  # [C, N*H*W]
-        stats.append((h.mean(1), h.var(1, unbiased=False)))
 
-    handles = [m.register_forward_hook(hook) for m in batchnorm_layers(model)]
-    try:
-        functional_call(model, state, (x,))
-    finally:
-        for handle in handles:
-            handle.remove()
-    total = x.new_zeros(())
-    for layer, ((mean, var), (run_mean, run_var)) in enumerate(zip(stats, running, strict=True)):
-        term = torch.linalg.vector_norm(var - run_var) + torch.linalg.vector_norm(mean - run_mean)
-        total = total + (first if layer == 0 else 1.0) * term
-    return total
+def feature_layer(model: nn.Module) -> tuple[nn.Linear, int, int]:
+    """The model's first trainable nn.Linear with a bias, and the positions of its weight and bias among the
+    trainable parameters (the order of the observed gradient)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            weight, bias = f"{prefix}.weight", f"{prefix}.bias"
+            if weight in names and bias in names:
+                return module, names.index(weight), names.index(bias)
+    raise FedsimError("ig: feature_weight > 0 needs a model with a trainable fully connected layer with bias")
 
 
 INITS = ("randn", "centered", "rand")
@@ -108,14 +134,15 @@ class InvertingGradients(Attack):
         init: str = "randn",
         keep: str = "best",
         bn_weight: float = 0.0,
+        feature_weight: float = 0.0,
         restarts: int = 2,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
         super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
-        if iterations < 1 or not lr > 0 or not tv_weight >= 0 or not bn_weight >= 0:
-            raise FedsimError("ig: iterations and lr must be positive, tv_weight and bn_weight >= 0")
+        if iterations < 1 or not lr > 0 or not tv_weight >= 0 or not bn_weight >= 0 or not feature_weight >= 0:
+            raise FedsimError("ig: iterations and lr must be positive, tv_weight, bn_weight and feature_weight >= 0")
         if init not in INITS:
             raise FedsimError(f"ig: unknown init {init!r}; choose one of: {', '.join(INITS)}")
         if keep not in ("best", "last"):
@@ -124,7 +151,7 @@ class InvertingGradients(Attack):
             raise FedsimError(f"ig: unknown label_method {label_method!r}; choose one of: {', '.join(METHODS)}")
         self.iterations, self.lr, self.tv_weight, self.signed = iterations, lr, tv_weight, signed
         self.label_method, self.unroll = label_method, unroll
-        self.init, self.keep, self.bn_weight = init, keep, bn_weight
+        self.init, self.keep, self.bn_weight, self.feature_weight = init, keep, bn_weight, feature_weight
 
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
@@ -136,24 +163,38 @@ class InvertingGradients(Attack):
             target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)
         ]
         labels = stack_problems([f[0] for f in fixed], r, device)
+        bn_layers = batchnorm_layers(problems.model) if self.bn_weight else []
         running = stack_problems([running_statistics(t.model) for t in targets], r, device) if self.bn_weight else None
+        feature_modules, features = [], None
+        if self.feature_weight:  # one example's input to the first FC layer, in closed form from its gradient
+            if problems.objective != "gradient" or n != 1:
+                raise FedsimError("ig: feature_weight > 0 needs FedSGD gradients of one example (batch 1)")
+            fc, iw, ib = feature_layer(problems.model)
+            feature_modules = [fc]
+            found = [linear_input(s[iw].double(), s[ib].double()).float()[None] for s in problems.signals]
+            features = stack_problems(found, r, device)
+        priors = bn_layers + feature_modules
 
-        def objective(
-            p: dict, c: dict, x: torch.Tensor, y: torch.Tensor, obs, run
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        def objective(p: dict, c: dict, x: torch.Tensor, y: torch.Tensor, obs, run, feat) -> tuple[torch.Tensor, ...]:
             """The paper's objective of one problem: cosine distance of the gradients + α·TV (+ the BatchNorm
-            prior); aux: the distance."""
+            prior, + the feature gap); aux: the distance."""
             simulated = problems.signal(p, c, x, y)
             if problems.aware:  # the defense-aware attacker compares only entries the defense left (mask)
                 obs, mask, _ = obs  # a rescale changes no cosine
                 simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
             distance = cosine_distance(simulated, obs)
             value = distance + self.tv_weight * total_variation(x)
-            if run is not None:
-                value = value + self.bn_weight * batchnorm_prior(problems.model, {**p, **c}, x, run)
+            if priors:  # one more forward pass of x serves both priors
+                inputs = layer_inputs(problems.model, {**p, **c}, x, priors)
+                if run is not None:
+                    value = value + self.bn_weight * batchnorm_gap(inputs[: len(bn_layers)], run)
+                if feat is not None:  # relative squared gap to the recovered features
+                    gap = ((inputs[-1].flatten(1) - feat) ** 2).sum() / (feat**2).sum().clamp(min=1e-30)
+                    value = value + self.feature_weight * gap
             return value, distance
 
-        fn = value_and_grad(objective, k, (0, 0, 0, 0, 0, None if running is None else 0), argnum=2, has_aux=True)
+        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0)
+        fn = value_and_grad(objective, k, dims, argnum=2, has_aux=True)
         x = torch.stack(
             [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
         )
@@ -162,7 +203,10 @@ class InvertingGradients(Attack):
         milestones = [self.iterations * m // 8 for m in (3, 5, 7)]
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         recorder = Recorder(k, self.iterations, self.snapshot_interval(self.iterations))
-        evaluate = lambda: fn(problems.params, problems.consts, x.detach(), labels, problems.observed, running)  # noqa: E731
+
+        def evaluate() -> tuple:
+            return fn(problems.params, problems.consts, x.detach(), labels, problems.observed, running, features)
+
         # The kept iterate of each problem (breaching keeps the one of least objective; "last": the final one).
         best = x.detach().clone()
         best_value = torch.full((k,), float("inf"), device=device)
@@ -207,6 +251,7 @@ class InvertingGradients(Attack):
                 "init": self.init,
                 "kept": self.keep,
                 "bn_weight": self.bn_weight,
+                "feature_weight": self.feature_weight,
             }
             for j, f in enumerate(fixed)
         ]
