@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import ATTACKS, AttackTarget, get_attack
+from attacks.analytic import linear_input
 from attacks.base import model_gradients, reconstruct_many
-from attacks.inverting_gradients import InvertingGradients, batchnorm_prior, cosine_distance, total_variation
+from attacks.inverting_gradients import (
+    InvertingGradients,
+    batchnorm_prior,
+    cosine_distance,
+    feature_layer,
+    total_variation,
+)
 from fedsim.errors import FedsimError
 from fedsim.scoring import score
 
@@ -180,3 +187,20 @@ def test_ig_keeps_the_iterate_of_least_objective(images) -> None:
     last = get_attack("ig", iterations=40, restarts=1, keep="last").reconstruct(target)
     assert best.info["kept"] == "best" and last.info["kept"] == "last"
     assert objective(best.images) <= objective(last.images) + 1e-6
+
+
+def test_ig_feature_prior_uses_the_first_fc_layers_input_in_closed_form(images) -> None:
+    """The first FC layer's input comes out of one example's gradient exactly; IG matches it (batch 1 only)."""
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(4)
+    gradients = model_gradients(model, x, y)
+    fc, iw, ib = feature_layer(model)
+    assert fc is model[3] and (iw, ib) == (2, 3)
+    features = model[:3](x)[0]  # conv, ReLU, flatten: what the first FC layer sees
+    assert torch.allclose(linear_input(gradients[iw].double(), gradients[ib].double()).float(), features, atol=1e-4)
+    target = AttackTarget(model, gradients, 1, (3, 8, 8), 10)
+    result = get_attack("ig", iterations=30, restarts=1, feature_weight=1.0).reconstruct(target)
+    assert result.info["feature_weight"] == 1.0 and torch.isfinite(result.images).all()
+    pair = AttackTarget(model, model_gradients(model, images[0][:2], images[1][:2]), 2, (3, 8, 8), 10)
+    with pytest.raises(FedsimError, match="batch 1"):
+        get_attack("ig", iterations=2, restarts=1, feature_weight=1.0).reconstruct(pair)
