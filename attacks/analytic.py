@@ -39,6 +39,12 @@ def first_linear(model: nn.Module, input_shape: Sequence[int]) -> nn.Linear:
     raise FedsimError("the analytic attack found no layer with parameters in the model")
 
 
+def linear_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
+    """The input of a linear layer for one example from its gradient, by least squares over the rows:
+    x = Σ_i g_b[i]·g_W[i] / Σ_i g_b[i]² (dL/dW_i = dL/db_i · x for every unit i)."""
+    return (bias_grad[:, None] * weight_grad).sum(0) / (bias_grad**2).sum()
+
+
 class Analytic(Attack):
     """Exact reconstruction from the first linear layer; closed form, so restarts and seeds do not matter.
 
@@ -90,7 +96,7 @@ class Analytic(Attack):
         clusters = self._clusters(g_w[rows] / g_b[rows, None], rows)
         images, owners = [], []
         for members in clusters[:n]:
-            x = (g_b[members, None] * g_w[members]).sum(0) / (g_b[members] ** 2).sum()
+            x = linear_input(g_w[members], g_b[members])
             images.append(x.view(*target.input_shape))
             owners.append(members)
         missing = n - len(images)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
+from attacks.analytic import linear_input
 from attacks.base import Attack, AttackTarget, Progress, Trial, problem_generator
 from attacks.idlg import target_labels
 from attacks.labels import METHODS
@@ -27,6 +30,82 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean() if x.shape[-1] > 1 else x.new_zeros(())
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() if x.shape[-2] > 1 else x.new_zeros(())
     return dx + dy
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers, in forward order of definition."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def running_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(running mean, running variance) of every BatchNorm layer of the model the server sent."""
+    layers = batchnorm_layers(model)
+    if not layers or any(m.running_mean is None or m.running_var is None for m in layers):
+        raise FedsimError("ig: bn_weight > 0 needs a model with BatchNorm layers that keep running statistics")
+    return [(m.running_mean.detach().float(), m.running_var.detach().float()) for m in layers]
+
+
+def layer_inputs(model: nn.Module, state: dict, x: torch.Tensor, modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The inputs of `modules` (of `model`) in one functional forward pass of x, in the order of `modules`."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen[id(module)] = inputs[0]
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        functional_call(model, state, (x,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[id(m)] for m in modules]
+
+
+def batchnorm_gap(
+    inputs: Sequence[torch.Tensor], running: Sequence[Sequence[torch.Tensor]], first: float = 10.0
+) -> torch.Tensor:
+    """Σ_l ||μ_l(x) - μ_l||₂ + ||σ²_l(x) - σ²_l||₂ over the BatchNorm layers' inputs, the first layer `first` times."""
+    total = inputs[0].new_zeros(())
+    for layer, (h, (run_mean, run_var)) in enumerate(zip(inputs, running, strict=True)):
+        h = h.transpose(0, 1).flatten(1)  # [C, N*H*W]
+        mean, var = h.mean(1), h.var(1, unbiased=False)
+        term = torch.linalg.vector_norm(var - run_var) + torch.linalg.vector_norm(mean - run_mean)
+        total = total + (first if layer == 0 else 1.0) * term
+    return total
+
+
+def batchnorm_prior(
+    model: nn.Module, state: dict, x: torch.Tensor, running: Sequence[Sequence[torch.Tensor]], first: float = 10.0
+) -> torch.Tensor:
+    """GradInversion's BatchNorm-statistics prior (Yin et al., CVPR 2021, after DeepInversion): over every
+    BatchNorm layer, ||μ_l(x) - μ_l||₂ + ||σ²_l(x) - σ²_l||₂ between the batch statistics of the layer's input
+    for the dummy batch x and the running statistics (μ_l, σ²_l) the server sent; the first layer's term
+    counts `first` times (DeepInversion's and breaching's multiplier 10)."""
+    return batchnorm_gap(layer_inputs(model, state, x, batchnorm_layers(model)), running, first)
+
+
+def feature_layer(model: nn.Module) -> tuple[nn.Linear, int, int]:
+    """The model's first trainable nn.Linear with a bias, and the positions of its weight and bias among the
+    trainable parameters (the order of the observed gradient)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            weight, bias = f"{prefix}.weight", f"{prefix}.bias"
+            if weight in names and bias in names:
+                return module, names.index(weight), names.index(bias)
+    raise FedsimError("ig: feature_weight > 0 needs a model with a trainable fully connected layer with bias")
+
+
+INITS = ("randn", "centered", "rand")
+
+
+def initial_images(init: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Dummy images to start from: N(0, 1) (the paper code's, there in normalised units); "centered":
+    N(0.5, 0.25²), what breaching's N(0, 1) in CIFAR-normalised units is in [0, 1] pixels; U(0, 1)."""
+    if init == "rand":
+        return torch.rand(shape, generator=generator)
+    z = torch.randn(shape, generator=generator)
+    return 0.5 + 0.25 * z if init == "centered" else z
 
 
 class InvertingGradients(Attack):
@@ -52,18 +131,27 @@ class InvertingGradients(Attack):
         signed: bool = True,
         label_method: str = "auto",
         unroll: bool = True,
+        init: str = "randn",
+        keep: str = "best",
+        bn_weight: float = 0.0,
+        feature_weight: float = 0.0,
         restarts: int = 2,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
         super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
-        if iterations < 1 or not lr > 0 or not tv_weight >= 0:
-            raise FedsimError("ig: iterations and lr must be positive and tv_weight >= 0")
+        if iterations < 1 or not lr > 0 or not tv_weight >= 0 or not bn_weight >= 0 or not feature_weight >= 0:
+            raise FedsimError("ig: iterations and lr must be positive, tv_weight, bn_weight and feature_weight >= 0")
+        if init not in INITS:
+            raise FedsimError(f"ig: unknown init {init!r}; choose one of: {', '.join(INITS)}")
+        if keep not in ("best", "last"):
+            raise FedsimError(f"ig: keep must be best or last, got {keep!r}")
         if label_method not in METHODS:
             raise FedsimError(f"ig: unknown label_method {label_method!r}; choose one of: {', '.join(METHODS)}")
         self.iterations, self.lr, self.tv_weight, self.signed = iterations, lr, tv_weight, signed
         self.label_method, self.unroll = label_method, unroll
+        self.init, self.keep, self.bn_weight, self.feature_weight = init, keep, bn_weight, feature_weight
 
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
@@ -75,27 +163,64 @@ class InvertingGradients(Attack):
             target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)
         ]
         labels = stack_problems([f[0] for f in fixed], r, device)
+        bn_layers = batchnorm_layers(problems.model) if self.bn_weight else []
+        running = stack_problems([running_statistics(t.model) for t in targets], r, device) if self.bn_weight else None
+        feature_modules, features = [], None
+        if self.feature_weight:  # one example's input to the first FC layer, in closed form from its gradient
+            if problems.objective != "gradient" or n != 1:
+                raise FedsimError("ig: feature_weight > 0 needs FedSGD gradients of one example (batch 1)")
+            fc, iw, ib = feature_layer(problems.model)
+            feature_modules = [fc]
+            found = [linear_input(s[iw].double(), s[ib].double()).float()[None] for s in problems.signals]
+            features = stack_problems(found, r, device)
+        priors = bn_layers + feature_modules
 
-        def objective(p: dict, c: dict, x: torch.Tensor, y: torch.Tensor, obs) -> tuple[torch.Tensor, torch.Tensor]:
-            """The paper's objective of one problem: cosine distance of the gradients + α·TV; aux: the distance."""
+        def objective(p: dict, c: dict, x: torch.Tensor, y: torch.Tensor, obs, run, feat) -> tuple[torch.Tensor, ...]:
+            """The paper's objective of one problem: cosine distance of the gradients + α·TV (+ the BatchNorm
+            prior, + the feature gap); aux: the distance."""
             simulated = problems.signal(p, c, x, y)
             if problems.aware:  # the defense-aware attacker compares only entries the defense left (mask)
                 obs, mask, _ = obs  # a rescale changes no cosine
                 simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
             distance = cosine_distance(simulated, obs)
-            return distance + self.tv_weight * total_variation(x), distance
+            value = distance + self.tv_weight * total_variation(x)
+            if priors:  # one more forward pass of x serves both priors
+                inputs = layer_inputs(problems.model, {**p, **c}, x, priors)
+                if run is not None:
+                    value = value + self.bn_weight * batchnorm_gap(inputs[: len(bn_layers)], run)
+                if feat is not None:  # relative squared gap to the recovered features
+                    gap = ((inputs[-1].flatten(1) - feat) ** 2).sum() / (feat**2).sum().clamp(min=1e-30)
+                    value = value + self.feature_weight * gap
+            return value, distance
 
-        fn = value_and_grad(objective, k, (0, 0, 0, 0, 0), argnum=2, has_aux=True)
-        x = torch.stack([torch.randn(shape, generator=problem_generator(seed, i)) for _ in targets for i in range(r)])
+        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0)
+        fn = value_and_grad(objective, k, dims, argnum=2, has_aux=True)
+        x = torch.stack(
+            [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
+        )
         x = x.to(device).requires_grad_()
         optimizer = torch.optim.Adam([x], lr=self.lr)
         milestones = [self.iterations * m // 8 for m in (3, 5, 7)]
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         recorder = Recorder(k, self.iterations, self.snapshot_interval(self.iterations))
-        evaluate = lambda: fn(problems.params, problems.consts, x.detach(), labels, problems.observed)  # noqa: E731
+
+        def evaluate() -> tuple:
+            return fn(problems.params, problems.consts, x.detach(), labels, problems.observed, running, features)
+
+        # The kept iterate of each problem (breaching keeps the one of least objective; "last": the final one).
+        best = x.detach().clone()
+        best_value = torch.full((k,), float("inf"), device=device)
+        best_distance = torch.full((k,), float("inf"), device=device)
         for it in range(self.iterations + 1):
             grads, (loss, distance) = evaluate()  # the state after `it` steps
             last = it == self.iterations
+            with torch.no_grad():
+                better = torch.isfinite(loss) & (
+                    (loss < best_value) if self.keep == "best" else torch.ones_like(loss, dtype=torch.bool)
+                )
+                best[better] = x.detach()[better]
+                best_value = torch.where(better, loss, best_value)
+                best_distance = torch.where(better, distance, best_distance)
             for i in range(k):
                 recorder.record(i, it, float(distance[i]), it + 1, x[i].detach(), last=last)
             if progress:
@@ -109,11 +234,11 @@ class InvertingGradients(Attack):
             with torch.no_grad():
                 x.clamp_(0, 1)  # boxed: the images stay valid
         for i in range(k):
-            if not torch.isfinite(loss[i]):
+            if not torch.isfinite(best_value[i]):
                 recorder.drop(i, f"objective became {loss[i].item()}")
             else:
                 recorder.finish(
-                    i, self.iterations, float(distance[i]), self.iterations + 1, x[i].detach(), labels[i].cpu()
+                    i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i], labels[i].cpu()
                 )
         info = [
             {
@@ -122,7 +247,11 @@ class InvertingGradients(Attack):
                 "attack": self.name,
                 "distance": "cosine",
                 "optimizer": "adam-signed" if self.signed else "adam",
-                "cosine_distance": [float(distance[j * r + i]) for i in range(r)],
+                "cosine_distance": [float(best_distance[j * r + i]) for i in range(r)],
+                "init": self.init,
+                "kept": self.keep,
+                "bn_weight": self.bn_weight,
+                "feature_weight": self.feature_weight,
             }
             for j, f in enumerate(fixed)
         ]

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import ATTACKS, AttackTarget, get_attack
-from attacks.base import model_gradients
-from attacks.inverting_gradients import InvertingGradients, cosine_distance, total_variation
+from attacks.analytic import linear_input
+from attacks.base import model_gradients, reconstruct_many
+from attacks.inverting_gradients import (
+    InvertingGradients,
+    batchnorm_prior,
+    cosine_distance,
+    feature_layer,
+    total_variation,
+)
 from fedsim.errors import FedsimError
 from fedsim.scoring import score
 
@@ -119,3 +126,81 @@ def test_ig_is_registered_with_validated_options() -> None:
         get_attack("ig", tv_weight=-1.0)
     with pytest.raises(FedsimError, match="label_method"):
         get_attack("ig", label_method="guess")
+    with pytest.raises(FedsimError, match="init"):
+        get_attack("ig", init="zeros")
+    with pytest.raises(FedsimError, match="keep"):
+        get_attack("ig", keep="first")
+    with pytest.raises(FedsimError, match="bn_weight"):
+        get_attack("ig", bn_weight=-1.0)
+
+
+def test_batchnorm_prior_on_known_statistics() -> None:
+    """Zero when the dummy batch's statistics are the running ones; the norm of the gaps otherwise, the first
+    layer counted 10 times."""
+    bn = nn.BatchNorm2d(2)
+    model = nn.Sequential(bn).train()
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    state = dict(model.named_parameters())
+    assert float(batchnorm_prior(model, state, x, [(mean, var)])) == pytest.approx(0.0, abs=1e-5)
+    shifted = [(mean + torch.tensor([3.0, 4.0]), var)]  # ||Δμ|| = 5
+    assert float(batchnorm_prior(model, state, x, shifted)) == pytest.approx(50.0, rel=1e-5)
+    assert float(batchnorm_prior(model, state, x, shifted, first=1.0)) == pytest.approx(5.0, rel=1e-5)
+    wider = [(mean, var + torch.tensor([0.0, 2.0]))]  # ||Δσ²|| = 2
+    assert float(batchnorm_prior(model, state, x, wider, first=1.0)) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_ig_with_the_batchnorm_prior_on_a_batchnorm_network(images) -> None:
+    """GradInversion's prior against the running statistics the server sent: runs batched, is recorded, and
+    refuses a model without BatchNorm."""
+    x, y = images[0][:2], images[1][:2]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    ).train()
+    with torch.no_grad():  # running statistics of "training data": the two images themselves
+        model(x)
+    targets = [
+        AttackTarget(model, model_gradients(model, x[i : i + 1], y[i : i + 1]), 1, (3, 8, 8), 10) for i in (0, 1)
+    ]
+    attack = get_attack("ig", iterations=30, restarts=1, bn_weight=1e-2)
+    results = reconstruct_many(attack, targets)
+    assert [r.info["bn_weight"] for r in results] == [1e-2, 1e-2]
+    assert all(torch.isfinite(r.images).all() and r.loss < r.history[0]["loss"] for r in results)
+    with pytest.raises(FedsimError, match="BatchNorm"):
+        get_attack("ig", iterations=2, restarts=1, bn_weight=1.0).reconstruct(
+            AttackTarget(relu_net(), model_gradients(relu_net(), x[:1], y[:1]), 1, (3, 8, 8), 10)
+        )
+
+
+def test_ig_keeps_the_iterate_of_least_objective(images) -> None:
+    """keep="best" returns the iterate of least objective; keep="last" the final one, which is never better."""
+    x, y = images[0][3:4], images[1][3:4]
+    model = relu_net(3)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+
+    def objective(images: torch.Tensor) -> float:
+        g = model_gradients(model, images, y)
+        return float(cosine_distance(g, target.gradients) + 1e-2 * total_variation(images))
+
+    best = get_attack("ig", iterations=40, restarts=1, keep="best").reconstruct(target)
+    last = get_attack("ig", iterations=40, restarts=1, keep="last").reconstruct(target)
+    assert best.info["kept"] == "best" and last.info["kept"] == "last"
+    assert objective(best.images) <= objective(last.images) + 1e-6
+
+
+def test_ig_feature_prior_uses_the_first_fc_layers_input_in_closed_form(images) -> None:
+    """The first FC layer's input comes out of one example's gradient exactly; IG matches it (batch 1 only)."""
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(4)
+    gradients = model_gradients(model, x, y)
+    fc, iw, ib = feature_layer(model)
+    assert fc is model[3] and (iw, ib) == (2, 3)
+    features = model[:3](x)[0]  # conv, ReLU, flatten: what the first FC layer sees
+    assert torch.allclose(linear_input(gradients[iw].double(), gradients[ib].double()).float(), features, atol=1e-4)
+    target = AttackTarget(model, gradients, 1, (3, 8, 8), 10)
+    result = get_attack("ig", iterations=30, restarts=1, feature_weight=1.0).reconstruct(target)
+    assert result.info["feature_weight"] == 1.0 and torch.isfinite(result.images).all()
+    pair = AttackTarget(model, model_gradients(model, images[0][:2], images[1][:2]), 2, (3, 8, 8), 10)
+    with pytest.raises(FedsimError, match="batch 1"):
+        get_attack("ig", iterations=2, restarts=1, feature_weight=1.0).reconstruct(pair)
