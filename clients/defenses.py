@@ -267,6 +267,7 @@ class TldmiDefense(DefenseMod):
         return {
             "tldmi-layers": config.tldmi_layers,
             "tldmi-public": config.tldmi_public,
+            "public-classes": config.public_classes,
             "trainable": list(trainable_params),
         }
 
