@@ -1,12 +1,13 @@
 """TL-DMI (Ho et al., CVPR 2024) in the paper's split: public and private classes of one dataset.
 
-    nice -n 10 python benchmarks/bench_tldmi.py [--settings mnist faces] [--variants none all k2 k1]
+    nice -n 10 python benchmarks/bench_tldmi.py [--settings mnist faces] [--variants none k1 k2 all]
         [--seeds 0] [--steps 500] [--shadows 4] [--runs /tmp/fedsim-tldmi-runs] [--quick]
 
 Each setting splits one dataset by class (`public-classes`): MNIST digits 0-4 are public and 5-9 private;
 Olivetti faces (32x32) subjects 1-20 (labels 0-19) are public and 21-40 private. No client holds a public
-class, and accuracy is measured on the private classes' test split. Each variant is a real Flower run of
-ConvNet clients on the private classes:
+class, and accuracy is measured on the private classes' test split. Each variant is a federated run of
+ConvNet clients on the private classes (in-process, through the run's own strategy stack and ClientApp code,
+as benchmarks/bench_defenses.py does: one Ray simulation per run would cost more than the training here):
 
     none   no pre-training, every layer trained from the seeded initialisation (no defense)
     all    TL-DMI with k = all (4) layers trained: pre-trained on the public classes, then fine-tuned fully
@@ -43,10 +44,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_defenses import stack_run  # noqa: E402
 from fedsim.app.model_attacks import run_inversion, run_membership  # noqa: E402
-from fedsim.app.simulation import simulate  # noqa: E402
 from fedsim.config import FedsimConfig  # noqa: E402
-from fedsim.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from fedsim.federation import Federation  # noqa: E402
+from fedsim.files import atomic_write_bytes, atomic_write_json, atomic_write_text, save_tensors  # noqa: E402
 
 DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", REPO.parent / "shared" / "data"))
 RESULTS = REPO / "benchmarks" / "results"
@@ -54,7 +56,7 @@ SETTINGS = {
     "mnist": {
         "run": {"dataset": "mnist", "public-classes": "0-4", "num-clients": 5, "examples-per-client": 200,
                 "local-epochs": 2, "num-rounds": 5},
-        "pretrain-epochs": 5,  # 4,103 public images; one epoch already gives 96.8 % on the public test split
+        "pretrain-epochs": 3,  # 4,103 public images; one epoch already gives 96.8 % on the public test split
         "membership": True,
     },
     "faces": {
@@ -64,7 +66,7 @@ SETTINGS = {
         "membership": False,
     },
 }  # fmt: skip
-VARIANTS = {"none": None, "all": 4, "k2": 2, "k1": 1}  # TL-DMI's tldmi-layers (None: no defense)
+VARIANTS = {"none": None, "k1": 1, "k2": 2, "all": 4}  # TL-DMI's tldmi-layers (None: no defense)
 
 
 def run_config(setting: str, variant: str, seed: int, runs: Path, pretrain_epochs: int, quick: bool) -> FedsimConfig:
@@ -76,6 +78,24 @@ def run_config(setting: str, variant: str, seed: int, runs: Path, pretrain_epoch
     if k is not None:
         values |= {"defenses": "tldmi", "tldmi-layers": k, "tldmi-pretrain-epochs": pretrain_epochs}
     return FedsimConfig.from_mapping(values)
+
+
+def federated_run(config: FedsimConfig, run_dir: Path) -> None:
+    """The run, in-process: the server's TL-DMI pre-training, then `num-rounds` rounds through the run's own
+    strategy stack (CuriousStrategy -> FedAvg) with the ClientApp's training and defense mods
+    (benchmarks/bench_defenses.py: stack_run). It writes what `fedsim run` writes and the attacks read:
+    config.toml, captures/, model.safetensors, training.json and tldmi-pretrain.json."""
+    fed = Federation.from_config(config)
+    model = fed.build_model()
+    if "tldmi" in config.defense_list():
+        pretrain = fed.pretrain_public(model)
+        public = f"{config.dataset} classes {config.public_classes}"
+        atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": public, **pretrain})
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    result = stack_run(config, config.num_rounds, run_dir / "captures", model=model)
+    save_tensors(run_dir / "model.safetensors", result["state"], {"model": config.model})
+    rounds = [{"round": r + 1, "test-accuracy": a} for r, a in enumerate(result["accuracy"])]
+    atomic_write_json(run_dir / "training.json", {"run": run_dir.name, "rounds": rounds})  # written last: done
 
 
 def one_run(setting: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
@@ -91,7 +111,7 @@ def one_run(setting: str, variant: str, seed: int, args: argparse.Namespace) -> 
             import shutil
 
             shutil.rmtree(run_dir)
-        simulate(config, run_dir)
+        federated_run(config, run_dir)
     sim_seconds = time.time() - start
     rounds = json.loads((run_dir / "training.json").read_text())["rounds"]
     pretrain = run_dir / "tldmi-pretrain.json"
@@ -190,7 +210,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=500, help="generator steps per inversion")
-    parser.add_argument("--pretrain-epochs", type=int, default=0, help="0: the setting's own (mnist 5, faces 40)")
+    parser.add_argument("--pretrain-epochs", type=int, default=0, help="0: the setting's own (mnist 3, faces 40)")
     parser.add_argument("--shadows", type=int, default=4, help="SeqMIA shadow replays per client")
     parser.add_argument("--lstm-epochs", type=int, default=60, help="SeqMIA attention-LSTM epochs")
     parser.add_argument("--clients", type=int, nargs="+", default=[0, 1], help="SeqMIA target clients")
