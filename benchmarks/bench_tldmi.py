@@ -218,7 +218,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 pre-training epoch (a smoke run)")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/fedsim-tldmi-runs"), help="run folders (reused)")
     parser.add_argument("--out", type=Path, default=RESULTS / "tldmi.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="only merge these results files into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.out, args.merge)
+        return
     if args.quick:  # a smoke run never mixes with the benchmark's results or run folders
         args.out, args.runs = Path("/tmp/fedsim-tldmi-quick.json"), args.runs / "quick"
     torch.set_num_threads(1)  # a shared CPU: one thread per process is fastest (see docs/model_attacks.md)
@@ -246,6 +250,24 @@ def main() -> None:
     for row in rows:
         print(line(row))
     print(f"results in {args.out}")
+
+
+def merge(out: Path, parts: list[Path]) -> None:
+    """Rows of several results files (e.g. variants run in parallel processes) in one file, and its plot."""
+    merged: dict[tuple, dict] = {}
+    summary: dict = {}
+    for path in [out, *parts]:
+        if path.exists():
+            data = json.loads(path.read_text())
+            summary = summary or data
+            for row in data["rows"]:
+                merged.setdefault((row["setting"], row["variant"], row["seed"]), row)
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    rows = sorted(merged.values(), key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"], order[r["variant"]]))
+    atomic_write_json(out, {**summary, "rows": rows, "merged-from": [str(p) for p in parts]})
+    plot(rows, out.with_suffix(".png"))
+    for row in rows:
+        print(line(row))
 
 
 def line(row: dict) -> str:
