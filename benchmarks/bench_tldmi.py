@@ -15,6 +15,8 @@ as benchmarks/bench_defenses.py does: one Ray simulation per run would cost more
     all    TL-DMI with k = all 4 layers (not run by default): nothing is frozen, and since the server copies
            only the layers clients freeze, nothing pre-trained is kept: it is the `none` run itself (the same
            per-round accuracies, to the last digit), i.e. k = all is no defense
+    k2ft   k2 with tldmi-finetune: fc.0 starts from its pre-trained weights (the paper's fine-tuning), fc.2 anew
+    allft  every layer fine-tuned from the pre-trained weights but the output layer (not run by default)
 
 The server pre-trains on the public classes for `--pretrain-epochs` (per setting; every epoch's public test
 accuracy is kept, to show it converged). Then the attacks read only the run folder, as `fedsim` does:
@@ -68,7 +70,8 @@ SETTINGS = {
         "membership": False,
     },
 }  # fmt: skip
-VARIANTS = {"none": None, "k1": 1, "k2": 2, "all": 4}  # TL-DMI's tldmi-layers (None: no defense)
+VARIANTS = {"none": None, "k1": 1, "k2": 2, "all": 4, "k2ft": 2, "allft": 4}  # tldmi-layers (None: no defense)
+FINETUNE = {"k2ft", "allft"}  # tldmi-finetune: the trained hidden layers start from the pre-trained weights
 
 
 def run_config(setting: str, variant: str, seed: int, runs: Path, pretrain_epochs: int, quick: bool) -> FedsimConfig:
@@ -78,7 +81,8 @@ def run_config(setting: str, variant: str, seed: int, runs: Path, pretrain_epoch
         values["num-rounds"] = 2
     k = VARIANTS[variant]
     if k is not None:
-        values |= {"defenses": "tldmi", "tldmi-layers": k, "tldmi-pretrain-epochs": pretrain_epochs}
+        values |= {"defenses": "tldmi", "tldmi-layers": k, "tldmi-pretrain-epochs": pretrain_epochs,
+                   "tldmi-finetune": variant in FINETUNE}  # fmt: skip
     return FedsimConfig.from_mapping(values)
 
 

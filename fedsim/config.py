@@ -240,6 +240,13 @@ class FedsimConfig:
     tldmi_pretrain_epochs: int = field(
         default=3, metadata={"help": "TL-DMI: server epochs of pre-training on the public dataset"}
     )
+    tldmi_finetune: bool = field(
+        default=False,
+        metadata={
+            "help": "TL-DMI: the trained layers but the output layer also start from the pre-trained weights "
+            "(fine-tuning, as the paper does); false: from the run's seeded initialisation"
+        },
+    )
     # A server that cheats (fedsim/imprint.py, server/secagg.py; docs/malicious_server.md)
     server_mode: str = field(
         default="curious", metadata={"help": "what the server does to the model it sends", **_choice(*SERVER_MODES)}

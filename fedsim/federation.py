@@ -83,11 +83,13 @@ class Federation:
         Adam 1e-3, batch 64, seeded) for `tldmi-pretrain-epochs` epochs; the public data is `tldmi-public`
         or, with `public-classes`, those classes of the clients' own dataset. With a checkpoint path as
         `tldmi-public` it is loaded instead. Then the tensors of the early layers, the ones the clients
-        keep frozen, are copied into `model`; the last `tldmi-layers` keep the run's own initialisation.
+        keep frozen, are copied into `model`; the last `tldmi-layers` keep the run's own initialisation, or with
+        `tldmi-finetune` all but the output layer start from the pre-trained weights too (the paper's fine-tuning).
         Returns the public training loss, test accuracy and, per epoch, the public test accuracy.
         """
         cfg = self.config
-        early = set(model.state_dict()) - set(tldmi_trainable_keys(model, cfg.tldmi_layers))
+        restart = 1 if cfg.tldmi_finetune else cfg.tldmi_layers  # the layers that keep the seeded initialisation
+        early = set(model.state_dict()) - set(tldmi_trainable_keys(model, restart))
         if cfg.tldmi_public and cfg.tldmi_public not in LOADERS:
             source = build_model(cfg.model, self.data.input_shape, self.data.num_classes, seed=cfg.seed)
             missing = set(load_pretrained(source, cfg.tldmi_public))

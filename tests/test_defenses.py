@@ -359,6 +359,18 @@ def test_tldmi_on_public_classes_pretrains_the_early_layers_then_clients_leave_t
     assert dict(reply.content["fedsim"])["public-classes"] == "0-4"
 
 
+def test_tldmi_finetune_starts_every_layer_but_the_output_one_from_the_pretrained_weights():
+    config = FedsimConfig.from_mapping(
+        {**SPLIT, "defenses": "tldmi", "tldmi-layers": 4, "tldmi-finetune": True, "tldmi-pretrain-epochs": 1}
+    )
+    fed = Federation.from_config(config)
+    model = fed.build_model()
+    before = {key: v.clone() for key, v in model.state_dict().items()}
+    fed.pretrain_public(model)
+    for key, value in model.state_dict().items():  # k = all: every layer trained, all but `fc` pre-trained
+        assert torch.equal(value, before[key]) == key.startswith("fc."), key
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
