@@ -29,7 +29,7 @@ accuracy is kept, to show it converged). Then the attacks read only the run fold
   the faces' 40 test images are too few non-members).
 
 Results: benchmarks/results/tldmi.json (rewritten after every run: an interrupted benchmark resumes where it
-stopped; finished run folders under --runs are reused) and tldmi.png. Seeded; wall times are measured on a
+stopped; finished runs and attacks under --runs are reused) and tldmi.png. Seeded; wall times are measured on a
 shared CPU under load.
 """
 
@@ -132,8 +132,11 @@ def one_run(setting: str, variant: str, seed: int, args: argparse.Namespace) -> 
         "simulation-seconds": sim_seconds,
     }
     t = time.time()
-    inversion = run_inversion(run_dir, ensemble="round", size=5, selection="recent", steps=args.steps,
-                              batch_size=32, per_class=16, keep=0.5, seed=seed)  # fmt: skip
+    done = run_dir / "inversion" / "results-round.json"  # a finished attack of an interrupted benchmark is kept
+    inversion = json.loads(done.read_text()) if done.exists() else {}
+    if inversion.get("steps") != args.steps or inversion.get("seed") != seed:
+        inversion = run_inversion(run_dir, ensemble="round", size=5, selection="recent", steps=args.steps,
+                                  batch_size=32, per_class=16, keep=0.5, seed=seed)  # fmt: skip
     target = inversion["targets"]["round"]
     row["inversion"] = {
         "evaluator": inversion["evaluator"],
@@ -145,8 +148,11 @@ def one_run(setting: str, variant: str, seed: int, args: argparse.Namespace) -> 
     }
     if SETTINGS[setting]["membership"] and not args.skip_membership:
         t = time.time()
-        membership = run_membership(run_dir, modes=("fl",), clients=args.clients, num_shadows=args.shadows,
-                                    epochs=args.lstm_epochs, seed=seed)  # fmt: skip
+        done = run_dir / "membership" / "results.json"
+        membership = json.loads(done.read_text()) if done.exists() else {}
+        if (membership.get("num-shadows"), membership.get("clients")) != (args.shadows, args.clients):
+            membership = run_membership(run_dir, modes=("fl",), clients=args.clients, num_shadows=args.shadows,
+                                        epochs=args.lstm_epochs, seed=seed)  # fmt: skip
         row["membership"] = {
             "fl/client": membership["results"].get("fl/client"),
             "fl/global": membership["results"].get("fl/global"),
