@@ -201,7 +201,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title("mnist: SeqMIA (FL trajectory) vs loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("TL-DMI: variants none / all / k2 / k1 layers trained (ConvNet)", fontsize=9)
+    title = "TL-DMI, public/private classes: none = no defense, kN = last N layers trained, ft = fine-tuned"
+    fig.suptitle(f"{title} (ConvNet)", fontsize=9)
     fig.tight_layout()
     import io
 
