@@ -436,25 +436,28 @@ def seed_everything(seed: int) -> None:
 
 
 def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_dir: str = "",
-              initial: dict | None = None) -> dict:  # fmt: skip
+              initial: dict | None = None, model: torch.nn.Module | None = None) -> dict:  # fmt: skip
     """`rounds` rounds through the run's real strategy stack, clients in-process behind the ClientApp's mods.
 
-    `initial` is the round-1 global model (default: the seeded one, pre-trained as server_app does under TL-DMI).
+    `initial` is the round-1 global model's state (default: the seeded one, pre-trained as server_app does under
+    TL-DMI), or `model` the round-1 global model itself; the final one is returned as "state".
     """
     from flwr.supercore.task_identity import TaskIdentity
 
     from clients.defenses import CentralDpClipping
     from fedsim.captures import CaptureStore
-    from server.server_app import server_strategy
+    from server.server_app import server_strategy, trainable_names
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a ServerApp process's identity
     fed = Federation.from_config(config)
-    model = fed.build_model()
-    model.load_state_dict(initial if initial is not None else initial_model(config, fed).state_dict())
+    if model is None:
+        model = fed.build_model()
+        model.load_state_dict(initial if initial is not None else initial_model(config, fed).state_dict())
     test_x, test_y = fed.test_split()
     store = CaptureStore(store_dir) if store_dir else None
     strategy, ledger = server_strategy(config, store, {"model": config.model, "input_shape": list(fed.data.input_shape),
-                                                       "num_classes": fed.data.num_classes})  # fmt: skip
+                                                       "num_classes": fed.data.num_classes,
+                                                       "trainable": trainable_names(config, model)})  # fmt: skip
     app = make_ffn(lambda msg, ctx: local_train(msg, ctx, config), [CentralDpClipping(config), *defense_mods(config)])
     node_of = {100 + p: p for p in range(config.num_clients)}
     recipe = {"recipe": config.recipe, "lr": config.lr, "batch-size": config.batch_size,
@@ -471,7 +474,8 @@ def stack_run(config: FedsimConfig, rounds: int, store_dir: Path | None, truth_d
         arrays, _ = strategy.aggregate_train(server_round, replies)
         model.load_state_dict(arrays.to_torch_state_dict())
         accuracy.append(evaluate(model, test_x, test_y)["test-accuracy"])
-    return {"accuracy": accuracy, "privacy": ledger.report() if ledger else {}, "store": store}
+    return {"accuracy": accuracy, "privacy": ledger.report() if ledger else {}, "store": store,
+            "state": model.state_dict()}  # fmt: skip
 
 
 def run_epsilon(privacy: dict) -> float | None:

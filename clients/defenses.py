@@ -267,6 +267,8 @@ class TldmiDefense(DefenseMod):
         return {
             "tldmi-layers": config.tldmi_layers,
             "tldmi-public": config.tldmi_public,
+            "public-classes": config.public_classes,
+            "tldmi-finetune": config.tldmi_finetune,
             "trainable": list(trainable_params),
         }
 

@@ -40,6 +40,27 @@ def check_run_name(name: str) -> str:
 
 LDP_CALIBRATIONS = ("auto", "classic", "analytic")
 
+CLASS_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def parse_classes(text: str) -> list[int]:
+    """The sorted class labels of a list such as "0-4" or "0,2,5-7" (FedsimError if malformed or repeated)."""
+    spec = text.replace(" ", "")
+    if not spec:
+        return []
+    if not CLASS_LIST.fullmatch(spec):
+        raise FedsimError(f"public-classes = {text[:80]!r} must list class labels and ranges, e.g. '0-4' or '0,2,5-7'")
+    labels: list[int] = []
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        first, last = int(low), int(high or low)
+        if last < first or last > 100_000:
+            raise FedsimError(f"public-classes: range {part!r} must run low-high, below 100000")
+        labels.extend(range(first, last + 1))
+    if len(set(labels)) != len(labels):
+        raise FedsimError(f"public-classes = {text[:80]!r} names a class twice")
+    return sorted(labels)
+
 
 def _choice(*allowed: str) -> dict[str, Any]:
     return {"choices": allowed}
@@ -84,6 +105,13 @@ class FedsimConfig:
     )
     image_size: int = field(
         default=0, metadata={"help": "resize images to this side length; 0 keeps the dataset's size"}
+    )
+    public_classes: str = field(
+        default="",
+        metadata={
+            "help": "classes of the dataset set aside as public (e.g. '0-4'): no client holds them, the test split "
+            "leaves them out, the others are relabelled 0..; TL-DMI pre-trains on them ('' = none)"
+        },
     )
     model: str = field(default="convnet", metadata={"help": "model architecture (see `fedsim models`)"})
     pretrained: str = field(
@@ -212,6 +240,13 @@ class FedsimConfig:
     )
     tldmi_pretrain_epochs: int = field(
         default=3, metadata={"help": "TL-DMI: server epochs of pre-training on the public dataset"}
+    )
+    tldmi_finetune: bool = field(
+        default=False,
+        metadata={
+            "help": "TL-DMI: the trained layers but the output layer also start from the pre-trained weights "
+            "(fine-tuning, as the paper does); false: from the run's seeded initialisation"
+        },
     )
     # A server that cheats (fedsim/imprint.py, server/secagg.py; docs/malicious_server.md)
     server_mode: str = field(
@@ -352,6 +387,7 @@ class FedsimConfig:
                 raise FedsimError(f"{key} = {value} must be >= 0")
         if self.run_name:
             check_run_name(self.run_name)
+        self.public_class_list()  # refuses a malformed list; the dataset's class count is checked when loaded
         self._validate_defenses()
         self._validate_server()
         self._validate_capture()
@@ -376,6 +412,10 @@ class FedsimConfig:
     def defense_list(self) -> list[str]:
         """The defenses named by `defenses`, in the order written."""
         return [name.strip() for name in self.defenses.split(",") if name.strip()]
+
+    def public_class_list(self) -> list[int]:
+        """The classes listed in `public-classes` ("0-4,7": ranges and single labels), sorted; [] when none."""
+        return parse_classes(self.public_classes)
 
     def defense_partitions(self) -> list[int] | None:
         """The partition ids listed in `defense-clients`; None when every client defends itself."""
@@ -421,10 +461,18 @@ class FedsimConfig:
         from fedsim.datasets import LOADERS
 
         public = self.tldmi_public.strip()
+        if public and self.public_classes.strip():
+            raise FedsimError(
+                "defenses = tldmi takes one public source: tldmi-public (another dataset or a checkpoint) or "
+                "public-classes (classes of the clients' dataset); set only one"
+            )
+        if self.public_classes.strip():
+            return
         if not public:
             raise FedsimError(
                 "defenses = tldmi needs tldmi-public: a public dataset name (one of: "
-                f"{', '.join(LOADERS)}) or a checkpoint path, disjoint from the clients' data"
+                f"{', '.join(LOADERS)}) or a checkpoint path, disjoint from the clients' data, "
+                "or public-classes (e.g. '0-4': classes of the clients' dataset no client holds)"
             )
         if public in LOADERS:
             if public.removeprefix("sample-") == self.dataset.removeprefix("sample-"):

@@ -66,6 +66,39 @@ class ImageDataset:
         )
 
 
+def split_classes(data: ImageDataset, public: list[int]) -> tuple[ImageDataset, ImageDataset]:
+    """(public, private): the images of the `public` classes and those of the others, each relabelled 0.. in order.
+
+    Both splits keep their train/test division; no image is in both (the classes are disjoint).
+    """
+    if not public or min(public) < 0 or max(public) >= data.num_classes:
+        raise FedsimError(
+            f"public-classes must be labels in 0..{data.num_classes - 1}: {data.name} has {data.num_classes} classes"
+        )
+    private = [c for c in range(data.num_classes) if c not in set(public)]
+    if len(private) < 2:
+        raise FedsimError(
+            f"public-classes leaves {len(private)} of {data.name}'s {data.num_classes} classes private; "
+            "the clients need at least 2"
+        )
+
+    def part(classes: list[int], what: str) -> ImageDataset:
+        relabel = torch.full((data.num_classes,), -1, dtype=torch.long)
+        relabel[classes] = torch.arange(len(classes))
+        keep_train, keep_test = relabel[data.train_y] >= 0, relabel[data.test_y] >= 0
+        return ImageDataset(
+            f"{data.name}[{what}]",
+            data.train_x[keep_train],
+            relabel[data.train_y[keep_train]],
+            data.test_x[keep_test],
+            relabel[data.test_y[keep_test]],
+            [data.classes[c] for c in classes],
+            [*data.notes, f"{what}: classes {', '.join(map(str, classes))} of {data.name}, relabelled from 0"],
+        )
+
+    return part(sorted(public), "public"), part(private, "private")
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images to the float [0, 1] tensors every model takes."""
     return x.float().div_(255.0)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fedsim.config import FedsimConfig
-from fedsim.datasets import LOADERS, ImageDataset, load_dataset, to_float
+from fedsim.datasets import LOADERS, ImageDataset, load_dataset, split_classes, to_float
 from fedsim.errors import FedsimError
 from fedsim.imprint import imprinted
 from fedsim.models import build_model, load_pretrained
@@ -26,15 +26,19 @@ class Federation:
     config: FedsimConfig
     data: ImageDataset
     shards: list[np.ndarray]
+    public: ImageDataset | None = None  # the classes `public-classes` sets aside (never in a shard)
 
     @classmethod
     def from_config(cls, config: FedsimConfig) -> Federation:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size)
+        public = None
+        if config.public_class_list():
+            public, data = split_classes(data, config.public_class_list())
         shards = partition(
             data.train_y, config.num_clients, config.partition, config.alpha, config.seed, config.examples_per_client
         )
         check_batch_size(shards, config.batch_size)
-        fed = cls(config, data, shards)
+        fed = cls(config, data, shards, public)
         if "tldmi" in config.defense_list() and config.tldmi_public in LOADERS:
             fed.public_data()  # a missing public dataset is refused here, before any training
         return fed
@@ -54,8 +58,10 @@ class Federation:
 
     # --- TL-DMI: the public data and the server's pre-training of the early layers -----------
     def public_data(self) -> ImageDataset:
-        """TL-DMI's public dataset, resized and converted to the private data's channels."""
+        """TL-DMI's public dataset, resized and converted to the private data's channels (or the public classes)."""
         cfg = self.config
+        if self.public is not None and not cfg.tldmi_public:
+            return self.public
         c, h, w = self.data.input_shape
         public = load_dataset(cfg.tldmi_public, cfg.data_dir, cfg.download, h if h == w else 0)
         if public.input_shape[1:] != (h, w):
@@ -73,18 +79,21 @@ class Federation:
             public.notes,
         )
 
-    def pretrain_public(self, model: nn.Module) -> dict[str, float]:
+    def pretrain_public(self, model: nn.Module) -> dict:
         """TL-DMI (Ho et al., CVPR 2024), server side: pre-train `model` on the public data, in place.
 
         A model of the same architecture with the public dataset's class count is trained (all layers,
-        Adam 1e-3, batch 64, seeded) for `tldmi-pretrain-epochs` epochs; with a checkpoint path as
+        Adam 1e-3, batch 64, seeded) for `tldmi-pretrain-epochs` epochs; the public data is `tldmi-public`
+        or, with `public-classes`, those classes of the clients' own dataset. With a checkpoint path as
         `tldmi-public` it is loaded instead. Then the tensors of the early layers, the ones the clients
-        keep frozen, are copied into `model`; the last `tldmi-layers` keep the run's own initialisation.
-        Returns the public training loss and test accuracy.
+        keep frozen, are copied into `model`; the last `tldmi-layers` keep the run's own initialisation, or with
+        `tldmi-finetune` all but the output layer start from the pre-trained weights too (the paper's fine-tuning).
+        Returns the public training loss, test accuracy and, per epoch, the public test accuracy.
         """
         cfg = self.config
-        early = set(model.state_dict()) - set(tldmi_trainable_keys(model, cfg.tldmi_layers))
-        if cfg.tldmi_public not in LOADERS:
+        restart = 1 if cfg.tldmi_finetune else cfg.tldmi_layers  # the layers that keep the seeded initialisation
+        early = set(model.state_dict()) - set(tldmi_trainable_keys(model, restart))
+        if cfg.tldmi_public and cfg.tldmi_public not in LOADERS:
             source = build_model(cfg.model, self.data.input_shape, self.data.num_classes, seed=cfg.seed)
             missing = set(load_pretrained(source, cfg.tldmi_public))
             model.load_state_dict(
@@ -98,13 +107,15 @@ class Federation:
             {k: v for k, v in model.state_dict().items() if source.state_dict()[k].shape == v.shape}, strict=False
         )
         x, y = to_float(public.train_x), public.train_y
+        test_x, test_y = to_float(public.test_x), public.test_y
         rng = np.random.default_rng([cfg.seed, 0x7D41])
         optimizer = torch.optim.Adam(source.parameters(), lr=1e-3)
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, curve = 0.0, 0, []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            source.train()
             for _ in range(cfg.tldmi_pretrain_epochs):
+                source.train()
+                loss_sum, seen = 0.0, 0  # the last epoch's mean training loss
                 order = torch.from_numpy(rng.permutation(len(x)))
                 for start in range(0, len(x), 64):
                     idx = order[start : start + 64]
@@ -113,13 +124,19 @@ class Federation:
                     loss.backward()
                     optimizer.step()
                     loss_sum, seen = loss_sum + loss.item() * len(idx), seen + len(idx)
+                curve.append(evaluate(source, test_x, test_y)["test-accuracy"])
         own = model.state_dict()
         model.load_state_dict(
             {k: v.cpu() for k, v in source.state_dict().items() if k in early and own[k].shape == v.shape},
             strict=False,
         )
-        metrics = evaluate(source, to_float(public.test_x), public.test_y)
-        return {"public-train-loss": loss_sum / max(seen, 1), "public-test-accuracy": metrics["test-accuracy"]}
+        metrics = evaluate(source, test_x, test_y)
+        return {
+            "public-data": public.name,
+            "public-train-loss": loss_sum / max(seen, 1),
+            "public-test-accuracy": metrics["test-accuracy"],
+            "public-test-accuracy-per-epoch": curve,
+        }
 
     def shard(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Client `partition_id`'s private images (float, [0, 1]), labels and dataset indices."""

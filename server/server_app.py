@@ -121,7 +121,8 @@ def run_server(
                 "layers are barely trained; raise tldmi-pretrain-epochs"
             )
             logging.getLogger("fedsim").warning("TL-DMI: %s", pretrain["warning"])
-        atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": config.tldmi_public, **pretrain})
+        public = config.tldmi_public or f"{config.dataset} classes {config.public_classes}"
+        atomic_write_json(run_dir / "tldmi-pretrain.json", {"public": public, **pretrain})
     test_x, test_y = fed.test_split()
     if len(test_x) == 0:
         logging.getLogger("fedsim").warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
@@ -310,6 +311,102 @@ def test_tldmi_pretraining_sets_only_the_early_layers():
     assert all(not torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
     assert torch.equal(after["fc.weight"], before["fc.weight"]) and torch.equal(after["fc.bias"], before["fc.bias"])
     assert metrics["public-train-loss"] > 0 and 0 <= metrics["public-test-accuracy"] <= 1
+
+
+# --- TL-DMI in the paper's split: public and private classes of one dataset ----------------------
+
+SPLIT = {"dataset": "sample-mnist", "public-classes": "0-4", "model": "lenet-dlg", "num-clients": 2}
+
+
+def test_public_classes_split_the_dataset_into_disjoint_relabelled_parts():
+    from fedsim.datasets import load_dataset
+
+    full = load_dataset("sample-mnist")
+    fed = Federation.from_config(FedsimConfig.from_mapping(SPLIT))
+    for split in ("train", "test"):
+        x, y = getattr(full, f"{split}_x"), getattr(full, f"{split}_y")
+        private = y >= 5
+        assert torch.equal(getattr(fed.data, f"{split}_x"), x[private])  # the clients' data: digits 5-9 only
+        assert torch.equal(getattr(fed.data, f"{split}_y"), y[private] - 5)
+        assert torch.equal(getattr(fed.public, f"{split}_x"), x[~private])  # the server's: digits 0-4 only
+        assert torch.equal(getattr(fed.public, f"{split}_y"), y[~private])
+    assert fed.data.classes == ["5", "6", "7", "8", "9"] and fed.public.classes == ["0", "1", "2", "3", "4"]
+    shards = torch.from_numpy(numpy.concatenate(fed.shards))
+    assert int(shards.max()) < len(fed.data.train_y)  # every shard index points into the private part
+    assert fed.build_model().state_dict()["fc.weight"].shape[0] == 5  # the private task's head
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_tldmi_on_public_classes_pretrains_the_early_layers_then_clients_leave_them_bit_identical(k):
+    config = FedsimConfig.from_mapping(
+        {**SPLIT, "defenses": "tldmi", "tldmi-layers": k, "tldmi-pretrain-epochs": 2, "recipe": "fedavg",
+         "examples-per-client": 16, "batch-size": 8}
+    )  # fmt: skip
+    fed = Federation.from_config(config)
+    model = fed.build_model()
+    before = {key: v.clone() for key, v in model.state_dict().items()}
+    metrics = fed.pretrain_public(model)
+    assert metrics["public-data"] == "sample-mnist[public]" and len(metrics["public-test-accuracy-per-epoch"]) == 2
+    assert metrics["public-test-accuracy"] > 0.3  # 5 digits (chance 0.2), 2 epochs of the sigmoid LeNet
+    trained = {f"{name}.{p}" for name in tldmi_layers(model, k) for p in ("weight", "bias")}
+    sent = model.state_dict()
+    for key in sent:  # pre-training moved the frozen layers only; the trained ones keep the seeded init
+        assert torch.equal(sent[key], before[key]) == (key in trained), key
+    reply = TldmiDefense(config)(train_message(sent, config), context(0), real_training(config))
+    state = reply.content["arrays"].to_torch_state_dict()
+    for key in sent:
+        assert torch.equal(state[key], sent[key]) == (key not in trained), key
+    assert dict(reply.content["fedsim"])["public-classes"] == "0-4"
+
+
+def test_tldmi_finetune_starts_every_layer_but_the_output_one_from_the_pretrained_weights():
+    config = FedsimConfig.from_mapping(
+        {**SPLIT, "defenses": "tldmi", "tldmi-layers": 4, "tldmi-finetune": True, "tldmi-pretrain-epochs": 1}
+    )
+    fed = Federation.from_config(config)
+    model = fed.build_model()
+    before = {key: v.clone() for key, v in model.state_dict().items()}
+    fed.pretrain_public(model)
+    for key, value in model.state_dict().items():  # k = all: every layer trained, all but `fc` pre-trained
+        assert torch.equal(value, before[key]) == key.startswith("fc."), key
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"public-classes": "0-x"}, r"public-classes = '0-x' must list class labels and ranges, e.g. '0-4'"),
+        ({"public-classes": "4-0"}, r"public-classes: range '4-0' must run low-high"),
+        ({"public-classes": "0-4,3"}, r"public-classes = '0-4,3' names a class twice"),
+        ({"public-classes": "-1"}, r"public-classes = '-1' must list class labels"),
+        (
+            {"public-classes": "0-4", "defenses": "tldmi", "tldmi-public": "sample-fashion-mnist"},
+            r"defenses = tldmi takes one public source: tldmi-public .* or public-classes",
+        ),
+    ],
+)
+def test_bad_public_classes_are_refused_naming_the_key(values, message):
+    with pytest.raises(FedsimError, match=message):
+        FedsimConfig.from_mapping(values)
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ("0-10", r"public-classes must be labels in 0\.\.9: sample-mnist has 10 classes"),
+        ("0-8", r"public-classes leaves 1 of sample-mnist's 10 classes private; the clients need at least 2"),
+    ],
+)
+def test_public_classes_outside_the_dataset_are_refused_where_it_is_loaded(classes, message):
+    with pytest.raises(FedsimError, match=message):
+        Federation.from_config(FedsimConfig.from_mapping({**SPLIT, "public-classes": classes}))
+
+
+def test_cli_refuses_bad_public_classes_in_one_line_with_status_2(tmp_path):
+    result = invoke_cli("run", "--out-dir", str(tmp_path), "--set", "public-classes=0-12")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: public-classes must be labels in 0..9: sample-mnist has 10 classes"]
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_capture_records_list_what_tldmi_clients_train():

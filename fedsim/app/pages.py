@@ -94,7 +94,7 @@ def describe(config) -> str:
 def run_facts(run_dir: Path) -> RunFacts:
     """The run's config.toml and, where its data is on this machine, the dataset's class names and test split."""
     from fedsim.config import FedsimConfig
-    from fedsim.datasets import load_dataset
+    from fedsim.datasets import load_dataset, split_classes
 
     try:
         config = FedsimConfig.from_toml(run_dir / "config.toml")
@@ -103,6 +103,8 @@ def run_facts(run_dir: Path) -> RunFacts:
     facts = RunFacts(describe(config))
     try:
         data = load_dataset(config.dataset, config.data_dir, False, config.image_size)
+        if config.public_class_list():  # the clients' classes, relabelled as the run saw them
+            data = split_classes(data, config.public_class_list())[1]
     except (FedsimError, OSError):
         return facts
     facts.classes = [str(c) for c in data.classes]
