@@ -42,6 +42,7 @@ import argparse
 import fcntl
 import json
 import logging
+import os
 import signal
 import statistics
 import subprocess
@@ -210,7 +211,7 @@ def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Na
         save_tensors(path, {"reconstruction": best[1], "truth": best[2]})
         cell["best_image"] = str(path.relative_to(REPO))
     if attack == "ig" and args.breaching_python:
-        cell["peer"] = peer_breaching(cell_id(attack, state, recipe, batch), state_dict, caps, args)
+        cell["peer"] = peer_breaching(cell_id(attack, state, recipe, batch), targets, caps, args)
     return cell
 
 
@@ -219,39 +220,35 @@ def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Na
 # ----------------------------------------------------------------------------------------------
 
 
-def peer_breaching(cell: str, state_dict: dict, caps: list, args: argparse.Namespace) -> dict:
-    """Export the cell's targets and run benchmarks/peer_breaching.py on them in breaching's own environment.
-
-    The export is one folder per target: global.safetensors (the weights the server sent), client.safetensors
-    (the weights the client sent back), record.json (the capture record: model, input shape, classes, recipe,
-    number of examples), truth.safetensors (images, labels). Isolated here: until peer_breaching.py defines
-    its input format, this is the capture as the curious server stores it.
-    """
+def peer_breaching(cell: str, targets: list, caps: list, args: argparse.Namespace) -> dict:
+    """Export the cell's targets and run benchmarks/peer_breaching.py on them in breaching's own environment:
+    the same AttackTargets fedsim attacks, in the format that script's docstring defines (its `write_target`)."""
     if not PEER_SCRIPT.exists():
         return {"status": f"not run: {PEER_SCRIPT.relative_to(REPO)} is not in this tree"}
     if not Path(args.breaching_python).exists():
         return {"status": f"not run: {args.breaching_python} does not exist"}
+    sys.path.insert(0, str(PEER_SCRIPT.parent))
+    from peer_breaching import write_target
+
     with tempfile.TemporaryDirectory() as folder:
-        for i, (record, client_state, truth) in enumerate(caps):
-            target = Path(folder) / f"target-{i:03d}"
-            target.mkdir()
-            save_tensors(target / "global.safetensors", state_dict)
-            save_tensors(target / "client.safetensors", client_state)
-            save_tensors(target / "truth.safetensors", truth)
-            (target / "record.json").write_text(json.dumps(record))
+        for i, (target, (_, _, truth)) in enumerate(zip(targets, caps, strict=True)):
+            try:
+                write_target(folder, f"target-{i:03d}", target, truth["images"], truth["labels"])
+            except ValueError as exc:  # e.g. frozen parameters, or a FedAvg update without full batches
+                return {"status": f"not run: {exc}"}
         out = Path(folder) / "peer.json"
         command = [args.breaching_python, str(PEER_SCRIPT), "--targets", folder, "--out", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.cell_timeout)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"status": f"timed out after {args.cell_timeout} s"}
         if done.returncode != 0 or not out.exists():
             return {"status": f"failed (exit {done.returncode})", "stderr": done.stderr[-2000:]}
         report = json.loads(out.read_text())
-    rows = report.get("targets", report) if isinstance(report, dict) else report
-    rows = list(rows.values()) if isinstance(rows, dict) else rows
-    psnr = [float(r["psnr"]) for r in rows if isinstance(r, dict) and "psnr" in r]
-    seconds = [float(r["seconds"]) for r in rows if isinstance(r, dict) and "seconds" in r]
+    rows = report.get("targets", [])
+    psnr = [float(r["psnr"]) for r in rows if r.get("psnr") is not None]
+    seconds = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
     return {"status": "done", "cell": cell, "psnr_median": statistics.median(psnr) if psnr else None,
             "seconds_per_update": statistics.fmean(seconds) if seconds else None, "report": report}  # fmt: skip
 
