@@ -49,8 +49,8 @@ def cifar_test(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(data["y"][indices]).long()
 
 
-def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackTarget:
-    return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), 10)
+def target_for(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int = 10) -> AttackTarget:
+    return AttackTarget(model, model_gradients(model, x, y), len(y), tuple(x.shape[1:]), num_classes)
 
 
 def grnn_lenet(seed: int) -> torch.nn.Module:
