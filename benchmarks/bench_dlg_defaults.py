@@ -159,6 +159,27 @@ def run(attack_name: str, config: str, targets, x, y, args: argparse.Namespace) 
     return summary
 
 
+def report(paths: list[Path]) -> None:
+    """A markdown table of the runs in results files (one row per set, attack and optimiser setting)."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
+    console.print("| set | attack | optimiser | images | ≥ 30 dB | dropped | PSNR min / median | SSIM median | labels "
+                  "| converged | evals to 30 dB (matching) | s to 30 dB |")  # fmt: skip
+    console.print("|" + " --- |" * 12)
+    for path in paths:
+        for name, entry in json.loads(path.read_text())["sets"].items():
+            for r in entry["runs"].values():
+                console.print(
+                    f"| {name} | {r['attack']} | {r['config']} | {r['images']} | {r['images'] - r['below_30db']} "
+                    f"| {r['dropped']} | {r['psnr_min']:.1f} / {r['psnr_median']:.1f} | {r['ssim_median']:.3f} "
+                    f"| {r['label_accuracy']:.0%} | {r['converged']} | {num(r['evaluations_to_30db_median'], ',.0f')} "
+                    f"({num(r['matching_evaluations_to_30db_median'], ',.0f')}) "
+                    f"| {num(r['seconds_to_30db_median'], '.0f')} |"
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["cifar", "folder"], choices=["cifar", "folder"])
@@ -174,7 +195,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
+    parser.add_argument("--report", nargs="+", type=Path, help="print the markdown table of these results files")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     torch.set_num_threads(1)
     path = ROOT / "benchmarks" / "results" / f"dlg-defaults{'-' + args.tag if args.tag else ''}.json"
     out: dict = {"meta": {"args": vars(args), "torch": torch.__version__, "threads": 1,
