@@ -39,6 +39,13 @@ class DLG(Attack):
     and the restart that matches the gradient better is kept. Both draw images and label logits from
     N(0, 1) and clamp the images to [0, 1] only at the end; result info records `optimizer`.
 
+    `init` chooses where the images start. "noise" (the paper's, with optimizer "paper") is the N(0, 1)
+    draw. "features" (the default) reads the last layer's input features off its gradient in closed form
+    (attacks.labels.last_layer_features: one example, FedSGD) and first fits the image, from grey plus a
+    tenth of the draw, to them: `feature_iterations` L-BFGS steps, each evaluation a single backward pass
+    instead of a double one, counted in `evaluations` (and apart in info's `feature_evaluations`); without
+    a closed form it falls back to noise. Info's `init` records which ran.
+
     `rescues` (0 with the paper's optimiser) makes a restart survive the two ways L-BFGS without a line
     search fails: when a step blows the images up (or the loss becomes non-finite), the restart goes
     back to where that step began, forgets its L-BFGS memory and halves its step size, up to `rescues`
