@@ -165,13 +165,13 @@ def report(paths: list[Path]) -> None:
     def num(value: float | None, fmt: str) -> str:
         return "—" if value is None else format(value, fmt)
 
-    console.print("| set | attack | optimiser | images | ≥ 30 dB | dropped | PSNR min / median | SSIM median | labels "
+    print("| set | attack | optimiser | images | ≥ 30 dB | dropped | PSNR min / median | SSIM median | labels "
                   "| converged | evals to 30 dB (matching) | s to 30 dB |")  # fmt: skip
-    console.print("|" + " --- |" * 12)
+    print("|" + " --- |" * 12)
     for path in paths:
         for name, entry in json.loads(path.read_text())["sets"].items():
             for r in entry["runs"].values():
-                console.print(
+                print(
                     f"| {name} | {r['attack']} | {r['config']} | {r['images']} | {r['images'] - r['below_30db']} "
                     f"| {r['dropped']} | {r['psnr_min']:.1f} / {r['psnr_median']:.1f} | {r['ssim_median']:.3f} "
                     f"| {r['label_accuracy']:.0%} | {r['converged']} | {num(r['evaluations_to_30db_median'], ',.0f')} "
