@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from attacks.base import Attack, AttackTarget, Progress, Trial, divergence_reasons, problem_generator
+from attacks.labels import last_layer_features
 from attacks.lbfgs import BatchedLBFGS
 from attacks.problems import Problems, stack_problems, stack_targets, value_and_grad
 from attacks.recorder import Recorder
@@ -14,9 +17,10 @@ from fedsim.errors import FedsimError
 
 # The optimiser presets: the paper's L-BFGS as its code runs it, and the default that survives real photos.
 PRESETS: dict[str, dict] = {
-    "robust": {"line_search": "armijo", "rescues": 5, "restarts": 2},
-    "paper": {"line_search": None, "rescues": 0, "restarts": 1},
+    "robust": {"line_search": "armijo", "rescues": 5, "restarts": 2, "init": "features"},
+    "paper": {"line_search": None, "rescues": 0, "restarts": 1, "init": "noise"},
 }
+INITS = ("features", "noise")
 
 
 class DLG(Attack):
@@ -34,6 +38,13 @@ class DLG(Attack):
     `rescues` 5 and `restarts` 2: a step can no longer raise the loss, so a restart does not blow up,
     and the restart that matches the gradient better is kept. Both draw images and label logits from
     N(0, 1) and clamp the images to [0, 1] only at the end; result info records `optimizer`.
+
+    `init` chooses where the images start. "noise" (the paper's, with optimizer "paper") is the N(0, 1)
+    draw. "features" (the default) reads the last layer's input features off its gradient in closed form
+    (attacks.labels.last_layer_features: one example, FedSGD) and first fits the image, from grey plus a
+    tenth of the draw, to them: `feature_iterations` L-BFGS steps, each evaluation a single backward pass
+    instead of a double one, counted in `evaluations` (and apart in info's `feature_evaluations`); without
+    a closed form it falls back to noise. Info's `init` records which ran.
 
     `rescues` (0 with the paper's optimiser) makes a restart survive the two ways L-BFGS without a line
     search fails: when a step blows the images up (or the loss becomes non-finite), the restart goes
@@ -60,6 +71,8 @@ class DLG(Attack):
         unroll: bool = True,
         image_limit: float = 1e3,
         optimizer: str = "robust",
+        init: str | None = None,
+        feature_iterations: int = 10,
         rescues: int | None = None,
         restarts: int | None = None,
         converged_below: float = 1e-4,
@@ -72,6 +85,11 @@ class DLG(Attack):
         preset = PRESETS[optimizer]
         restarts = preset["restarts"] if restarts is None else restarts
         rescues = preset["rescues"] if rescues is None else rescues
+        init = preset["init"] if init is None else init
+        if init not in INITS:
+            raise FedsimError(f"{self.name}: init must be one of {', '.join(INITS)}, got {init!r}")
+        if feature_iterations < 1:
+            raise FedsimError(f"{self.name}: feature_iterations must be positive, got {feature_iterations}")
         super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
         if not converged_below > 0:
             raise FedsimError(f"{self.name}: converged_below must be positive, got {converged_below}")
@@ -84,7 +102,7 @@ class DLG(Attack):
         self.iterations, self.lr, self.max_iter, self.history_size = iterations, lr, max_iter, history_size
         self.image_param, self.unroll, self.image_limit = image_param, unroll, image_limit
         self.rescues, self.optimizer, self.converged_below = rescues, optimizer, converged_below
-        self.line_search = preset["line_search"]
+        self.line_search, self.init, self.feature_iterations = preset["line_search"], init, feature_iterations
 
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(z) if self.image_param == "sigmoid" else z
@@ -119,8 +137,13 @@ class DLG(Attack):
 
         fn = value_and_grad(matching_loss, problems.k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
         inits = [self._initial(problem_generator(seed, i), numel, n * classes, i) for _ in targets for i in range(r)]
+        z0 = torch.stack(inits).to(device)
+        features, init_note = self._closed_form_features(targets, problems) if self.init == "features" else (None, "")
+        fitted = self._fit_features(problems, z0, numel, shape, features) if features is not None else None
+        if fitted is not None:
+            z0, feature_evals, feature_error = fitted
         opt = BatchedLBFGS(
-            torch.stack(inits).to(device),
+            z0,
             lambda z_: fn(problems.params, problems.consts, z_, labels, problems.observed),
             lr=self.lr,
             max_iter=self.max_iter,
@@ -128,11 +151,25 @@ class DLG(Attack):
             reset_stalled=self.rescues > 0 or self.line_search is not None,
             line_search=self.line_search,
         )
+        if fitted is not None:  # the feature fit's evaluations count towards the attack's
+            opt.evaluations += feature_evals.to(opt.evaluations.device)
         trials = self._optimise(opt, problems, shape, numel, [f[0] for f in fixed for _ in range(r)], progress)
         info = [
-            {"objective": problems.objective, "label_method": f[1], "attack": self.name, "optimizer": self.optimizer}
+            {
+                "objective": problems.objective,
+                "label_method": f[1],
+                "attack": self.name,
+                "optimizer": self.optimizer,
+                "init": "features" if fitted is not None else "noise",
+            }
             for f in fixed
         ]
+        for j, entry in enumerate(info):
+            if fitted is not None:  # per restart: single-backward evaluations of the feature fit, its relative error
+                entry["feature_evaluations"] = [int(v) for v in feature_evals[j * r : (j + 1) * r]]
+                entry["feature_error"] = [float(v) for v in feature_error[j * r : (j + 1) * r]]
+            elif init_note:
+                entry["init_note"] = init_note
         for j, entry in enumerate(info):  # restarts of one target share its scale: the best one decides
             relative = [t.loss / float(problems.scale[j * r]) for t in trials[j * r : (j + 1) * r] if not t.dropped]
             entry["relative_loss"] = min(relative) if relative else None
@@ -142,6 +179,64 @@ class DLG(Attack):
                 entry["rescued"] = [int(v) for v in opt.rescued[j * r : (j + 1) * r]]
                 entry["stall_resets"] = [int(v) for v in opt.resets[j * r : (j + 1) * r]]
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info
+
+    def _closed_form_features(
+        self, targets: Sequence[AttackTarget], problems: Problems
+    ) -> tuple[torch.Tensor | None, str]:
+        """Per problem [K, F], the last layer's input features in closed form from its gradient
+        (attacks.labels.last_layer_features), or None and why not: they need an undefended FedSGD
+        gradient of one example and a last nn.Linear with a trainable bias."""
+        first = targets[0]
+        if problems.objective != "gradient" or problems.examples != 1 or problems.aware:
+            return None, "features need an undefended FedSGD gradient of one example; drew noise"
+        try:
+            rows = [last_layer_features(first.model, s, first.num_classes) for s in problems.signals]
+        except FedsimError as exc:
+            return None, f"{exc}; drew noise"
+        if rows[0] is None:
+            return None, "features need a last layer with a trainable bias; drew noise"
+        device = problems.scale.device
+        return torch.stack([h.to(device) for h in rows for _ in range(self.restarts)]), ""
+
+    def _fit_features(
+        self, problems: Problems, z0: torch.Tensor, numel: int, shape: tuple, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fit the dummy images to the closed-form features (one backward pass per evaluation, no double
+        backward): `feature_iterations` L-BFGS steps with the line search from grey plus a tenth of the
+        restart's noise. Returns the new initial variables, evaluations per problem, the relative error."""
+        layer = [m for m in problems.model.modules() if isinstance(m, nn.Linear)][-1]
+        seen: list[torch.Tensor] = []
+
+        def feature_loss(p: dict, c: dict, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            seen.clear()
+            functional_call(problems.model, {**p, **c}, (self._images(z.view(shape)),))
+            return ((seen[0].flatten() - h) ** 2).sum() / (h**2).sum().clamp(min=1e-30)
+
+        handle = layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+        try:
+            images = z0[:, :numel]
+            start = images * 0.1 + (0.0 if self.image_param == "sigmoid" else 0.5)
+            fn = value_and_grad(feature_loss, problems.k, (0, 0, 0, 0), argnum=2)
+            fit = BatchedLBFGS(
+                start.clone(),
+                lambda z_: fn(problems.params, problems.consts, z_, features),
+                max_iter=self.max_iter,
+                history_size=self.history_size,
+                reset_stalled=True,
+                line_search="armijo",
+            )
+            for _ in range(self.feature_iterations):
+                fit.step()
+                fit.frozen |= fit.loss <= 1e-8
+                if bool(fit.frozen.all()):
+                    break
+            loss, _ = fit.evaluate(torch.ones_like(fit.frozen))
+        finally:
+            handle.remove()
+        ok = torch.isfinite(loss) & torch.isfinite(fit.z).all(1)  # a bad fit keeps its noise
+        z = z0.clone()
+        z[:, :numel] = torch.where(ok[:, None], fit.z, images)
+        return z, fit.evaluations.cpu(), loss.cpu()
 
     def _optimise(
         self,

@@ -128,3 +128,17 @@ def infer_labels(
     estimate = batch_size * (probs - signal)
     counts = round_counts(estimate, signal < 0, batch_size)
     return LabelEstimate(counts_to_labels(counts), counts, method)
+
+
+def last_layer_features(model: nn.Module, gradients: list[torch.Tensor], num_classes: int) -> torch.Tensor | None:
+    """The input features [F] of the last layer for one example, in closed form from its gradient (None
+    without a trainable last-layer bias).
+
+    With the mean cross-entropy of one example the last layer's gradients are g_b = p - y and
+    g_W = g_b h^T, so h = g_W^T g_b / ||g_b||² exactly: least squares over the classes.
+    """
+    _, w_idx, b_idx = last_layer(model, num_classes)
+    if b_idx is None:
+        return None
+    g_w, g_b = gradients[w_idx].detach().double(), gradients[b_idx].detach().double()
+    return (g_w.T @ g_b / (g_b @ g_b).clamp(min=1e-300)).float()
