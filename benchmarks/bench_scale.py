@@ -174,21 +174,44 @@ def timed_run(args: list[str], env: dict) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 2), "peak_gb": round(peak[0] / 2**30, 3)}
 
 
+FEDSIM_ENV = {
+    "PYTHONPATH": str(ROOT),
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def fedsim_run(out: Path, name: str, clients: int, rounds: int, sets: list[str], model: str = "") -> dict:
+    """One `fedsim run` on MNIST: wall time, peak memory of its process tree, per-round and capture times, disk."""
+    cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
+    cmd += ["--clients", str(clients), "--rounds", str(rounds), "--out-dir", str(out), "--name", name]
+    cmd += (["--model", model] if model else []) + [a for s in sets for a in ("--set", s)]
+    row = {"name": name, **timed_run(cmd, {**os.environ, **FEDSIM_ENV})}
+    run_dir = out / name
+    lines = [json.loads(line) for line in (run_dir / "training.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r.get("round", 0) >= 1]
+    times = [r["time"] for r in lines]
+    row["round_s"] = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+    row["capture_s"] = [r.get("capture-seconds", 0.0) for r in lines]
+    captures = run_dir / "captures"
+    disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
+    row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
+    row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+    return row
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
 def bench_run(
     clients: int, rounds: int, fraction: float, examples: int, policy: list[str], dtype: str, batch: int = 0
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for capture in ("false", "true"):
-            name = f"c{clients}-{capture}"
             sets = [
                 f"fraction-train={fraction}",
                 f"examples-per-client={examples}",
@@ -198,17 +221,10 @@ def bench_run(
                 f"batch-size={batch or max(1, min(32, examples // 2))}",  # shards of many clients are uneven
                 *policy,
             ]
-            cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
-            cmd += ["--model", "mlp", "--clients", str(clients), "--rounds", str(rounds), "--out-dir", tmp]
-            cmd += ["--name", name] + [a for s in sets for a in ("--set", s)]
-            row = {"capture": capture == "true", **timed_run(cmd, env)}
-            run_dir = Path(tmp) / name
-            times = [json.loads(line)["time"] for line in (run_dir / "training.jsonl").read_text().splitlines()]
-            row["round_s"] = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
-            captures = run_dir / "captures"
-            disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
-            row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
-            row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+            row = {
+                "capture": capture == "true",
+                **fedsim_run(Path(tmp), f"c{clients}-{capture}", clients, rounds, sets, "mlp"),
+            }
             rows.append(row)
             print(row, flush=True)
     plain_s, curious_s = rows[0]["wall_s"], rows[1]["wall_s"]
@@ -222,6 +238,67 @@ def bench_run(
             "curious_over_plain": round(curious_s / plain_s, 3),
         },
     )
+
+
+def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
+    """One curious run as a user types it (default model and capture), many rounds: peak memory and time per round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row = fedsim_run(Path(tmp), f"long-{clients}", clients, rounds, sets)
+    steady = row["round_s"][1:]  # from round 2 on: the first holds Ray's and the actors' start
+    save(
+        f"long-{tag or clients}",
+        {
+            "command": f"fedsim run --dataset mnist --data-dir ../shared/data --clients {clients} --rounds {rounds} "
+            + " ".join(f"--set {s}" for s in sets),
+            "measured": "under load: 2 cores shared with other jobs",
+            **row,
+            "first_round_end_s": round(row["wall_s"] - sum(row["round_s"]), 1),
+            "median_round_s": round(median(steady), 3),
+            "median_capture_s": round(median(row["capture_s"][1:]), 4),
+        },
+    )
+
+
+def bench_overhead(clients: list[int], fraction: dict[int, float], rounds: int, pairs: int, sets: list[str]) -> None:
+    """Plain and curious runs alternated (same seed), so that a change in the machine's load hits both alike.
+
+    The ratio is of the median time per round from round 2 on (the first round holds Ray's start-up); the curious
+    runs also time their capture path, so its share of a round is measured inside the same run.
+    """
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in clients:
+            runs: dict[str, list[dict]] = {"plain": [], "curious": []}
+            for pair in range(pairs):
+                for mode in ("plain", "curious"):
+                    extra = [f"fraction-train={fraction[n]}", f"capture={'true' if mode == 'curious' else 'false'}"]
+                    row = fedsim_run(Path(tmp), f"{mode}-{n}-{pair}", n, rounds, extra + sets)
+                    runs[mode].append(row)
+                    print(n, mode, pair, row, flush=True)
+            per_round = {m: median([s for r in rows for s in r["round_s"][1:]]) for m, rows in runs.items()}
+            capture = median([s for r in runs["curious"] for s in r["capture_s"][1:]])
+            results.append(
+                {
+                    "clients": n,
+                    "cohort": round(n * fraction[n]),
+                    "median_round_s": {m: round(v, 3) for m, v in per_round.items()},
+                    "curious_over_plain": round(per_round["curious"] / per_round["plain"], 3),
+                    "median_capture_s": round(capture, 4),
+                    "capture_share_of_round": round(capture / per_round["curious"], 4),
+                    "peak_gb": {m: max(r["peak_gb"] for r in rows) for m, rows in runs.items()},
+                    "capture_mb_per_round": max(r["capture_mb_per_round"] for r in runs["curious"]),
+                    "runs": runs,
+                }
+            )
+            save(
+                "overhead",
+                {
+                    "measured": "under load: 2 cores shared with other jobs",
+                    "rounds": rounds,
+                    "sets": sets,
+                    "results": results,
+                },
+            )
 
 
 def main() -> None:
@@ -241,11 +318,28 @@ def main() -> None:
     run.add_argument("--dtype", default="float32")
     run.add_argument("--batch", type=int, default=0, help="client batch size (0: half the examples, at most 32)")
     run.add_argument("--policy", nargs="*", default=[], help="extra capture keys, e.g. capture-policy=sample")
+    long = sub.add_parser("long")
+    long.add_argument("--clients", type=int, default=5000)
+    long.add_argument("--rounds", type=int, default=20)
+    long.add_argument("--tag", default="")
+    long.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
+    over = sub.add_parser("overhead")
+    over.add_argument("--clients", type=int, nargs="+", default=[10, 1000, 5000])
+    over.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.05, 0.02])
+    over.add_argument("--rounds", type=int, default=4)
+    over.add_argument("--pairs", type=int, default=2)
+    over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
     args = parser.parse_args()
     if args.part == "index":
         bench_index(args.records, args.rounds)
     elif args.part == "psnr":
         bench_psnr(args.images, args.idlg)
+    elif args.part == "long":
+        bench_long(args.clients, args.rounds, args.sets, args.tag)
+    elif args.part == "overhead":
+        bench_overhead(
+            args.clients, dict(zip(args.clients, args.fractions, strict=True)), args.rounds, args.pairs, args.sets
+        )
     else:
         bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
 
