@@ -32,7 +32,7 @@ import torch
 
 from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES
 from fedsim.errors import FedsimError
-from fedsim.files import append_line, load_tensors, read_jsonl, save_tensors
+from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, save_tensors, tensor_bytes
 
 MANIFEST = "manifest.jsonl"
 INDEX = "index"
@@ -285,19 +285,26 @@ class CaptureStore:
         return self.root / INDEX / f"round-{server_round:04d}.idx"
 
     def _append(self, record: dict[str, Any]) -> dict[str, Any]:
-        record = {"time": round(time.time(), 3), **record}
-        line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
+        return self._append_many([record])[0]
+
+    def _append_many(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append records to the manifest in one synced write, then their offsets to each round's index."""
+        now = round(time.time(), 3)
+        records = [{"time": now, **record} for record in records]
+        lines = [(json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode() for record in records]
+        if not lines:
+            return records
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-            end = os.lseek(fd, 0, os.SEEK_CUR)  # one writer per store: the line just written ends here
-        finally:
-            os.close(fd)
-        # After the manifest line: a crash in between leaves the index short, which `_indexed` detects.
-        append_line(self.index_path(record["round"]), f"{end - len(line)} {len(line)}")
-        return record
+        end = append_line(self.manifest, b"".join(lines).decode())
+        entries: dict[int, list[str]] = {}
+        offset = end - sum(len(line) for line in lines)
+        for record, line in zip(records, lines, strict=True):
+            entries.setdefault(record["round"], []).append(f"{offset} {len(line)}")
+            offset += len(line)
+        # After the manifest lines: a crash in between leaves the index short, which `_indexed` detects.
+        for server_round, round_entries in entries.items():
+            append_line(self.index_path(server_round), "\n".join(round_entries))
+        return records
 
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
         """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
@@ -317,13 +324,28 @@ class CaptureStore:
 
         `base` is the round's global state; without it a float16 update stores the weights themselves.
         """
-        rel = f"round-{server_round:04d}/client-{client}.safetensors"
-        extra: dict[str, Any] = {}
-        if self.dtype == "float16":
-            state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
-            extra = {"dtype": "float16", "delta": base is not None}
-        save_tensors(self.root / rel, state, {"kind": "update", "round": str(server_round), "client": str(client)})
-        return self._append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
+        return self.write_updates(server_round, [(client, state, meta)], base)[0]
+
+    def write_updates(
+        self,
+        server_round: int,
+        updates: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]],
+        base: dict[str, torch.Tensor] | None = None,
+    ) -> list[dict]:
+        """`write_update` for (client, state, meta) of a whole round: the files are written and synced together,
+        then their records appended in one write, so no record ever names a file that is not on disk."""
+        files, records = [], []
+        for client, state, meta in updates:
+            rel = f"round-{server_round:04d}/client-{client}.safetensors"
+            extra: dict[str, Any] = {}
+            if self.dtype == "float16":
+                state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
+                extra = {"dtype": "float16", "delta": base is not None}
+            header = {"kind": "update", "round": str(server_round), "client": str(client)}
+            files.append((self.root / rel, tensor_bytes(state, header)))
+            records.append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
+        atomic_write_many(files)
+        return self._append_many(records)
 
     def write_failure(self, server_round: int, client: int, reason: str) -> dict:
         """Record that a client's reply was an error: the round goes on without it."""

@@ -119,11 +119,14 @@ class CuriousStrategy(StrategyWrapper):
                 accepted.append(checked)
         chosen = self.policy.select(server_round, [key for key, *_ in accepted])
         base = self._global[1] if self._global is not None and self._global[0] == server_round else None
-        for key, node, arrays, reported in accepted:
-            if key in chosen:
-                meta = {**self.describe, "recipe": self.recipes.get(server_round, {}), **reported}
-                self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta, base=base)
-        return sum(key in chosen for key, *_ in accepted)
+        recipe = self.recipes.get(server_round, {})
+        updates = [
+            (node, arrays.to_torch_state_dict(), {**self.describe, "recipe": recipe, **reported})
+            for key, node, arrays, reported in accepted
+            if key in chosen
+        ]
+        self.store.write_updates(server_round, updates, base=base)  # the round's files synced together
+        return len(updates)
 
     def _capture(self, server_round: int, reply: Message) -> int:
         """Capture one reply (as if it were the round's only one)."""

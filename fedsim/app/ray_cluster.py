@@ -62,25 +62,40 @@ def current_node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def placement(class_name: str) -> dict[str, Any]:
-    """The nodes of the cluster and, for this job's actors of `class_name`, the node each one ran on.
+def current_job() -> str:
+    """The Ray job id of this driver (hex)."""
+    import ray
 
-    Read from Ray's actor table (kept after the actors exit); empty if this Ray cannot say.
+    return ray.get_runtime_context().get_job_id()
+
+
+def placement(class_name: str, job: str) -> dict[str, Any]:
+    """The cluster's nodes and, for job `job`'s actors of `class_name`, the node each one ran on.
+
+    Read from Ray's actor table, which keeps actors after they exit (Flower's backend shuts this driver's Ray
+    down at the end of a simulation: this joins the cluster again for the look-up). Empty if Ray cannot say.
     """
     import ray
 
+    joined = not ray.is_initialized()
     try:
         from ray._private import state
 
+        if joined:
+            ray.init(address=cluster_address(), log_to_driver=False, logging_level="error")
         nodes = [
             {"node": n["NodeID"], "address": n["NodeManagerAddress"], "resources": n["Resources"]}
             for n in ray.nodes()
             if n.get("Alive")
         ]
-        actors = state.actors(job_id=ray.get_runtime_context().job_id)
+        actors = state.actors(job_id=ray.JobID.from_hex(job))
     except Exception:  # an introspection API this Ray lacks never fails the run
         return {}
+    finally:
+        if joined:
+            ray.shutdown()
     return {
+        "job": job,
         "nodes": nodes,
         "actors": sorted(
             (

@@ -142,7 +142,7 @@ def simulate(
         raise FedsimError(f"{run_dir} already holds a run; choose another --name or remove that folder")
     check_writable(run_dir)
     flower_offline()
-    from fedsim.app.ray_cluster import cluster_address
+    from fedsim.app.ray_cluster import cluster_address, current_job, placement
 
     if cluster_address() is not None:  # the clients run on other machines: they read data-dir as the driver means it
         config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
@@ -158,6 +158,7 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.ERROR)
     with warnings.catch_warnings(), private_ray(config, run_dir):
         warnings.simplefilter("ignore")
+        job = current_job()
         run_simulation(
             server_app=make_server_app(config, run_dir, on_round, curious),
             client_app=make_client_app(config),
@@ -165,10 +166,8 @@ def simulate(
             backend_config=backend_config(config),
             verbose_logging=verbose,
         )
-        if cluster_address() is not None:
-            from fedsim.app.ray_cluster import placement
-
-            atomic_write_json(run_dir / "ray-placement.json", placement("ClientAppActor"))
+    if cluster_address() is not None:  # which node each client actor ran on
+        atomic_write_json(run_dir / "ray-placement.json", placement("ClientAppActor", job))
     if not (run_dir / "training.json").exists():
         raise FedsimError(
             f"the simulation stopped before finishing; see the log above. Captures written so far "
