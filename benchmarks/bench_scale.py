@@ -244,7 +244,7 @@ def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
     """One curious run as a user types it (default model and capture), many rounds: peak memory and time per round."""
     with tempfile.TemporaryDirectory() as tmp:
         row = fedsim_run(Path(tmp), f"long-{clients}", clients, rounds, sets)
-    steady = row["round_s"][1:]  # from round 2 on: the first holds Ray's and the actors' start
+    steady = row["round_s"]  # rounds 2 on: the first round also holds the start of Ray and the client actors
     save(
         f"long-{tag or clients}",
         {
@@ -259,24 +259,30 @@ def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
     )
 
 
-def bench_overhead(clients: list[int], fraction: dict[int, float], rounds: int, pairs: int, sets: list[str]) -> None:
+def bench_overhead(
+    clients: list[int], fraction: dict[int, float], rounds: int, pairs: dict[int, int], sets: list[str]
+) -> None:
     """Plain and curious runs alternated (same seed), so that a change in the machine's load hits both alike.
 
-    The ratio is of the median time per round from round 2 on (the first round holds Ray's start-up); the curious
+    The ratio is of the median time per round from round 2 on (the first round also holds the start of Ray); the curious
     runs also time their capture path, so its share of a round is measured inside the same run.
     """
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in clients:
             runs: dict[str, list[dict]] = {"plain": [], "curious": []}
-            for pair in range(pairs):
+            for pair in range(pairs[n]):
                 for mode in ("plain", "curious"):
                     extra = [f"fraction-train={fraction[n]}", f"capture={'true' if mode == 'curious' else 'false'}"]
                     row = fedsim_run(Path(tmp), f"{mode}-{n}-{pair}", n, rounds, extra + sets)
                     runs[mode].append(row)
                     print(n, mode, pair, row, flush=True)
-            per_round = {m: median([s for r in rows for s in r["round_s"][1:]]) for m, rows in runs.items()}
+            per_round = {m: median([s for r in rows for s in r["round_s"]]) for m, rows in runs.items()}
             capture = median([s for r in runs["curious"] for s in r["capture_s"][1:]])
+            # inside each curious run: its rounds against the same rounds less the time they spent capturing
+            inside = median(
+                [t / (t - c) for r in runs["curious"] for t, c in zip(r["round_s"], r["capture_s"][1:], strict=False)]
+            )
             results.append(
                 {
                     "clients": n,
@@ -285,6 +291,7 @@ def bench_overhead(clients: list[int], fraction: dict[int, float], rounds: int, 
                     "curious_over_plain": round(per_round["curious"] / per_round["plain"], 3),
                     "median_capture_s": round(capture, 4),
                     "capture_share_of_round": round(capture / per_round["curious"], 4),
+                    "curious_over_curious_less_capture": round(inside, 3),
                     "peak_gb": {m: max(r["peak_gb"] for r in rows) for m, rows in runs.items()},
                     "capture_mb_per_round": max(r["capture_mb_per_round"] for r in runs["curious"]),
                     "runs": runs,
@@ -327,7 +334,7 @@ def main() -> None:
     over.add_argument("--clients", type=int, nargs="+", default=[10, 1000, 5000])
     over.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.05, 0.02])
     over.add_argument("--rounds", type=int, default=4)
-    over.add_argument("--pairs", type=int, default=2)
+    over.add_argument("--pairs", type=int, nargs="+", default=[2, 2, 2])
     over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
     args = parser.parse_args()
     if args.part == "index":
