@@ -3,6 +3,9 @@
     python benchmarks/bench_scale.py index --records 100000 --rounds 100
     python benchmarks/bench_scale.py psnr --images 4
     python benchmarks/bench_scale.py run --clients 200 --rounds 2 --fraction 0.25 --examples 10
+    python benchmarks/bench_scale.py long --clients 5000 --rounds 20 --set fraction-train=0.02 --set batch-size=1
+    python benchmarks/bench_scale.py overhead --clients 10 1000 5000 --fractions 1.0 0.05 0.02 --pairs 2 1 1
+    python benchmarks/bench_scale.py attack --clients 8 --iterations 50 --nodes 1 2
 
 Each writes benchmarks/results/scale-<part>.json. `run` samples the resident memory of the whole process
 tree (the CLI, Ray and its workers) from /proc every 0.5 s and runs the same federation with capture on
@@ -308,6 +311,65 @@ def bench_overhead(
             )
 
 
+def bench_attack(clients: int, iterations: int, node_counts: list[int]) -> None:
+    """Reconstructions per minute of `fedsim attack` on Ray clusters of 1 and of 2 one-CPU nodes (tests/ray_nodes.py).
+
+    One FedSGD run (MLP on MNIST, one image per client) gives `clients` captures; each cluster attacks all of them
+    with iDLG through RAY_ADDRESS. The rate counts the whole command (joining, shipping fedsim, worker start-up);
+    the per-task seconds in each result.json give the cost of one reconstruction alone.
+    """
+    import shutil
+
+    from tests.ray_nodes import RayNodes
+
+    env = {**os.environ, **FEDSIM_ENV}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = ["recipe=fedsgd", "batch-size=1", "examples-per-client=4", "eval-examples=100", "capture-dtype=float16"]
+        fedsim_run(Path(tmp), "source", clients, 1, sets, "mlp")
+        for nodes in node_counts:
+            run_dir = Path(tmp) / f"attack-{nodes}"
+            shutil.copytree(Path(tmp) / "source", run_dir)
+            cluster = RayNodes(cpus=1)
+            try:
+                for _ in range(nodes - 1):
+                    cluster.add_node(cpus=1, resources={"worker": 1})
+                cluster.wait(nodes)
+                cmd = [sys.executable, "-m", "fedsim", "attack", str(run_dir), "-a", "idlg"]
+                cmd += ["-o", f"iterations={iterations}", "--rounds", "1"]
+                start = time.perf_counter()
+                out = subprocess.run(cmd, env={**env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True)
+                wall = time.perf_counter() - start
+            finally:
+                left = cluster.stop()
+            if out.returncode != 0:
+                raise SystemExit(f"fedsim attack failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            results = [json.loads(p.read_text()) for p in (run_dir / "attacks").rglob("result.json")]
+            ok = [r for r in results if r["status"] == "ok"]
+            rows.append(
+                {
+                    "nodes": nodes,
+                    "cpus_per_node": 1,
+                    "reconstructions": len(ok),
+                    "wall_s": round(wall, 2),
+                    "per_minute": round(60 * len(ok) / wall, 2),
+                    "task_s_median": round(median([r["seconds"] for r in ok]), 2),
+                    "tasks_per_node": {n: sum(r.get("node") == n for r in ok) for n in {r.get("node") for r in ok}},
+                    "left_processes": left,
+                }
+            )
+            print(rows[-1], flush=True)
+    save(
+        "attack",
+        {
+            "command": f"fedsim attack <run> -a idlg -o iterations={iterations} --rounds 1 (RAY_ADDRESS=<cluster>)",
+            "measured": "under load: 2 cores shared with other jobs; every node on this one machine",
+            "captures": clients,
+            "rows": rows,
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -336,16 +398,26 @@ def main() -> None:
     over.add_argument("--rounds", type=int, default=4)
     over.add_argument("--pairs", type=int, nargs="+", default=[2, 2, 2])
     over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
+    attack = sub.add_parser("attack")
+    attack.add_argument("--clients", type=int, default=8)
+    attack.add_argument("--iterations", type=int, default=50)
+    attack.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     if args.part == "index":
         bench_index(args.records, args.rounds)
     elif args.part == "psnr":
         bench_psnr(args.images, args.idlg)
+    elif args.part == "attack":
+        bench_attack(args.clients, args.iterations, args.nodes)
     elif args.part == "long":
         bench_long(args.clients, args.rounds, args.sets, args.tag)
     elif args.part == "overhead":
         bench_overhead(
-            args.clients, dict(zip(args.clients, args.fractions, strict=True)), args.rounds, args.pairs, args.sets
+            args.clients,
+            dict(zip(args.clients, args.fractions, strict=True)),
+            args.rounds,
+            dict(zip(args.clients, args.pairs, strict=True)),
+            args.sets,
         )
     else:
         bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
