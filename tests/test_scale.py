@@ -178,6 +178,21 @@ def test_a_corrupt_record_reached_through_the_index_is_still_refused(tmp_path):
         store.records(rounds=[1])
 
 
+def test_a_round_written_together_reads_back_through_the_index_and_a_failed_batch_leaves_nothing(tmp_path):
+    from fedsim.files import load_tensors
+
+    store = CaptureStore(tmp_path / "captures")
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 1, "partition_id": 0}
+    store.write_global(1, {"w": torch.zeros(3)}, meta)
+    written = store.write_updates(1, [(c, {"w": torch.full((3,), float(c))}, meta) for c in range(5)])
+    assert [r["client"] for r in store.records("update", rounds=[1])] == [0, 1, 2, 3, 4]
+    assert len((store.root / "index" / "round-0001.idx").read_text().splitlines()) == 6
+    assert all(load_tensors(store.path(r))["w"][0] == r["client"] for r in written)
+    with pytest.raises(AttributeError):  # not a tensor: neither a file nor a record of the batch is written
+        store.write_updates(2, [(0, {"w": torch.zeros(2)}, meta), (1, {"w": "not a tensor"}, meta)])
+    assert store.records(rounds=[2]) == [] and not (store.root / "round-0002").exists()
+
+
 # --- a real two-node Ray cluster -------------------------------------------------------------------------------
 
 
