@@ -19,10 +19,13 @@ A last manifest line cut by a crash is skipped with a warning (see `fedsim.files
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -265,6 +268,65 @@ def check_declared(declared: dict[str, Any]) -> dict[str, Any]:
     return FIELDS["declared"]("declared", declared)
 
 
+class BackgroundWriter:
+    """One thread that runs a store's writes in the order they were handed over, off the caller's path.
+
+    `submit` blocks while `depth` writes are waiting, so at most that many rounds of updates are held in memory;
+    the first write that fails is raised by the next `submit` or by `flush`.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure nothing more is written: the store ends where it failed
+                    job()
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread)
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every write handed over is on disk; raise the first that failed."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self.thread.join()
+
+
+def _deferrable(method: Callable) -> Callable:
+    """A write that goes to the store's background writer when it has one (and then returns None)."""
+
+    @functools.wraps(method)
+    def write(self: CaptureStore, *args: Any, **kwargs: Any) -> Any:
+        writer = self._writer
+        if writer is None or threading.current_thread() is writer.thread:
+            return method(self, *args, **kwargs)
+        writer.submit(functools.partial(method, self, *args, **kwargs))
+        return None
+
+    return write
+
+
 class CaptureStore:
     """Writes and reads the captures of one run; `dtype` is how client updates are stored."""
 
@@ -276,6 +338,27 @@ class CaptureStore:
         self._globals: dict[int, dict] = {}
         self._folders: dict[Path, Path] = {}  # resolved folders of tensor files, checked once each
         self._root: Path | None = None
+        self._writer: BackgroundWriter | None = None
+
+    def write_in_background(self) -> None:
+        """From now on the writes run on one thread of their own, in order, and return None: a server hands a
+        round's captures over and goes on while they are written. `flush` waits for them; `close` also ends
+        the thread."""
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Wait for the background writes (raising the first that failed) and end their thread."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.flush()
+            finally:
+                writer.close()
 
     @property
     def manifest(self) -> Path:
@@ -306,12 +389,14 @@ class CaptureStore:
             append_line(self.index_path(server_round), "\n".join(round_entries))
         return records
 
+    @_deferrable
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
         """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
         rel = f"round-{server_round:04d}/global.safetensors"
         save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
+    @_deferrable
     def write_update(
         self,
         server_round: int,
@@ -326,6 +411,7 @@ class CaptureStore:
         """
         return self.write_updates(server_round, [(client, state, meta)], base)[0]
 
+    @_deferrable
     def write_updates(
         self,
         server_round: int,
@@ -347,6 +433,7 @@ class CaptureStore:
         atomic_write_many(files)
         return self._append_many(records)
 
+    @_deferrable
     def write_failure(self, server_round: int, client: int, reason: str) -> dict:
         """Record that a client's reply was an error: the round goes on without it."""
         return self._append({"kind": "failure", "round": server_round, "client": client, "reason": reason})

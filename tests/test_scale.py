@@ -193,6 +193,25 @@ def test_a_round_written_together_reads_back_through_the_index_and_a_failed_batc
     assert store.records(rounds=[2]) == [] and not (store.root / "round-0002").exists()
 
 
+def test_background_writes_land_in_order_and_a_failed_one_is_raised(tmp_path, monkeypatch):
+    store = CaptureStore(tmp_path / "captures")
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 1, "partition_id": 0}
+    store.write_in_background()
+    for server_round in (1, 2):
+        assert store.write_global(server_round, {"w": torch.zeros(3)}, meta) is None, "handed over, not written yet"
+        store.write_updates(server_round, [(c, {"w": torch.full((3,), float(c))}, meta) for c in range(3)])
+        store.write_failure(server_round, 9, "late")
+    store.flush()
+    kinds = [(r["round"], r["kind"]) for r in store.records()]
+    assert kinds == [(r, k) for r in (1, 2) for k in ["global", "update", "update", "update", "failure"]]
+    assert len(store.records("update", rounds=[2])) == 3
+    monkeypatch.setattr("fedsim.captures.atomic_write_many", lambda files: (_ for _ in ()).throw(OSError("disk full")))
+    store.write_updates(3, [(0, {"w": torch.zeros(3)}, meta)])
+    with pytest.raises(OSError, match="disk full"):
+        store.close()
+    assert store.records(rounds=[3]) == [] and store.write_failure(3, 1, "now in the caller's thread")["round"] == 3
+
+
 # --- a real two-node Ray cluster -------------------------------------------------------------------------------
 
 
