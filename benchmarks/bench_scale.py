@@ -351,6 +351,7 @@ def bench_attack(clients: int, iterations: int, node_counts: list[int]) -> None:
                     "nodes": nodes,
                     "cpus_per_node": 1,
                     "reconstructions": len(ok),
+                    "failed": [r.get("reason") for r in results if r["status"] != "ok"],
                     "wall_s": round(wall, 2),
                     "per_minute": round(60 * len(ok) / wall, 2),
                     "task_s_median": round(median([r["seconds"] for r in ok]), 2),

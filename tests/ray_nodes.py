@@ -48,8 +48,13 @@ def bare_python(folder: Path) -> str:
 
 
 def bare_env() -> dict[str, str]:
-    """This process's environment less PYTHONPATH (which would make fedsim importable)."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    """This process's environment less PYTHONPATH (which would make fedsim importable).
+
+    Ray's memory monitor is off: it kills workers when the whole machine is nearly full, and on a machine
+    shared with other jobs that is their memory as much as this cluster's.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    return {**env, "RAY_memory_monitor_refresh_ms": "0"}
 
 
 PROBE = """

@@ -272,7 +272,7 @@ def test_fedsim_run_and_attack_on_a_two_node_ray_cluster_whose_python_lacks_feds
         attack = run_cli("attack", str(run_dir), "-a", "idlg", "-o", "iterations=20", "--rounds", "1", timeout=900)
         assert attack.returncode == 0, attack.stdout[-2000:] + attack.stderr[-2000:]
         outcomes = [json.loads(p.read_text()) for p in (run_dir / "attacks").rglob("result.json")]
-        assert len(outcomes) == 4 and all(o["status"] == "ok" for o in outcomes), outcomes
+        assert len(outcomes) == 4 and all(o["status"] == "ok" for o in outcomes), [o.get("reason") for o in outcomes]
         assert {o["node"] for o in outcomes} == node_ids, "attack tasks on both nodes"
     finally:
         left = cluster.stop()
