@@ -183,6 +183,9 @@ FEDSIM_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's memory monitor kills workers when the whole machine is nearly full: on a machine shared with other
+    # jobs that is mostly their memory, and a killed client actor turns its replies into failures.
+    "RAY_memory_monitor_refresh_ms": "0",
 }
 
 
@@ -202,6 +205,7 @@ def fedsim_run(out: Path, name: str, clients: int, rounds: int, sets: list[str],
     disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
     row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
     row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+    row["failures"] = len(CaptureStore(captures).records("failure")) if captures.exists() else 0
     return row
 
 
@@ -263,7 +267,7 @@ def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
 
 
 def bench_overhead(
-    clients: list[int], fraction: dict[int, float], rounds: int, pairs: dict[int, int], sets: list[str]
+    clients: list[int], fraction: dict[int, float], rounds: int, pairs: dict[int, int], sets: list[str], tag: str = ""
 ) -> None:
     """Plain and curious runs alternated (same seed), so that a change in the machine's load hits both alike.
 
@@ -301,7 +305,7 @@ def bench_overhead(
                 }
             )
             save(
-                "overhead",
+                f"overhead-{tag}" if tag else "overhead",
                 {
                     "measured": "under load: 2 cores shared with other jobs",
                     "rounds": rounds,
@@ -399,6 +403,7 @@ def main() -> None:
     over.add_argument("--rounds", type=int, default=4)
     over.add_argument("--pairs", type=int, nargs="+", default=[2, 2, 2])
     over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
+    over.add_argument("--tag", default="", help="results go to scale-overhead-<tag>.json")
     attack = sub.add_parser("attack")
     attack.add_argument("--clients", type=int, default=8)
     attack.add_argument("--iterations", type=int, default=50)
@@ -419,6 +424,7 @@ def main() -> None:
             args.rounds,
             dict(zip(args.clients, args.pairs, strict=True)),
             args.sets,
+            args.tag,
         )
     else:
         bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
