@@ -436,7 +436,17 @@ class CaptureStore:
     @_deferrable
     def write_failure(self, server_round: int, client: int, reason: str) -> dict:
         """Record that a client's reply was an error: the round goes on without it."""
-        return self._append({"kind": "failure", "round": server_round, "client": client, "reason": reason})
+        return self.write_failures(server_round, [(client, reason)])[0]
+
+    @_deferrable
+    def write_failures(self, server_round: int, failures: list[tuple[int, str]]) -> list[dict]:
+        """`write_failure` for (client, reason) of a whole round, in one synced append."""
+        return self._append_many(
+            [
+                {"kind": "failure", "round": server_round, "client": client, "reason": reason}
+                for client, reason in failures
+            ]
+        )
 
     def records(self, kind: str | None = None, rounds: Iterable[int] | None = None) -> list[dict]:
         """The manifest's records, optionally of one kind ("global", "update", "failure") and of some rounds only.
