@@ -3,6 +3,9 @@
     python benchmarks/bench_scale.py index --records 100000 --rounds 100
     python benchmarks/bench_scale.py psnr --images 4
     python benchmarks/bench_scale.py run --clients 200 --rounds 2 --fraction 0.25 --examples 10
+    python benchmarks/bench_scale.py long --clients 5000 --rounds 20 --set fraction-train=0.02 --set batch-size=1
+    python benchmarks/bench_scale.py overhead --clients 10 1000 5000 --fractions 1.0 0.05 0.02 --pairs 2 1 1
+    python benchmarks/bench_scale.py attack --clients 8 --iterations 50 --nodes 1 2
 
 Each writes benchmarks/results/scale-<part>.json. `run` samples the resident memory of the whole process
 tree (the CLI, Ray and its workers) from /proc every 0.5 s and runs the same federation with capture on
@@ -174,21 +177,48 @@ def timed_run(args: list[str], env: dict) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 2), "peak_gb": round(peak[0] / 2**30, 3)}
 
 
+FEDSIM_ENV = {
+    "PYTHONPATH": str(ROOT),
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's memory monitor kills workers when the whole machine is nearly full: on a machine shared with other
+    # jobs that is mostly their memory, and a killed client actor turns its replies into failures.
+    "RAY_memory_monitor_refresh_ms": "0",
+}
+
+
+def fedsim_run(out: Path, name: str, clients: int, rounds: int, sets: list[str], model: str = "") -> dict:
+    """One `fedsim run` on MNIST: wall time, peak memory of its process tree, per-round and capture times, disk."""
+    cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
+    cmd += ["--clients", str(clients), "--rounds", str(rounds), "--out-dir", str(out), "--name", name]
+    cmd += (["--model", model] if model else []) + [a for s in sets for a in ("--set", s)]
+    row = {"name": name, **timed_run(cmd, {**os.environ, **FEDSIM_ENV})}
+    run_dir = out / name
+    lines = [json.loads(line) for line in (run_dir / "training.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if r.get("round", 0) >= 1]
+    times = [r["time"] for r in lines]
+    row["round_s"] = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+    row["capture_s"] = [r.get("capture-seconds", 0.0) for r in lines]
+    captures = run_dir / "captures"
+    disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
+    row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
+    row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+    row["failures"] = len(CaptureStore(captures).records("failure")) if captures.exists() else 0
+    return row
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
 def bench_run(
     clients: int, rounds: int, fraction: float, examples: int, policy: list[str], dtype: str, batch: int = 0
 ) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for capture in ("false", "true"):
-            name = f"c{clients}-{capture}"
             sets = [
                 f"fraction-train={fraction}",
                 f"examples-per-client={examples}",
@@ -198,17 +228,10 @@ def bench_run(
                 f"batch-size={batch or max(1, min(32, examples // 2))}",  # shards of many clients are uneven
                 *policy,
             ]
-            cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
-            cmd += ["--model", "mlp", "--clients", str(clients), "--rounds", str(rounds), "--out-dir", tmp]
-            cmd += ["--name", name] + [a for s in sets for a in ("--set", s)]
-            row = {"capture": capture == "true", **timed_run(cmd, env)}
-            run_dir = Path(tmp) / name
-            times = [json.loads(line)["time"] for line in (run_dir / "training.jsonl").read_text().splitlines()]
-            row["round_s"] = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
-            captures = run_dir / "captures"
-            disk = sum(p.stat().st_size for p in captures.rglob("*") if p.is_file()) if captures.exists() else 0
-            row["capture_mb_per_round"] = round(disk / 2**20 / rounds, 2)
-            row["updates_captured"] = len(CaptureStore(captures).records("update")) if captures.exists() else 0
+            row = {
+                "capture": capture == "true",
+                **fedsim_run(Path(tmp), f"c{clients}-{capture}", clients, rounds, sets, "mlp"),
+            }
             rows.append(row)
             print(row, flush=True)
     plain_s, curious_s = rows[0]["wall_s"], rows[1]["wall_s"]
@@ -220,6 +243,134 @@ def bench_run(
             "cohort": round(clients * fraction),
             "rows": rows,
             "curious_over_plain": round(curious_s / plain_s, 3),
+        },
+    )
+
+
+def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
+    """One curious run as a user types it (default model and capture), many rounds: peak memory and time per round."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row = fedsim_run(Path(tmp), f"long-{clients}", clients, rounds, sets)
+    steady = row["round_s"]  # rounds 2 on: the first round also holds the start of Ray and the client actors
+    save(
+        f"long-{tag or clients}",
+        {
+            "command": f"fedsim run --dataset mnist --data-dir ../shared/data --clients {clients} --rounds {rounds} "
+            + " ".join(f"--set {s}" for s in sets),
+            "measured": "under load: 2 cores shared with other jobs",
+            **row,
+            "first_round_end_s": round(row["wall_s"] - sum(row["round_s"]), 1),
+            "median_round_s": round(median(steady), 3),
+            "median_capture_s": round(median(row["capture_s"][1:]), 4),
+        },
+    )
+
+
+def bench_overhead(
+    clients: list[int], fraction: dict[int, float], rounds: int, pairs: dict[int, int], sets: list[str], tag: str = ""
+) -> None:
+    """Plain and curious runs alternated (same seed), so that a change in the machine's load hits both alike.
+
+    The ratio is of the median time per round from round 2 on (the first round also holds the start of Ray); the curious
+    runs also time their capture path, so its share of a round is measured inside the same run.
+    """
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in clients:
+            runs: dict[str, list[dict]] = {"plain": [], "curious": []}
+            for pair in range(pairs[n]):
+                for mode in ("plain", "curious"):
+                    extra = [f"fraction-train={fraction[n]}", f"capture={'true' if mode == 'curious' else 'false'}"]
+                    row = fedsim_run(Path(tmp), f"{mode}-{n}-{pair}", n, rounds, extra + sets)
+                    runs[mode].append(row)
+                    print(n, mode, pair, row, flush=True)
+            per_round = {m: median([s for r in rows for s in r["round_s"]]) for m, rows in runs.items()}
+            capture = median([s for r in runs["curious"] for s in r["capture_s"][1:]])
+            # inside each curious run: its rounds against the same rounds less the time they spent capturing
+            inside = median(
+                [t / (t - c) for r in runs["curious"] for t, c in zip(r["round_s"], r["capture_s"][1:], strict=False)]
+            )
+            results.append(
+                {
+                    "clients": n,
+                    "cohort": round(n * fraction[n]),
+                    "median_round_s": {m: round(v, 3) for m, v in per_round.items()},
+                    "curious_over_plain": round(per_round["curious"] / per_round["plain"], 3),
+                    "median_capture_s": round(capture, 4),
+                    "capture_share_of_round": round(capture / per_round["curious"], 4),
+                    "curious_over_curious_less_capture": round(inside, 3),
+                    "peak_gb": {m: max(r["peak_gb"] for r in rows) for m, rows in runs.items()},
+                    "capture_mb_per_round": max(r["capture_mb_per_round"] for r in runs["curious"]),
+                    "runs": runs,
+                }
+            )
+            save(
+                f"overhead-{tag}" if tag else "overhead",
+                {
+                    "measured": "under load: 2 cores shared with other jobs",
+                    "rounds": rounds,
+                    "sets": sets,
+                    "results": results,
+                },
+            )
+
+
+def bench_attack(clients: int, iterations: int, node_counts: list[int]) -> None:
+    """Reconstructions per minute of `fedsim attack` on Ray clusters of 1 and of 2 one-CPU nodes (tests/ray_nodes.py).
+
+    One FedSGD run (MLP on MNIST, one image per client) gives `clients` captures; each cluster attacks all of them
+    with iDLG through RAY_ADDRESS. The rate counts the whole command (joining, shipping fedsim, worker start-up);
+    the per-task seconds in each result.json give the cost of one reconstruction alone.
+    """
+    import shutil
+
+    from tests.ray_nodes import RayNodes
+
+    env = {**os.environ, **FEDSIM_ENV}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = ["recipe=fedsgd", "batch-size=1", "examples-per-client=4", "eval-examples=100", "capture-dtype=float16"]
+        fedsim_run(Path(tmp), "source", clients, 1, sets, "mlp")
+        for nodes in node_counts:
+            run_dir = Path(tmp) / f"attack-{nodes}"
+            shutil.copytree(Path(tmp) / "source", run_dir)
+            cluster = RayNodes(cpus=1)
+            try:
+                for _ in range(nodes - 1):
+                    cluster.add_node(cpus=1, resources={"worker": 1})
+                cluster.wait(nodes)
+                cmd = [sys.executable, "-m", "fedsim", "attack", str(run_dir), "-a", "idlg"]
+                cmd += ["-o", f"iterations={iterations}", "--rounds", "1"]
+                start = time.perf_counter()
+                out = subprocess.run(cmd, env={**env, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True)
+                wall = time.perf_counter() - start
+            finally:
+                left = cluster.stop()
+            if out.returncode != 0:
+                raise SystemExit(f"fedsim attack failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            results = [json.loads(p.read_text()) for p in (run_dir / "attacks").rglob("result.json")]
+            ok = [r for r in results if r["status"] == "ok"]
+            rows.append(
+                {
+                    "nodes": nodes,
+                    "cpus_per_node": 1,
+                    "reconstructions": len(ok),
+                    "failed": [r.get("reason") for r in results if r["status"] != "ok"],
+                    "wall_s": round(wall, 2),
+                    "per_minute": round(60 * len(ok) / wall, 2),
+                    "task_s_median": round(median([r["seconds"] for r in ok]), 2),
+                    "tasks_per_node": {n: sum(r.get("node") == n for r in ok) for n in {r.get("node") for r in ok}},
+                    "left_processes": left,
+                }
+            )
+            print(rows[-1], flush=True)
+    save(
+        "attack",
+        {
+            "command": f"fedsim attack <run> -a idlg -o iterations={iterations} --rounds 1 (RAY_ADDRESS=<cluster>)",
+            "measured": "under load: 2 cores shared with other jobs; every node on this one machine",
+            "captures": clients,
+            "rows": rows,
         },
     )
 
@@ -241,11 +392,40 @@ def main() -> None:
     run.add_argument("--dtype", default="float32")
     run.add_argument("--batch", type=int, default=0, help="client batch size (0: half the examples, at most 32)")
     run.add_argument("--policy", nargs="*", default=[], help="extra capture keys, e.g. capture-policy=sample")
+    long = sub.add_parser("long")
+    long.add_argument("--clients", type=int, default=5000)
+    long.add_argument("--rounds", type=int, default=20)
+    long.add_argument("--tag", default="")
+    long.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
+    over = sub.add_parser("overhead")
+    over.add_argument("--clients", type=int, nargs="+", default=[10, 1000, 5000])
+    over.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.05, 0.02])
+    over.add_argument("--rounds", type=int, default=4)
+    over.add_argument("--pairs", type=int, nargs="+", default=[2, 2, 2])
+    over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
+    over.add_argument("--tag", default="", help="results go to scale-overhead-<tag>.json")
+    attack = sub.add_parser("attack")
+    attack.add_argument("--clients", type=int, default=8)
+    attack.add_argument("--iterations", type=int, default=50)
+    attack.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     if args.part == "index":
         bench_index(args.records, args.rounds)
     elif args.part == "psnr":
         bench_psnr(args.images, args.idlg)
+    elif args.part == "attack":
+        bench_attack(args.clients, args.iterations, args.nodes)
+    elif args.part == "long":
+        bench_long(args.clients, args.rounds, args.sets, args.tag)
+    elif args.part == "overhead":
+        bench_overhead(
+            args.clients,
+            dict(zip(args.clients, args.fractions, strict=True)),
+            args.rounds,
+            dict(zip(args.clients, args.pairs, strict=True)),
+            args.sets,
+            args.tag,
+        )
     else:
         bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
 

@@ -19,10 +19,13 @@ A last manifest line cut by a crash is skipped with a warning (see `fedsim.files
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 
 from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES, SERVER_MODES
 from fedsim.errors import FedsimError
-from fedsim.files import append_line, load_tensors, read_jsonl, save_tensors
+from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, save_tensors, tensor_bytes
 
 MANIFEST = "manifest.jsonl"
 INDEX = "index"
@@ -265,6 +268,65 @@ def check_declared(declared: dict[str, Any]) -> dict[str, Any]:
     return FIELDS["declared"]("declared", declared)
 
 
+class BackgroundWriter:
+    """One thread that runs a store's writes in the order they were handed over, off the caller's path.
+
+    `submit` blocks while `depth` writes are waiting, so at most that many rounds of updates are held in memory;
+    the first write that fails is raised by the next `submit` or by `flush`.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure nothing more is written: the store ends where it failed
+                    job()
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread)
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every write handed over is on disk; raise the first that failed."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self.thread.join()
+
+
+def _deferrable(method: Callable) -> Callable:
+    """A write that goes to the store's background writer when it has one (and then returns None)."""
+
+    @functools.wraps(method)
+    def write(self: CaptureStore, *args: Any, **kwargs: Any) -> Any:
+        writer = self._writer
+        if writer is None or threading.current_thread() is writer.thread:
+            return method(self, *args, **kwargs)
+        writer.submit(functools.partial(method, self, *args, **kwargs))
+        return None
+
+    return write
+
+
 class CaptureStore:
     """Writes and reads the captures of one run; `dtype` is how client updates are stored."""
 
@@ -276,6 +338,27 @@ class CaptureStore:
         self._globals: dict[int, dict] = {}
         self._folders: dict[Path, Path] = {}  # resolved folders of tensor files, checked once each
         self._root: Path | None = None
+        self._writer: BackgroundWriter | None = None
+
+    def write_in_background(self) -> None:
+        """From now on the writes run on one thread of their own, in order, and return None: a server hands a
+        round's captures over and goes on while they are written. `flush` waits for them; `close` also ends
+        the thread."""
+        if self._writer is None:
+            self._writer = BackgroundWriter()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Wait for the background writes (raising the first that failed) and end their thread."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.flush()
+            finally:
+                writer.close()
 
     @property
     def manifest(self) -> Path:
@@ -285,26 +368,35 @@ class CaptureStore:
         return self.root / INDEX / f"round-{server_round:04d}.idx"
 
     def _append(self, record: dict[str, Any]) -> dict[str, Any]:
-        record = {"time": round(time.time(), 3), **record}
-        line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-            end = os.lseek(fd, 0, os.SEEK_CUR)  # one writer per store: the line just written ends here
-        finally:
-            os.close(fd)
-        # After the manifest line: a crash in between leaves the index short, which `_indexed` detects.
-        append_line(self.index_path(record["round"]), f"{end - len(line)} {len(line)}")
-        return record
+        return self._append_many([record])[0]
 
+    def _append_many(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append records to the manifest in one synced write, then their offsets to each round's index."""
+        now = round(time.time(), 3)
+        records = [{"time": now, **record} for record in records]
+        lines = [(json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode() for record in records]
+        if not lines:
+            return records
+        self.root.mkdir(parents=True, exist_ok=True)
+        end = append_line(self.manifest, b"".join(lines).decode())
+        entries: dict[int, list[str]] = {}
+        offset = end - sum(len(line) for line in lines)
+        for record, line in zip(records, lines, strict=True):
+            entries.setdefault(record["round"], []).append(f"{offset} {len(line)}")
+            offset += len(line)
+        # After the manifest lines: a crash in between leaves the index short, which `_indexed` detects.
+        for server_round, round_entries in entries.items():
+            append_line(self.index_path(server_round), "\n".join(round_entries))
+        return records
+
+    @_deferrable
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
         """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
         rel = f"round-{server_round:04d}/global.safetensors"
         save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
+    @_deferrable
     def write_update(
         self,
         server_round: int,
@@ -317,17 +409,44 @@ class CaptureStore:
 
         `base` is the round's global state; without it a float16 update stores the weights themselves.
         """
-        rel = f"round-{server_round:04d}/client-{client}.safetensors"
-        extra: dict[str, Any] = {}
-        if self.dtype == "float16":
-            state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
-            extra = {"dtype": "float16", "delta": base is not None}
-        save_tensors(self.root / rel, state, {"kind": "update", "round": str(server_round), "client": str(client)})
-        return self._append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
+        return self.write_updates(server_round, [(client, state, meta)], base)[0]
 
+    @_deferrable
+    def write_updates(
+        self,
+        server_round: int,
+        updates: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]],
+        base: dict[str, torch.Tensor] | None = None,
+    ) -> list[dict]:
+        """`write_update` for (client, state, meta) of a whole round: the files are written and synced together,
+        then their records appended in one write, so no record ever names a file that is not on disk."""
+        files, records = [], []
+        for client, state, meta in updates:
+            rel = f"round-{server_round:04d}/client-{client}.safetensors"
+            extra: dict[str, Any] = {}
+            if self.dtype == "float16":
+                state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
+                extra = {"dtype": "float16", "delta": base is not None}
+            header = {"kind": "update", "round": str(server_round), "client": str(client)}
+            files.append((self.root / rel, tensor_bytes(state, header)))
+            records.append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
+        atomic_write_many(files)
+        return self._append_many(records)
+
+    @_deferrable
     def write_failure(self, server_round: int, client: int, reason: str) -> dict:
         """Record that a client's reply was an error: the round goes on without it."""
-        return self._append({"kind": "failure", "round": server_round, "client": client, "reason": reason})
+        return self.write_failures(server_round, [(client, reason)])[0]
+
+    @_deferrable
+    def write_failures(self, server_round: int, failures: list[tuple[int, str]]) -> list[dict]:
+        """`write_failure` for (client, reason) of a whole round, in one synced append."""
+        return self._append_many(
+            [
+                {"kind": "failure", "round": server_round, "client": client, "reason": reason}
+                for client, reason in failures
+            ]
+        )
 
     def records(self, kind: str | None = None, rounds: Iterable[int] | None = None) -> list[dict]:
         """The manifest's records, optionally of one kind ("global", "update", "failure") and of some rounds only.

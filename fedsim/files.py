@@ -36,18 +36,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     The file gets the mode an ordinary write would (0666 less the umask), not mkstemp's private 0600,
     so a run folder shared with a team stays readable by it; a umask of 077 keeps it private.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_many([(path, data)])
+
+
+def atomic_write_many(files: list[tuple[str | Path, bytes]]) -> None:
+    """`atomic_write_bytes` for many files at once: all written, then all synced, then all renamed into place.
+
+    Syncing after every file is written lets the file system commit them together: each sync after the first
+    finds its data already on disk, which makes a round of captures several times cheaper than one by one.
+    """
+    mode = 0o666 & ~current_umask()
+    pending: list[tuple[Path, str, Any]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())
+        for path, data in files:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            f = os.fdopen(fd, "wb")
+            pending.append((path, tmp, f))
+            os.fchmod(fd, mode)
             f.write(data)
             f.flush()
+        for _, _, f in pending:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.close()
+        for path, tmp, _ in pending:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for _, tmp, f in pending:
+            f.close()
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -59,14 +77,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def append_line(path: str | Path, line: str) -> None:
-    """Append one line in a single write and sync it, so a crash leaves at most a partial last line."""
+def append_line(path: str | Path, line: str) -> int:
+    """Append one line (or several, joined by newlines) in a single write and sync it, so a crash leaves at
+    most a partial last line; the file's size after it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line.rstrip("\n") + "\n").encode())
         os.fsync(fd)
+        return os.lseek(fd, 0, os.SEEK_CUR)  # one writer per file: the line just written ends here
     finally:
         os.close(fd)
 
@@ -117,8 +137,13 @@ def _warn_once(message: str) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (no pickle: such a file never executes code when read), atomically."""
+    atomic_write_bytes(path, tensor_bytes(tensors, metadata))
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of `tensors`, in memory."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(clean, metadata=metadata))
+    return st_save(clean, metadata=metadata)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

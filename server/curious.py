@@ -112,37 +112,42 @@ class CuriousStrategy(StrategyWrapper):
 
     def _capture_round(self, server_round: int, replies: list[Message]) -> int:
         """Write the round's failures, and the updates the policy selects; the number of updates written."""
-        accepted = []
+        accepted, failures = [], []
         for reply in replies:
-            checked = self._checked(server_round, reply)
+            checked = self._checked(reply, failures)
             if checked is not None:
                 accepted.append(checked)
         chosen = self.policy.select(server_round, [key for key, *_ in accepted])
         base = self._global[1] if self._global is not None and self._global[0] == server_round else None
-        for key, node, arrays, reported in accepted:
-            if key in chosen:
-                meta = {**self.describe, "recipe": self.recipes.get(server_round, {}), **reported}
-                self.store.write_update(server_round, node, arrays.to_torch_state_dict(), meta, base=base)
-        return sum(key in chosen for key, *_ in accepted)
+        recipe = self.recipes.get(server_round, {})
+        updates = [
+            (node, arrays.to_torch_state_dict(), {**self.describe, "recipe": recipe, **reported})
+            for key, node, arrays, reported in accepted
+            if key in chosen
+        ]
+        if failures:
+            self.store.write_failures(server_round, failures)
+        self.store.write_updates(server_round, updates, base=base)  # the round's files synced together
+        return len(updates)
 
     def _capture(self, server_round: int, reply: Message) -> int:
         """Capture one reply (as if it were the round's only one)."""
         return self._capture_round(server_round, [reply])
 
-    def _checked(self, server_round: int, reply: Message) -> tuple[int, int, ArrayRecord, dict] | None:
-        """(selection key, node, arrays, what it reported) of a usable reply; None after writing its failure."""
+    def _checked(self, reply: Message, failures: list[tuple[int, str]]) -> tuple[int, int, ArrayRecord, dict] | None:
+        """(selection key, node, arrays, what it reported) of a usable reply; None after adding it to `failures`."""
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
-            self.store.write_failure(server_round, node, str(reply.error.reason)[:MAX_TEXT])
+            failures.append((node, str(reply.error.reason)[:MAX_TEXT]))
             return None
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            self.store.write_failure(server_round, node, "reply without exactly one ArrayRecord and one MetricRecord")
+            failures.append((node, "reply without exactly one ArrayRecord and one MetricRecord"))
             return None
         try:
             reported = self._reported(content)
         except BadValue as exc:
-            self.store.write_failure(server_round, node, f"reply refused: {plain(str(exc))}")
+            failures.append((node, f"reply refused: {plain(str(exc))}"))
             return None
         key = node if reported["partition_id"] is None else reported["partition_id"]
         return key, node, next(iter(content.array_records.values())), reported

@@ -184,13 +184,19 @@ def run_server(
             max_examples=config.batch_size if config.recipe == "fedsgd" else max(len(s) for s in fed.shards),
         )
     else:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=config.num_rounds,
-            train_config=ConfigRecord(train_config),
-            evaluate_fn=global_evaluate,
-        )
+        if store is not None:  # a round's captures are written while the next round trains
+            store.write_in_background()
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=config.num_rounds,
+                train_config=ConfigRecord(train_config),
+                evaluate_fn=global_evaluate,
+            )
+        finally:
+            if store is not None:
+                store.close()  # every capture on disk (or the first write that failed raised) before the summary
 
     model.load_state_dict(result.arrays.to_torch_state_dict())
     save_tensors(run_dir / "model.safetensors", model.state_dict(), {"model": config.model})

@@ -178,44 +178,102 @@ def test_a_corrupt_record_reached_through_the_index_is_still_refused(tmp_path):
         store.records(rounds=[1])
 
 
+def test_a_round_written_together_reads_back_through_the_index_and_a_failed_batch_leaves_nothing(tmp_path):
+    from fedsim.files import load_tensors
+
+    store = CaptureStore(tmp_path / "captures")
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 1, "partition_id": 0}
+    store.write_global(1, {"w": torch.zeros(3)}, meta)
+    written = store.write_updates(1, [(c, {"w": torch.full((3,), float(c))}, meta) for c in range(5)])
+    assert [r["client"] for r in store.records("update", rounds=[1])] == [0, 1, 2, 3, 4]
+    assert len((store.root / "index" / "round-0001.idx").read_text().splitlines()) == 6
+    assert all(load_tensors(store.path(r))["w"][0] == r["client"] for r in written)
+    with pytest.raises(AttributeError):  # not a tensor: neither a file nor a record of the batch is written
+        store.write_updates(2, [(0, {"w": torch.zeros(2)}, meta), (1, {"w": "not a tensor"}, meta)])
+    assert store.records(rounds=[2]) == [] and not (store.root / "round-0002").exists()
+
+
+def test_background_writes_land_in_order_and_a_failed_one_is_raised(tmp_path, monkeypatch):
+    store = CaptureStore(tmp_path / "captures")
+    meta = {"model": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "num_examples": 1, "partition_id": 0}
+    store.write_in_background()
+    for server_round in (1, 2):
+        assert store.write_global(server_round, {"w": torch.zeros(3)}, meta) is None, "handed over, not written yet"
+        store.write_updates(server_round, [(c, {"w": torch.full((3,), float(c))}, meta) for c in range(3)])
+        store.write_failure(server_round, 9, "late")
+    store.flush()
+    kinds = [(r["round"], r["kind"]) for r in store.records()]
+    assert kinds == [(r, k) for r in (1, 2) for k in ["global", "update", "update", "update", "failure"]]
+    assert len(store.records("update", rounds=[2])) == 3
+    monkeypatch.setattr("fedsim.captures.atomic_write_many", lambda files: (_ for _ in ()).throw(OSError("disk full")))
+    store.write_updates(3, [(0, {"w": torch.zeros(3)}, meta)])
+    with pytest.raises(OSError, match="disk full"):
+        store.close()
+    assert store.records(rounds=[3]) == [] and store.write_failure(3, 1, "now in the caller's thread")["round"] == 3
+
+
 # --- a real two-node Ray cluster -------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("finished-run")  # on the worker that already simulated it
-def test_fedsim_attack_runs_on_a_two_node_ray_cluster(finished_run, tmp_path, monkeypatch):
-    """Ray's own multi-node tool on one machine: a head and a second node; `fedsim attack` joins through RAY_ADDRESS.
+def test_on_a_cluster_the_workers_get_fedsim_packages_not_the_driver_path(monkeypatch):
+    from fedsim.app.ray_cluster import PACKAGES, cluster_address, runtime_env
 
-    Cluster.shutdown stops exactly the node processes this test started (never `ray stop`).
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    local = runtime_env(None, {"A": "1"})
+    assert "py_modules" not in local and str(repo) in local["env_vars"]["PYTHONPATH"].split(os.pathsep)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address() == "10.0.0.1:6379"
+    remote = runtime_env(cluster_address(), {"A": "1"})
+    assert remote["py_modules"] == [str(repo / name) for name in PACKAGES], (
+        "this checkout's code, as the driver runs it"
+    )
+    assert "PYTHONPATH" not in remote["env_vars"] and remote["env_vars"]["A"] == "1"
+    assert "__pycache__" in remote["excludes"]
+
+
+@pytest.mark.slow
+def test_fedsim_run_and_attack_on_a_two_node_ray_cluster_whose_python_lacks_fedsim(shared_data, tmp_path, monkeypatch):
+    """`ray start` nodes (a head, and a node with a custom resource) on a Python that cannot import fedsim.
+
+    `fedsim run` and `fedsim attack` join them through RAY_ADDRESS and ship fedsim with runtime_env; the client
+    actors and the attack tasks are shown on both nodes. The test stops exactly the `ray start` processes it
+    started, by process id, and checks that no process of that cluster is left.
     """
     import json
-    import shutil
-    import tempfile
-
-    import ray
-    from ray.cluster_utils import Cluster
+    import subprocess
 
     from tests.conftest import run_cli
+    from tests.ray_nodes import RayNodes, bare_env, bare_python
 
-    _, run_dir = finished_run
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    shutil.rmtree(run / "attacks", ignore_errors=True)
-    temp = tempfile.mkdtemp(prefix="fsray-")  # short: Ray's socket paths must fit in 107 characters
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp}
-    )
+    python = bare_python(tmp_path / "bare")
+    probe = subprocess.run([python, "-c", "import fedsim"], capture_output=True, cwd=tmp_path, env=bare_env())
+    assert probe.returncode != 0, "the nodes' Python must not import fedsim"
+    cluster = RayNodes(python, cpus=1)
     try:
-        cluster.add_node(num_cpus=1, resources={"node2": 1})
-        cluster.wait_for_nodes()
+        cluster.add_node(cpus=1, resources={"node2": 1})
+        nodes = cluster.wait(2)
+        assert [n["resources"].get("node2") for n in nodes].count(1.0) == 1
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-        result = run_cli("attack", str(run), "-a", "idlg", "-o", "iterations=2", "--rounds", "1", timeout=900)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        outcomes = [json.loads(p.read_text()) for p in (run / "attacks").rglob("result.json")]
-        assert outcomes and all(o["status"] == "ok" for o in outcomes), outcomes
-        ray.init(address=cluster.address, log_to_driver=False)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        out = tmp_path / "runs"
+        run = run_cli(
+            "run", "--dataset", "mnist", "--data-dir", str(shared_data), "--model", "mlp", "--clients", "4",
+            "--rounds", "2", "--out-dir", str(out), "--name", "c2", "--set", "recipe=fedsgd", "--set", "batch-size=1",
+            "--set", "examples-per-client=8", "--set", "eval-examples=100", "--set", "client-num-cpus=1",
+            timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + cluster.logs()[-2000:]
+        run_dir = out / "c2"
+        assert (run_dir / "training.json").exists()
+        placement = json.loads((run_dir / "ray-placement.json").read_text())
+        node_ids = {n["node"] for n in nodes}
+        assert {n["node"] for n in placement["nodes"]} == node_ids
+        assert {a["node"] for a in placement["actors"]} == node_ids, "one client actor on each node"
+        attack = run_cli("attack", str(run_dir), "-a", "idlg", "-o", "iterations=20", "--rounds", "1", timeout=900)
+        assert attack.returncode == 0, attack.stdout[-2000:] + attack.stderr[-2000:]
+        outcomes = [json.loads(p.read_text()) for p in (run_dir / "attacks").rglob("result.json")]
+        assert len(outcomes) == 4 and all(o["status"] == "ok" for o in outcomes), [o.get("reason") for o in outcomes]
+        assert {o["node"] for o in outcomes} == node_ids, "attack tasks on both nodes"
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        left = cluster.stop()
+    assert not left, f"processes of the test's cluster left behind: {left}"

@@ -11,7 +11,6 @@ write must land inside the run's attacks folder.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zlib
@@ -230,6 +229,8 @@ def write_result(job: AttackJob, outcome: dict, options: dict, seed: int = 0) ->
         "settings": job.settings(options, seed),
         "seconds": round(outcome.get("seconds", 0.0), 3),
     }
+    if outcome.get("node"):
+        summary["node"] = outcome["node"]  # the Ray node it ran on
     if outcome["status"] == "ok":
         images, snapshots = outcome["images"], outcome["snapshots"]
         save_tensors(out / "reconstruction.safetensors", {"images": images, "labels": outcome["labels"]})
@@ -352,12 +353,11 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
 
     started_here = not ray.is_initialized()
     if started_here:
-        from fedsim.app.simulation import flower_offline
+        from fedsim.app.ray_cluster import init
+        from fedsim.app.simulation import OFFLINE_FLOWER, flower_offline
 
         flower_offline()  # also Ray's quiet settings
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, logging_level="error"
-        )
+        init(OFFLINE_FLOWER, include_dashboard=False, log_to_driver=False, logging_level="error")
     try:
         losses = Queue()
 
@@ -373,7 +373,10 @@ def _run_ray(groups, options, seed, num_cpus, num_gpus, device, emit) -> list[di
                     except Exception:  # the queue's actor was lost: progress is only for the display
                         pass
 
-            return execute(payloads, attack, attack_options, device, report)
+            from fedsim.app.ray_cluster import current_node
+
+            node = current_node()  # where each reconstruction ran, kept in its result.json
+            return [{**outcome, "node": node} for outcome in execute(payloads, attack, attack_options, device, report)]
 
         pending, summaries = {}, []
         for group in groups:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.federation import Federation
+from fedsim.files import atomic_write_json
 
 OFFLINE_FLOWER = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -106,18 +108,15 @@ def _exit_soon(code: int, seconds: float) -> None:
     os._exit(code)
 
 
-def start_ray(config: FedsimConfig) -> None:
-    """ray.init with the arguments Flower's Ray backend uses (it skips its own init when Ray is running)."""
-    import ray
+def start_ray(config: FedsimConfig) -> str | None:
+    """ray.init with the arguments Flower's Ray backend uses (it skips its own init when Ray is running).
 
-    if ray.is_initialized():
-        return
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath  # Ray's workers import fedsim, clients and server from here
-    init_args = {"include_dashboard": False, **backend_config(config)["init_args"]}
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    With RAY_ADDRESS set, this joins that cluster and ships fedsim's packages to its workers
+    (fedsim/app/ray_cluster.py); the address joined, or None for a private Ray.
+    """
+    from fedsim.app.ray_cluster import init
+
+    return init(OFFLINE_FLOWER, include_dashboard=False, **backend_config(config)["init_args"])
 
 
 def shutdown_ray() -> None:
@@ -143,6 +142,10 @@ def simulate(
         raise FedsimError(f"{run_dir} already holds a run; choose another --name or remove that folder")
     check_writable(run_dir)
     flower_offline()
+    from fedsim.app.ray_cluster import cluster_address, current_job, placement
+
+    if cluster_address() is not None:  # the clients run on other machines: they read data-dir as the driver means it
+        config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
@@ -155,6 +158,7 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.ERROR)
     with warnings.catch_warnings(), private_ray(config, run_dir):
         warnings.simplefilter("ignore")
+        job = current_job()
         run_simulation(
             server_app=make_server_app(config, run_dir, on_round, curious),
             client_app=make_client_app(config),
@@ -162,6 +166,8 @@ def simulate(
             backend_config=backend_config(config),
             verbose_logging=verbose,
         )
+    if cluster_address() is not None:  # which node each client actor ran on
+        atomic_write_json(run_dir / "ray-placement.json", placement("ClientAppActor", job))
     if not (run_dir / "training.json").exists():
         raise FedsimError(
             f"the simulation stopped before finishing; see the log above. Captures written so far "
