@@ -37,8 +37,14 @@ np.savez_compressed(
 images = idx(shared / "fashion_mnist" / "t10k-images-idx3-ubyte.gz")[:1000]
 labels = idx(shared / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")[:1000]
 fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-np.savez_compressed(out / "sample_fashion_mnist.npz", train_x=images[:800], train_y=labels[:800],
-                    test_x=images[800:], test_y=labels[800:], class_names=np.array(fashion))
+np.savez_compressed(
+    out / "sample_fashion_mnist.npz",
+    train_x=images[:800],
+    train_y=labels[:800],
+    test_x=images[800:],
+    test_y=labels[800:],
+    class_names=np.array(fashion),
+)
 
 # CIFAR-10: the 200 lossless training images (exact pixels: what the attacks are scored on)
 # and the first 500 test images (JPEG q75, only used to measure accuracy).
