@@ -156,6 +156,7 @@ def test_markup_in_a_demo_page_is_text():
         "heading": HOSTILE,
         "paragraphs": [HOSTILE],
         "tradeoff": [{"variant": HOSTILE, "psnr": None, "verdict": HOSTILE, "accuracy": 0.5, "has_test_split": True}],
+        "varied": HOSTILE,
         "tradeoff_plot": None,
         "seconds": 1.0,
         "variants": [
