@@ -32,6 +32,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if STARTS_RAY_OR_FLOWER & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # Longest first: the workers of `make test` start the end-to-end tests at once and fill the gaps with the
+    # quick ones, instead of ending on one long test while the other worker idles (a stable sort: the order
+    # within each kind is the files' own).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
