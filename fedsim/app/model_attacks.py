@@ -239,15 +239,11 @@ def run_inversion(
         raise FedsimError("size, steps, batch-size and per-class must be at least 1")
     run_dir = Path(run_dir)
     config, run = load_run(run_dir)
-    if evaluator == "auto":
-        evaluator = "lenet5" if config.model != "lenet5" else "convnet"
-    if evaluator == config.model:
-        raise FedsimError(f"the evaluator must be another architecture than the attacked model ({config.model!r})")
+    evaluator = _evaluator_for(config, evaluator)
     seed = config.seed if seed is None else seed
     fed = Federation.from_config(config)
     shape, num_classes = fed.data.input_shape, fed.data.num_classes
-    if aux_dataset.removeprefix("sample-") == config.dataset.removeprefix("sample-"):
-        raise FedsimError(f"auxiliary dataset {aux_dataset!r} is the clients' own; choose a public, disjoint one")
+    _check_public(config, aux_dataset)
     aux = auxiliary_images(aux_dataset, config.data_dir, shape) if aux_dataset else None
     clients = target_clients(run, clients) if ensemble == "client" else []
     private = _shards(fed, sorted(run.uploads))
@@ -364,12 +360,8 @@ def run_ensemble_sizes(
     if not sizes or any(n < 1 or n > config.num_clients for n in sizes):
         raise FedsimError(f"ensemble sizes {list(sizes)} must be between 1 and num-clients = {config.num_clients}")
     for name in aux_datasets:
-        if name and name.removeprefix("sample-") == config.dataset.removeprefix("sample-"):
-            raise FedsimError(f"auxiliary dataset {name!r} is the clients' own; choose a public, disjoint one")
-    if evaluator == "auto":
-        evaluator = "lenet5" if config.model != "lenet5" else "convnet"
-    if evaluator == config.model:
-        raise FedsimError(f"the evaluator must be another architecture than the attacked model ({config.model!r})")
+        _check_public(config, name)
+    evaluator = _evaluator_for(config, evaluator)
     fed = Federation.from_config(config)
     shape, num_classes, seed = fed.data.input_shape, fed.data.num_classes, config.seed
     priors = {name: auxiliary_images(name, config.data_dir, shape) if name else None for name in aux_datasets}
@@ -463,3 +455,18 @@ __all__ = [
     "run_membership",
     "summary_lines",
 ]
+
+
+def _evaluator_for(config, evaluator: str) -> str:
+    """The independent evaluator's architecture: `auto` picks one that is not the attacked model's."""
+    if evaluator == "auto":
+        evaluator = "lenet5" if config.model != "lenet5" else "convnet"
+    if evaluator == config.model:
+        raise FedsimError(f"the evaluator must be another architecture than the attacked model ({config.model!r})")
+    return evaluator
+
+
+def _check_public(config, aux_dataset: str | None) -> None:
+    """An auxiliary (prior) dataset must not be the clients' own data."""
+    if aux_dataset and aux_dataset.removeprefix("sample-") == config.dataset.removeprefix("sample-"):
+        raise FedsimError(f"auxiliary dataset {aux_dataset!r} is the clients' own; choose a public, disjoint one")
