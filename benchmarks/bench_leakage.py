@@ -68,10 +68,12 @@ STATES = ("untrained", "convnet-fedavg", "resnet20")
 RECIPES = ("fedsgd", "fedavg")
 LR = 0.1  # the clients' SGD learning rate (fedsim's default)
 PAPER_MODEL = {"dlg": "lenet-dlg", "idlg": "lenet-dlg", "grnn": "lenet5", "ig": "convnet", "analytic": "mlp"}
-# Iteration budgets that fit a shared CPU (the papers': DLG 300 L-BFGS steps, IG 24,000 Adam steps, GRNN 1,000).
+# The budgets a cell runs unless --option says otherwise: DLG and iDLG at their defaults, as a user runs them
+# (300 L-BFGS steps, 2 restarts, the robust preset's rescues), GRNN at its paper's 1,000 steps, Inverting
+# Gradients at 500 signed-Adam steps and 1 restart, which fits a shared CPU (the paper: 4,800 to 24,000).
 OPTIONS = {
-    "dlg": {"iterations": 100},
-    "idlg": {"iterations": 100},
+    "dlg": {},
+    "idlg": {},
     "ig": {"iterations": 500, "restarts": 1},
     "grnn": {"iterations": 1000},
     "analytic": {},
