@@ -174,11 +174,16 @@ def cell_options(attack: str, args: argparse.Namespace) -> dict:
 
 
 def cell_targets(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace):
-    """(the cell's AttackTargets, the captures with their truths, facts about the model state)."""
+    """(the cell's AttackTargets, the captures with their truths, facts about the model state); the facts
+    carry `capture_digest`, the SHA-256 of the global model and every update bit for bit."""
+    from bench_defenses import capture_digest
+
     from attacks.contract import target_from_capture
 
     state_dict, caps, facts = captures_for(attack, state, recipe, batch, args)
-    return [target_from_capture(state_dict, client, record) for record, client, _ in caps], caps, facts
+    digest = capture_digest(state_dict, [client for _, client, _ in caps], [record for record, _, _ in caps])
+    targets = [target_from_capture(state_dict, client, record) for record, client, _ in caps]
+    return targets, caps, {**facts, "capture_digest": digest}
 
 
 def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace) -> dict:
@@ -259,11 +264,11 @@ def peer_breaching(cell: dict, args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(PEER_SCRIPT.parent))
     from peer_breaching import write_target
 
-    targets, caps, _ = cell_targets(cell["attack"], cell["state"], cell["recipe"], cell["batch"], args)
-    if cell.get("best_image"):  # the re-made captures must be the ones the cell attacked
-        kept = load_tensors(REPO / cell["best_image"])["truth"]
-        if not any(bool((truth["images"] == kept).all(dim=(1, 2, 3)).any()) for _, _, truth in caps):
-            return {"status": "not run: the re-made captures differ from the cell's (its truth image is not in them)"}
+    targets, caps, facts = cell_targets(cell["attack"], cell["state"], cell["recipe"], cell["batch"], args)
+    kept = cell.get("model_state", {}).get("capture_digest")
+    if kept != facts["capture_digest"]:  # the re-made captures must be, bit for bit, the ones the cell attacked
+        why = "differ from the cell's" if kept else "cannot be checked (the cell has no capture digest)"
+        return {"status": f"not run: the re-made captures {why}; re-run the cell with --rerun"}
     labels_given = cell["recipe"] == "fedavg"
     with tempfile.TemporaryDirectory() as folder:
         for i, (target, (_, _, truth)) in enumerate(zip(targets, caps, strict=True)):
