@@ -95,6 +95,7 @@ def summarise(results: list, truths: list[tuple[torch.Tensor, torch.Tensor]]) ->
         "label_accuracy": float(np.mean([s["label_accuracy"] for s in scores])),
         "diverged": diverged,
         "psnr": psnr,
+        "ssim": ssim,
     }
 
 
@@ -253,6 +254,30 @@ def spread(values: list[float]) -> dict:
             "iqr": float(q3 - q1), "min": float(np.min(values)), "max": float(np.max(values))}  # fmt: skip
 
 
+def merge_trials(kept: dict | None, fresh: dict, batch: int) -> dict:
+    """The summary of the kept trials followed by freshly run ones (every trial has `batch` images)."""
+    if not kept:
+        return fresh
+    kept_trials, fresh_trials = kept["trials"], len(fresh["psnr"]) // batch
+    psnr = kept["psnr"] + fresh["psnr"]
+    ssim = kept.get("ssim")  # older files kept only the SSIM summary: its mean still merges exactly
+    ssim_mean = (kept["ssim_mean"] * kept_trials + fresh["ssim_mean"] * fresh_trials) / (kept_trials + fresh_trials)
+    return {
+        "psnr_median": float(np.median(psnr)),
+        "psnr_mean": float(np.mean(psnr)),
+        "ssim_median": float(np.median(ssim + fresh["ssim"])) if ssim is not None else None,
+        "ssim_mean": float(ssim_mean),
+        "label_accuracy": (kept["label_accuracy"] * kept_trials + fresh["label_accuracy"] * fresh_trials)
+        / (kept_trials + fresh_trials),
+        "diverged": kept["diverged"] + fresh["diverged"],
+        "psnr": psnr,
+        **({"ssim": ssim + fresh["ssim"]} if ssim is not None else {}),
+        "evaluations": kept["evaluations"] + fresh["evaluations"],
+        "seconds": kept["seconds"] + fresh["seconds"],
+        "seconds_runs": kept.get("seconds_runs", [kept["seconds"]]) + [fresh["seconds"]],
+    }
+
+
 def part_grnn_paper(args: argparse.Namespace) -> dict:
     """GRNN vs DLG as the GRNN paper measures them (Ren et al. 2022, Tab. 3): per batch size, `--trials` random
     batches of CIFAR-10 test images (distinct labels where the class count allows), each on its own untrained
@@ -268,7 +293,7 @@ def part_grnn_paper(args: argparse.Namespace) -> dict:
     out = {"setup": {"num_classes": args.num_classes, "trials": args.trials, "iterations": iterations,
                      "dlg_restarts": args.dlg_restarts, "images": "cifar10 test (JPEG q75)"}}  # fmt: skip
     path = ROOT / "benchmarks" / "results" / f"grnn-paper{'-' + args.tag if args.tag else ''}.json"
-    if path.exists() and not args.quick:  # resume: keep the batch sizes already measured
+    if path.exists() and not args.quick:  # resume: keep the (attack, batch size) cells, and the trials, measured
         out.update({k: v for k, v in json.loads(path.read_text())["results"].items() if k != "setup"})
     for batch in args.batches:
         rng = np.random.default_rng([args.seed, batch])
@@ -278,27 +303,35 @@ def part_grnn_paper(args: argparse.Namespace) -> dict:
         targets = [target_for(m, x, y, args.num_classes) for m, (x, y) in zip(models, truths, strict=True)]
         for name in args.attacks:
             key = f"{name}-b{batch}"
-            if key in out:
+            options = {"iterations": iterations[name]} | ({"restarts": args.dlg_restarts} if name == "dlg" else {})
+            kept = out.get(key)
+            done = kept["trials"] if kept else 0
+            if kept and (kept["options"] != options or kept["indices"] != [i.tolist() for i in indices[:done]]):
+                sys.exit(f"{path.name} holds {key} with other options or batches: pick another --tag")
+            if done >= args.trials:
                 console.print(f"{key}: kept from {path.name}")
                 continue
-            options = {"iterations": iterations[name]} | ({"restarts": args.dlg_restarts} if name == "dlg" else {})
+            if done:
+                console.print(f"{key}: {done} trials kept from {path.name}, running trials {done}..{args.trials - 1}")
             attack = get_attack(name, **options)
             start = time.perf_counter()
-            results = reconstruct_many(attack, targets, seed=args.seed, raise_on_divergence=False)
-            summary = summarise(results, truths)
+            # every trial is solved on its own (reconstruct_many stacks them, each as reconstruct(seed=seed) would),
+            # so trials run later extend the kept ones exactly
+            results = reconstruct_many(attack, targets[done:], seed=args.seed, raise_on_divergence=False)
+            fresh = summarise(results, truths[done:])
+            fresh["evaluations"] = [None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results]
+            fresh["seconds"] = time.perf_counter() - start
+            out[key] = summary = merge_trials(kept, fresh, batch)
             per_batch = [float(np.mean(summary["psnr"][t * batch : (t + 1) * batch])) for t in range(args.trials)]
             summary.update(
                 psnr_per_batch=per_batch,
                 psnr_batches=spread(per_batch),
                 psnr_images=spread(summary["psnr"]),
-                seconds=time.perf_counter() - start,
                 options=options,
                 trials=args.trials,
                 distinct_labels=[len(set(labels[i].tolist())) for i in indices],
                 indices=[i.tolist() for i in indices],
-                evaluations=[None if isinstance(r, AttackDiverged) else r.info["evaluations"] for r in results],
             )
-            out[key] = summary
             b = summary["psnr_batches"]
             console.print(
                 f"{name} batch {batch}: PSNR mean {b['mean']:.1f} median {b['median']:.1f} "

@@ -68,10 +68,12 @@ STATES = ("untrained", "convnet-fedavg", "resnet20")
 RECIPES = ("fedsgd", "fedavg")
 LR = 0.1  # the clients' SGD learning rate (fedsim's default)
 PAPER_MODEL = {"dlg": "lenet-dlg", "idlg": "lenet-dlg", "grnn": "lenet5", "ig": "convnet", "analytic": "mlp"}
-# Iteration budgets that fit a shared CPU (the papers': DLG 300 L-BFGS steps, IG 24,000 Adam steps, GRNN 1,000).
+# The budgets a cell runs unless --option says otherwise: DLG and iDLG at their defaults, as a user runs them
+# (300 L-BFGS steps, 2 restarts, the robust preset's rescues), GRNN at its paper's 1,000 steps, Inverting
+# Gradients at 500 signed-Adam steps and 1 restart, which fits a shared CPU (the paper: 4,800 to 24,000).
 OPTIONS = {
-    "dlg": {"iterations": 100},
-    "idlg": {"iterations": 100},
+    "dlg": {},
+    "idlg": {},
     "ig": {"iterations": 500, "restarts": 1},
     "grnn": {"iterations": 1000},
     "analytic": {},
@@ -167,18 +169,33 @@ def captures_for(attack: str, state: str, recipe: str, batch: int, args: argpars
     return state_dict, out, facts
 
 
+def cell_options(attack: str, args: argparse.Namespace) -> dict:
+    return {**(QUICK if args.quick else OPTIONS)[attack], **args.options.get(attack, {})}
+
+
+def cell_targets(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace):
+    """(the cell's AttackTargets, the captures with their truths, facts about the model state); the facts
+    carry `capture_digest`, the SHA-256 of the global model and every update bit for bit."""
+    from bench_defenses import capture_digest
+
+    from attacks.contract import target_from_capture
+
+    state_dict, caps, facts = captures_for(attack, state, recipe, batch, args)
+    digest = capture_digest(state_dict, [client for _, client, _ in caps], [record for record, _, _ in caps])
+    targets = [target_from_capture(state_dict, client, record) for record, client, _ in caps]
+    return targets, caps, {**facts, "capture_digest": digest}
+
+
 def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Namespace) -> dict:
     from attacks import AttackDiverged, get_attack, reconstruct_many
-    from attacks.contract import target_from_capture
     from fedsim.scoring import score
 
-    options = {**(QUICK if args.quick else OPTIONS)[attack], **args.options.get(attack, {})}
-    state_dict, caps, facts = captures_for(attack, state, recipe, batch, args)
-    targets = [target_from_capture(state_dict, client, record) for record, client, _ in caps]
+    options = cell_options(attack, args)
+    targets, caps, facts = cell_targets(attack, state, recipe, batch, args)
     attack_obj = get_attack(attack, **options)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = reconstruct_many(attack_obj, targets, seed=args.seed, raise_on_divergence=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     psnr, ssim, labels, diverged, best = [], [], [], 0, None
     for result, (_, _, truth) in zip(results, caps, strict=True):
         x, y = truth["images"], truth["labels"]
@@ -203,15 +220,16 @@ def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Na
         "psnr_min": float(np.min(psnr)), "psnr_max": float(np.max(psnr)),
         "ssim_median": float(np.median(ssim)), "label_accuracy": float(np.mean(labels)),
         "lpips": None, "diverged": diverged, "psnr": psnr, "ssim": ssim,
-        "seconds_per_update": seconds / len(targets), "seconds": seconds, "model_state": facts,
+        "seconds_per_update": seconds / len(targets), "seconds": seconds,
+        "cpu_seconds_per_update": cpu_seconds / len(targets), "cpu_seconds": cpu_seconds, "model_state": facts,
+        "budget": {"iterations": attack_obj.iterations, "restarts": attack_obj.restarts}
+        if hasattr(attack_obj, "iterations") else {},
         "objective": [None if isinstance(r, AttackDiverged) else r.info.get("objective") for r in results],
     }  # fmt: skip
     if best is not None:
         path = cells_dir(args) / f"{cell_id(attack, state, recipe, batch).replace('|', '_')}.safetensors"
         save_tensors(path, {"reconstruction": best[1], "truth": best[2]})
         cell["best_image"] = str(path.relative_to(REPO))
-    if attack == "ig" and args.breaching_python:
-        cell["peer"] = peer_breaching(cell_id(attack, state, recipe, batch), targets, caps, args)
     return cell
 
 
@@ -220,37 +238,84 @@ def run_cell(attack: str, state: str, recipe: str, batch: int, args: argparse.Na
 # ----------------------------------------------------------------------------------------------
 
 
-def peer_breaching(cell: str, targets: list, caps: list, args: argparse.Namespace) -> dict:
-    """Export the cell's targets and run benchmarks/peer_breaching.py on them in breaching's own environment:
-    the same AttackTargets fedsim attacks, in the format that script's docstring defines (its `write_target`)."""
+def step_ordered_labels(target, truth: dict, partition: int, args: argparse.Namespace) -> torch.Tensor:
+    """The true labels of a FedAvg update in the order the client's local steps used them: the client's epoch
+    order comes from its seeded round generator (clients.training.round_generator, round 1), which the
+    benchmark, knowing the seed, replays. (The server does not know it; the peer is given it, see below.)"""
+    from clients.training import round_generator
+
+    order = round_generator(args.seed, 1, partition).permutation(int(target.batch_size))
+    return truth["labels"][torch.from_numpy(order)]
+
+
+def peer_breaching(cell: dict, args: argparse.Namespace) -> dict:
+    """Run benchmarks/peer_breaching.py (breaching's invertinggradients, in breaching's own environment) on the
+    cell's own AttackTargets, re-captured from the same seeded federation (checked against the truth the cell
+    kept), at fedsim's iteration and restart budget for the cell. breaching's multi-step (FedAvg) replay needs
+    the labels: it is given the true ones in the client's step order, which fedsim's IG infers instead."""
+    from dataclasses import replace
+
+    key = cell_id(cell["attack"], cell["state"], cell["recipe"], cell["batch"])
     if not PEER_SCRIPT.exists():
         return {"status": f"not run: {PEER_SCRIPT.relative_to(REPO)} is not in this tree"}
     if not Path(args.breaching_python).exists():
         return {"status": f"not run: {args.breaching_python} does not exist"}
+    budget = cell.get("budget") or attack_budget(cell)
     sys.path.insert(0, str(PEER_SCRIPT.parent))
     from peer_breaching import write_target
 
+    targets, caps, facts = cell_targets(cell["attack"], cell["state"], cell["recipe"], cell["batch"], args)
+    kept = cell.get("model_state", {}).get("capture_digest")
+    if kept != facts["capture_digest"]:  # the re-made captures must be, bit for bit, the ones the cell attacked
+        why = "differ from the cell's" if kept else "cannot be checked (the cell has no capture digest)"
+        return {"status": f"not run: the re-made captures {why}; re-run the cell with --rerun"}
+    labels_given = cell["recipe"] == "fedavg"
     with tempfile.TemporaryDirectory() as folder:
         for i, (target, (_, _, truth)) in enumerate(zip(targets, caps, strict=True)):
+            if labels_given:
+                target = replace(target, labels=step_ordered_labels(target, truth, i, args))
             try:
                 write_target(folder, f"target-{i:03d}", target, truth["images"], truth["labels"])
             except ValueError as exc:  # e.g. frozen parameters, or a FedAvg update without full batches
                 return {"status": f"not run: {exc}"}
         out = Path(folder) / "peer.json"
-        command = [args.breaching_python, str(PEER_SCRIPT), "--targets", folder, "--out", str(out)]
+        command = [args.breaching_python, str(PEER_SCRIPT), "--targets", folder, "--out", str(out),
+                   "--iterations", str(budget["iterations"]), "--restarts", str(budget["restarts"]),
+                   "--seed", str(args.seed)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.cell_timeout, env=env)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout, env=env)
         except subprocess.TimeoutExpired:
-            return {"status": f"timed out after {args.cell_timeout} s"}
+            return {"status": f"timeout: over {args.peer_timeout} s", **budget}
         if done.returncode != 0 or not out.exists():
             return {"status": f"failed (exit {done.returncode})", "stderr": done.stderr[-2000:]}
         report = json.loads(out.read_text())
     rows = report.get("targets", [])
     psnr = [float(r["psnr"]) for r in rows if r.get("psnr") is not None]
     seconds = [float(r["seconds"]) for r in rows if r.get("seconds") is not None]
-    return {"status": "done", "cell": cell, "psnr_median": statistics.median(psnr) if psnr else None,
-            "seconds_per_update": statistics.fmean(seconds) if seconds else None, "report": report}  # fmt: skip
+    cpu = [float(r["cpu_seconds"]) for r in rows if r.get("cpu_seconds") is not None]
+    return {"status": "done", "cell": key, **budget, "labels_given": labels_given,
+            "psnr_median": statistics.median(psnr) if psnr else None, "psnr": psnr,
+            "seconds_per_update": statistics.fmean(seconds) if seconds else None,
+            "cpu_seconds_per_update": statistics.fmean(cpu) if cpu else None, "report": report}  # fmt: skip
+
+
+def attack_budget(cell: dict) -> dict:
+    """The iterations and restarts fedsim's attack ran a cell with (its options over the attack's defaults)."""
+    from attacks import get_attack
+
+    attack = get_attack(cell["attack"], **cell["options"])
+    return {"iterations": attack.iterations, "restarts": attack.restarts}
+
+
+def wants_peer(cell: dict | None, args: argparse.Namespace) -> bool:
+    """An IG cell that is done and has no finished peer at its own budget yet (or --rerun)."""
+    if not args.breaching_python or not cell or cell["attack"] != "ig" or cell["status"] != "done":
+        return False
+    peer = cell.get("peer") or {}
+    budget = cell.get("budget") or attack_budget(cell)
+    same = (peer.get("iterations"), peer.get("restarts")) == (budget["iterations"], budget["restarts"])
+    return args.rerun or peer.get("status") != "done" or not same
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,13 +415,22 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
             if cell is None or cell["status"] != "done":
                 continue
             peer = cell.get("peer", {})
-            peer_text = (f"{peer['psnr_median']:.1f} dB, {peer['seconds_per_update']:.0f} s"
-                         if peer.get("psnr_median") is not None else peer.get("status", "-"))  # fmt: skip
+            peer_text = peer.get("status", "-").split(":")[0]
+            if peer.get("psnr_median") is not None:
+                cpu = peer.get("cpu_seconds_per_update")
+                peer_text = (
+                    f"{peer['psnr_median']:.1f} dB, {peer['seconds_per_update']:.0f} s"
+                    + (f" ({cpu:.0f} CPU s)" if cpu is not None else "")
+                    + f", {peer['iterations']} it"
+                    + (", labels given" if peer.get("labels_given") else "")
+                )
+            cpu = cell.get("cpu_seconds_per_update")
+            seconds = f"{cell['seconds_per_update']:.0f}" + (f" ({cpu:.0f} CPU)" if cpu is not None else "")
             options = ", ".join(f"{k}={v}" for k, v in cell["options"].items()) or "-"
             lines.append(
                 f"| {attack} | {state} | {recipe} | {batch} | {cell['trials']} | {cell['psnr_median']:.1f} "
                 f"| {cell['psnr_min']:.1f}-{cell['psnr_max']:.1f} | {cell['ssim_median']:.3f} "
-                f"| {cell['label_accuracy']:.0%} | {cell['seconds_per_update']:.0f} | {options} | {peer_text} |"
+                f"| {cell['label_accuracy']:.0%} | {seconds} | {options} | {peer_text} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -394,6 +468,18 @@ def save_cell(path: Path, report: dict, key: str, cell: dict, defaults: dict) ->
         report["options_default"] = defaults
         atomic_write_json(path, report)
     return report
+
+
+def add_peer(path: Path, report: dict, key: str, args: argparse.Namespace) -> dict:
+    """Fill the peer column of a finished IG cell (outside the cell's own time limit)."""
+    cell = report["cells"].get(key)
+    if not wants_peer(cell, args):
+        return report
+    start = time.perf_counter()
+    peer = peer_breaching(cell, args)
+    shown = f"{peer['psnr_median']:.1f} dB" if peer.get("psnr_median") is not None else peer["status"]
+    print(f"{key}: peer (breaching) {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return save_cell(path, report, key, {**cell, "peer": peer}, report.get("options_default", {}))
 
 
 def _alarm(signum, frame):  # noqa: ARG001
@@ -440,6 +526,7 @@ def main() -> None:
     parser.add_argument("--plots-only", action="store_true", help="only redraw the figures and the table")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 1 trial, into leakage-quick.*")
     parser.add_argument("--breaching-python", default="", help="python of breaching's venv for the peer column")
+    parser.add_argument("--peer-timeout", type=int, default=3600, help="seconds the peer may take per cell")
     args = parser.parse_args()
     args.attacks = choices(args.attacks, ATTACKS, "attacks")
     args.states = choices(args.states, STATES, "states")
@@ -448,8 +535,11 @@ def main() -> None:
         args.batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:
         args.batches = []
-    if not args.batches or min(args.batches) < 1 or args.trials < 1 or args.cell_timeout < 1:
-        print("error: --batches takes positive integers; --trials and --cell-timeout must be >= 1", file=sys.stderr)
+    if not args.batches or min(args.batches) < 1 or args.trials < 1 or min(args.cell_timeout, args.peer_timeout) < 1:
+        print(
+            "error: --batches takes positive integers; --trials, --cell-timeout, --peer-timeout must be >= 1",
+            file=sys.stderr,
+        )
         sys.exit(2)
     args.options = parse_options(args.option)
     if args.quick:
@@ -467,6 +557,7 @@ def main() -> None:
             key = cell_id(attack, state, recipe, batch)
             if key in report["cells"] and not args.rerun:
                 print(f"{key}: kept ({report['cells'][key]['status']})")
+                report = add_peer(path, report, key, args)
                 continue
             start = time.perf_counter()
             signal.alarm(args.cell_timeout)
@@ -480,6 +571,7 @@ def main() -> None:
             report = save_cell(path, report, key, cell, QUICK if args.quick else OPTIONS)
             shown = f"{cell['psnr_median']:.1f} dB" if cell["status"] == "done" else cell["status"]
             print(f"{key}: {shown} ({time.perf_counter() - start:.0f} s)", flush=True)
+            report = add_peer(path, report, key, args)
     write_outputs(report, args)
     print(f"results in {path}")
 

@@ -36,7 +36,8 @@ images in [0, 1], through x = z·s + m, with (m, s) the model's own normalisatio
 ResNet-20's) and breaching's CIFAR-10 constants otherwise.
 
 FILE.json: {"peer": "breaching", "attack": "invertinggradients", "config": {...},
-            "targets": [{"id", "psnr" (null without truth), "seconds", "labels", "label_accuracy"}],
+            "targets": [{"id", "psnr" (null without truth), "seconds", "cpu_seconds", "labels",
+                         "label_accuracy"}],
             "median_psnr", "median_seconds"}; with --images DIR2 each reconstruction is also written to
 DIR2/<id>.safetensors ("images", [B, C, H, W] in [0, 1]).
 """
@@ -188,12 +189,12 @@ def attack_one(meta: dict, tensors: dict[str, torch.Tensor], cfg, seed: int) -> 
         )
     ]
     torch.manual_seed(seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     reconstruction, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     images = (reconstruction["data"].detach() * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).clamp(0, 1)
     found = [int(v) for v in reconstruction["labels"]]
-    out = {"seconds": seconds, "labels": found, "images": images}
+    out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "labels": found, "images": images}
     if "truth" in tensors:
         out["psnr"] = psnr(images, tensors["truth"])
     if meta.get("truth_labels") or meta["labels"]:

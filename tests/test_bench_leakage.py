@@ -52,3 +52,63 @@ def test_options_parse_as_json_values():
     }
     with pytest.raises(SystemExit):
         parse_options(["nope.iterations=3"])
+
+
+def test_peer_labels_follow_the_clients_step_order():
+    """The FedAvg peer is told the labels in the order the client's local steps used them: replaying plain SGD
+    steps in that order reproduces the client's update exactly."""
+    from types import SimpleNamespace
+
+    import torch
+    from bench_leakage import step_ordered_labels
+
+    from clients.training import round_generator, train_fedavg
+
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 6), torch.tensor([0, 1, 2, 3])
+    model = torch.nn.Linear(6, 4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train_fedavg(model, x, y, 0.5, 1, 1, round_generator(7, 1, 2))
+    labels = step_ordered_labels(SimpleNamespace(batch_size=4), {"labels": y}, 2, SimpleNamespace(seed=7))
+    replay = torch.nn.Linear(6, 4)
+    replay.load_state_dict(start)
+    for label in labels:
+        image = x[y == label]
+        loss = torch.nn.functional.cross_entropy(replay(image), label.view(1))
+        grads = torch.autograd.grad(loss, list(replay.parameters()))
+        with torch.no_grad():
+            for p, g in zip(replay.parameters(), grads, strict=True):
+                p.sub_(0.5 * g)
+    assert sorted(labels.tolist()) == [0, 1, 2, 3]
+    for a, b in zip(model.parameters(), replay.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_peer_is_wanted_until_it_ran_at_the_cells_budget():
+    from types import SimpleNamespace
+
+    from bench_leakage import wants_peer
+
+    args = SimpleNamespace(breaching_python="/x/python", rerun=False)
+    cell = {"attack": "ig", "status": "done", "options": {"iterations": 200, "restarts": 1}}
+    assert wants_peer(cell, args)
+    assert not wants_peer({**cell, "peer": {"status": "done", "iterations": 200, "restarts": 1}}, args)
+    assert wants_peer({**cell, "peer": {"status": "done", "iterations": 24000, "restarts": 1}}, args)
+    assert wants_peer({**cell, "peer": {"status": "timeout: over 10 s", "iterations": 200, "restarts": 1}}, args)
+    assert not wants_peer({**cell, "attack": "grnn"}, args)
+    assert not wants_peer(cell, SimpleNamespace(breaching_python="", rerun=False))
+
+
+def test_trials_run_later_extend_the_kept_ones():
+    from bench_gradient_inversion import merge_trials
+
+    kept = {"trials": 2, "psnr": [10.0, 12.0, 20.0, 22.0], "ssim_mean": 0.2, "label_accuracy": 0.5, "diverged": 0,
+            "evaluations": [5, 5], "seconds": 10.0}  # fmt: skip
+    fresh = {"psnr": [30.0, 32.0], "ssim": [0.5, 0.5], "ssim_mean": 0.5, "label_accuracy": 1.0, "diverged": 1,
+             "evaluations": [None], "seconds": 4.0}  # fmt: skip
+    merged = merge_trials(kept, fresh, batch=2)
+    assert merged["psnr"] == [10.0, 12.0, 20.0, 22.0, 30.0, 32.0]
+    assert merged["psnr_median"] == 21.0 and abs(merged["ssim_mean"] - 0.3) < 1e-12
+    assert abs(merged["label_accuracy"] - 2 / 3) < 1e-12 and merged["diverged"] == 1
+    assert merged["ssim_median"] is None and merged["seconds_runs"] == [10.0, 4.0] and merged["seconds"] == 14.0
+    assert merge_trials(None, fresh, batch=2) is fresh
