@@ -260,7 +260,7 @@ def peer_breaching(cell: dict, args: argparse.Namespace) -> dict:
         return {"status": f"not run: {PEER_SCRIPT.relative_to(REPO)} is not in this tree"}
     if not Path(args.breaching_python).exists():
         return {"status": f"not run: {args.breaching_python} does not exist"}
-    budget = cell.get("budget") or attack_budget(cell)
+    budget = attack_budget(cell)
     sys.path.insert(0, str(PEER_SCRIPT.parent))
     from peer_breaching import write_target
 
@@ -301,9 +301,12 @@ def peer_breaching(cell: dict, args: argparse.Namespace) -> dict:
 
 
 def attack_budget(cell: dict) -> dict:
-    """The iterations and restarts fedsim's attack ran a cell with (its options over the attack's defaults)."""
+    """The iterations and restarts fedsim's attack ran a cell with: as the cell recorded them, or, for a cell
+    written before it recorded them, its options over the attack's defaults."""
     from attacks import get_attack
 
+    if cell.get("budget"):
+        return cell["budget"]
     attack = get_attack(cell["attack"], **cell["options"])
     return {"iterations": attack.iterations, "restarts": attack.restarts}
 
@@ -313,7 +316,7 @@ def wants_peer(cell: dict | None, args: argparse.Namespace) -> bool:
     if not args.breaching_python or not cell or cell["attack"] != "ig" or cell["status"] != "done":
         return False
     peer = cell.get("peer") or {}
-    budget = cell.get("budget") or attack_budget(cell)
+    budget = attack_budget(cell)
     same = (peer.get("iterations"), peer.get("restarts")) == (budget["iterations"], budget["restarts"])
     return args.rerun or peer.get("status") != "done" or not same
 
