@@ -19,6 +19,9 @@ for key, value in {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # One torch thread per process: `make test` runs two workers on two cores, and a second thread in each (and in
+    # each CLI or Ray process they start) only makes the threads wait for one another.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(key, value)
 

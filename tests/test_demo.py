@@ -138,7 +138,7 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
 @pytest.mark.slow
 def test_defenses_demo_page_shows_the_tradeoff(tmp_path, no_strays):
     """Two of the scenario's defenses (none, noise): the trade-off table and plot, and every image renders."""
-    page = quick_demo(tmp_path, "defenses", ("iterations = 80", "iterations = 30"), cut='[[variants]]\nname = "pruning')
+    page = quick_demo(tmp_path, "defenses", ("iterations = 80", "iterations = 12"), cut='[[variants]]\nname = "pruning')
     sizes, errors, text = open_page(page, tmp_path)
     assert all(complete and width > 0 and height > 0 for _, complete, width, height, _shown in sizes), sizes
     alts = [alt for alt, *_ in sizes]
@@ -174,7 +174,7 @@ def test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser(tm
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
-    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 40"))
+    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 12"))
     result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "d" / "photos" / "run"

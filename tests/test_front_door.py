@@ -210,7 +210,7 @@ def test_a_bare_flwr_run_trains_on_flowers_managed_superlink(tmp_path, no_strays
 
         status, deadline = "", time.monotonic() + 1500
         while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(5)
+            time.sleep(2)
             listing = subprocess.run(
                 [flwr, "list", "--run-id", run_id, "--format", "json"], cwd=app, env=env, capture_output=True,
                 text=True, timeout=60,
