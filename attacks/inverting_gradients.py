@@ -245,7 +245,9 @@ class InvertingGradients(Attack):
         feature_modules, features = [], None
         if self.feature_weight or self.init == "features":  # one example's input to the first FC layer, in
             if problems.objective != "gradient" or n != 1 or problems.aware:  # closed form from its gradient
-                raise FedsimError("ig: feature_weight > 0 and init=features need FedSGD gradients of one example (batch 1)")
+                raise FedsimError(
+                    "ig: feature_weight > 0 and init=features need FedSGD gradients of one example (batch 1)"
+                )
             fc, iw, ib = feature_layer(problems.model)
             found = [linear_input(s[iw].double(), s[ib].double()).float()[None] for s in problems.signals]
             features = stack_problems(found, r, device)
