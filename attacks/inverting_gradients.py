@@ -128,7 +128,7 @@ PRESETS: dict[str, dict] = {
     "breaching": {"units": "normalized", "lr": 0.1, "tv_weight": 0.2, "init": "randn", "restarts": 1},
     # One example, FedSGD (the closed-form features exist): start from the image fitted to the features of the
     # first fully connected layer, keep them as a prior, longer schedule.
-    "features": {"init": "features", "feature_weight": 1.0, "iterations": 4000},
+    "features": {"init": "features", "feature_weight": 1.0, "iterations": 3000, "restarts": 1},
 }
 
 
