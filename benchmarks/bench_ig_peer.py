@@ -163,6 +163,10 @@ def main() -> int:
         "threads": 1,
         "fedsim": {
             "options": {**type(attack).options(), **options, "iterations": args.iterations, "restarts": args.restarts},
+            "resolved": {  # what ran, after the preset
+                key: results[0].info.get(key)
+                for key in ("preset", "units", "lr", "tv_weight", "init", "feature_weight")
+            },
             "targets": fedsim_rows,
             "median_psnr": statistics.median(r["psnr"] for r in fedsim_rows),
             "seconds_total": fedsim_seconds,

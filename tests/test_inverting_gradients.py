@@ -204,3 +204,40 @@ def test_ig_feature_prior_uses_the_first_fc_layers_input_in_closed_form(images) 
     pair = AttackTarget(model, model_gradients(model, images[0][:2], images[1][:2]), 2, (3, 8, 8), 10)
     with pytest.raises(FedsimError, match="batch 1"):
         get_attack("ig", iterations=2, restarts=1, feature_weight=1.0).reconstruct(pair)
+
+
+def test_padded_total_variation_is_breachings_zero_padded_form() -> None:
+    from attacks.inverting_gradients import padded_total_variation
+
+    assert float(padded_total_variation(torch.zeros(1, 1, 3, 3))) == 0.0
+    # A constant 1: only the zero padding past the last column and row differs: 3 + 3 of the 9 pixels.
+    assert float(padded_total_variation(torch.ones(1, 1, 3, 3))) == pytest.approx(6 / 9)
+
+
+def test_ig_presets_set_options_and_explicit_options_win() -> None:
+    breaching = get_attack("ig", preset="breaching")
+    assert (breaching.units, breaching.lr, breaching.tv_weight, breaching.restarts) == ("normalized", 0.1, 0.2, 1)
+    assert get_attack("ig", preset="breaching", lr=0.05).lr == 0.05
+    features = get_attack("ig", preset="features")
+    assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
+    assert get_attack("ig").init == "randn" and InvertingGradients.options()["iterations"] == 1000
+    with pytest.raises(FedsimError, match="preset"):
+        get_attack("ig", preset="nope")
+    with pytest.raises(FedsimError, match="units"):
+        get_attack("ig", units="nope")
+
+
+def test_ig_feature_init_and_normalized_units_run_and_are_recorded(images) -> None:
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(5)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    fitted = get_attack("ig", iterations=1, restarts=1, init="features", feature_iterations=5).reconstruct(target)
+    drawn = get_attack("ig", iterations=1, restarts=1, init="centered").reconstruct(target)
+    assert fitted.info["init"] == "features" and fitted.info["feature_fit_objective"][0] < 0.5
+    assert psnr(fitted, x, y)[0] > psnr(drawn, x, y)[0]  # the fit to the features alone is already closer
+    normalized = get_attack("ig", preset="breaching", iterations=20).reconstruct(target)
+    assert normalized.info["units"] == "normalized" and normalized.info["preset"] == "breaching"
+    assert float(normalized.images.min()) >= 0 and float(normalized.images.max()) <= 1
+    pair = AttackTarget(model, model_gradients(model, images[0][:2], images[1][:2]), 2, (3, 8, 8), 10)
+    with pytest.raises(FedsimError, match="batch 1"):
+        get_attack("ig", iterations=1, restarts=1, init="features").reconstruct(pair)
