@@ -244,10 +244,12 @@ def test_the_default_optimiser_survives_where_the_papers_blows_up(cifar) -> None
     losses = [h["loss"] for h in result.history]
     assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 1e-2 * losses[0]
     assert result.info["optimizer"] == "robust" and not result.info["dropped_restarts"]
+    assert (result.info["tolerances"], result.info["iterations"]) == ("relative", 30)
     defaults = get_attack("idlg")
     assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 2, 5, "armijo")
+    assert defaults.relative
     paper = get_attack("idlg", optimizer="paper")
-    assert (paper.restarts, paper.rescues, paper.line_search) == (1, 0, None)
+    assert (paper.restarts, paper.rescues, paper.line_search, paper.relative) == (1, 0, None, False)
     with pytest.raises(FedsimError, match="optimizer"):
         get_attack("dlg", optimizer="adam")
 
