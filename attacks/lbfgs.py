@@ -26,6 +26,12 @@ class BatchedLBFGS:
     c1·t·<g, d> (Armijo's condition, c1 = 1e-4); a problem that finds no such step keeps its point and
     clears its memory. Each trial point is one closure call for all problems still searching, counted
     in `evaluations` for those only. Without it (None, torch's default) a step is taken as computed.
+
+    `scale` [K] (None: torch's absolute tolerances) makes the run what it would be on each problem's loss
+    divided by its scale: the gradient and loss-change tolerances, the curvature threshold and the first
+    step's size are taken relative to it (the direction itself does not depend on the loss's units). Two
+    problems that differ only in the size of their loss then take the same steps; with absolute
+    tolerances one whose loss is 50 times smaller ends its inner iterations, and stalls, far sooner.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class BatchedLBFGS:
         reset_stalled: bool = False,
         line_search: str | None = None,
         backtracks: int = 10,
+        scale: torch.Tensor | None = None,
     ) -> None:
         if line_search not in (None, "armijo"):
             raise ValueError(f"line_search must be None or 'armijo', got {line_search!r}")
@@ -50,7 +57,9 @@ class BatchedLBFGS:
         self.line_search, self.backtracks = line_search, backtracks
         self.lr = z.new_full((k,), lr)  # per problem: a rescued problem continues with a smaller step
         self.max_iter, self.max_eval = max_iter, max_eval or max_iter * 5 // 4
-        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        self.scale = z.new_ones(k) if scale is None else scale.to(z)
+        self.tol_grad, self.tol_change = tolerance_grad * self.scale, tolerance_change * self.scale
+        self.curvature = 1e-10 * self.scale
         self.m = history_size
         new = z.new_zeros
         self.dirs, self.stps, self.ro = new(k, self.m, d), new(k, self.m, d), new(k, self.m)
@@ -147,7 +156,7 @@ class BatchedLBFGS:
             first = self.n_iter == 1
             y, s = g - self.prev_g, self.d * self.t[:, None]
             ys = (y * s).sum(1)
-            push = run & ~first & (ys > 1e-10)
+            push = run & ~first & (ys > self.curvature)
             if bool(push.any()):
                 rows = push.nonzero().squeeze(1)
                 at = self.head[rows]
@@ -159,7 +168,7 @@ class BatchedLBFGS:
             self.d = torch.where(run[:, None], direction, self.d)
             self.prev_g = torch.where(run[:, None], g, self.prev_g)
             self.prev_loss = torch.where(run, loss, self.prev_loss)
-            first_t = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
+            first_t = torch.clamp(self.scale / g.abs().sum(1), max=1.0) * self.lr
             self.t = torch.where(run, torch.where(first, first_t, self.lr), self.t)
             stalled = run & ((g * self.d).sum(1) > -self.tol_change)  # not a descent direction
             stuck = stalled & ~first  # steepest descent itself is never "stuck", only converged
@@ -182,6 +191,6 @@ class BatchedLBFGS:
                 evals += 1
             if n_iter == self.max_iter or evals >= self.max_eval:
                 break
-            small_step = (self.d * self.t[:, None]).abs().amax(1) <= self.tol_change
+            small_step = (self.d * self.t[:, None]).abs().amax(1) <= self.tol_change / self.scale
             run = run & ~(opt_cond | small_step | ((loss - self.prev_loss).abs() < self.tol_change))
         return orig

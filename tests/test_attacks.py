@@ -245,12 +245,31 @@ def test_the_default_optimiser_survives_where_the_papers_blows_up(cifar) -> None
     losses = [h["loss"] for h in result.history]
     assert all(b <= a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 1e-2 * losses[0]
     assert result.info["optimizer"] == "robust" and not result.info["dropped_restarts"]
+    assert (result.info["tolerances"], result.info["iterations"]) == ("absolute", 30)
     defaults = get_attack("idlg")
     assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 2, 5, "armijo")
+    assert not defaults.relative and get_attack("idlg", tolerances="relative").relative
     paper = get_attack("idlg", optimizer="paper")
-    assert (paper.restarts, paper.rescues, paper.line_search) == (1, 0, None)
+    assert (paper.restarts, paper.rescues, paper.line_search, paper.relative) == (1, 0, None, False)
     with pytest.raises(FedsimError, match="optimizer"):
         get_attack("dlg", optimizer="adam")
+
+
+def test_dlg_soft_labels_start_at_the_closed_form_label_on_a_photo_of_the_predicted_class(cifar) -> None:
+    """The label is the class the model already predicts, so the true gradient is small and DLG's noise
+    labels start near the trivial point (soft label = prediction, gradient 0); the default starts them
+    one-hot at the label read off the gradient, and the paper's optimiser keeps the noise."""
+    x = tiny(cifar[0][3:4], 8)
+    model = fedsgd_target("lenet-dlg", x, cifar[1][3:4]).model
+    y = model(x).argmax(1).detach()
+    target = fedsgd_target("lenet-dlg", x, y)
+    fitted = get_attack("dlg", iterations=3, restarts=1).reconstruct(target)
+    uniform = get_attack("dlg", iterations=3, restarts=1, label_gap=0.0).reconstruct(target)  # softmax(0)
+    assert fitted.info["label_init"] == "closed-form" and torch.equal(fitted.labels, y)
+    assert fitted.history[0]["loss"] < 0.1 * uniform.history[0]["loss"]
+    assert get_attack("dlg", optimizer="paper", iterations=1).reconstruct(target).info["label_init"] == "noise"
+    with pytest.raises(FedsimError, match="tolerances"):
+        get_attack("dlg", tolerances="loose")
 
 
 def test_the_last_layers_features_come_out_of_its_gradient_and_the_default_init_fits_them(cifar) -> None:

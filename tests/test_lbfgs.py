@@ -81,3 +81,31 @@ def test_the_armijo_line_search_never_raises_the_loss() -> None:
     assert bool((plain_losses[1:] > plain_losses[:-1]).any())  # the plain step overshoots at least once
     assert bool((searched_losses[1:] <= searched_losses[:-1]).all())
     assert float(searched.loss.max()) < 1e-3 * float(searched_losses[0].min())
+
+
+def test_relative_tolerances_make_a_problem_with_a_small_loss_take_the_same_steps() -> None:
+    """Problem 1 is problem 0's loss divided by 1000 (like a DLG photo whose class the model already
+    predicts). With torch's absolute tolerances it stops its inner iterations early; with `scale` it
+    follows problem 0 step for step."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(30, 30, generator=gen)
+    a = a @ a.T / 30 + 1e-3 * torch.eye(30)  # ill-conditioned: progress needs the full inner iterations
+    b = torch.randn(30, generator=gen)
+    weight = torch.tensor([1.0, 0.001])
+
+    def batched(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.detach().requires_grad_()
+        losses = torch.stack([w * (0.5 * row @ a @ row - b @ row + 0.1 * (row**4).sum()) for w, row in zip(weight, z)])
+        return torch.autograd.grad(losses.sum(), z)[0], losses.detach()
+
+    start = torch.randn(30, generator=gen).repeat(2, 1)
+    absolute = BatchedLBFGS(start.clone(), batched, line_search="armijo", tolerance_change=1e-5)
+    relative = BatchedLBFGS(start.clone(), batched, line_search="armijo", tolerance_change=1e-5, scale=weight)
+    for _ in range(3):
+        absolute.step()
+        relative.step()
+    assert torch.allclose(relative.z[0], relative.z[1], atol=1e-2)  # float rounding only
+    assert int(absolute.evaluations[1]) < int(absolute.evaluations[0])  # the small loss stopped early
+    assert int(absolute.evaluations[1]) < int(relative.evaluations[1])
+    assert float(relative.loss[1] / weight[1]) < float(absolute.loss[1] / weight[1]) - 1e-3  # measured: 1.2e-2
+    assert torch.equal(absolute.z[0], relative.z[0])  # scale 1 is torch's run
