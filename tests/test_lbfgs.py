@@ -95,7 +95,8 @@ def test_relative_tolerances_make_a_problem_with_a_small_loss_take_the_same_step
 
     def batched(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = z.detach().requires_grad_()
-        losses = torch.stack([w * (0.5 * row @ a @ row - b @ row + 0.1 * (row**4).sum()) for w, row in zip(weight, z, strict=True)])
+        rows = zip(weight, z, strict=True)
+        losses = torch.stack([w * (0.5 * row @ a @ row - b @ row + 0.1 * (row**4).sum()) for w, row in rows])
         return torch.autograd.grad(losses.sum(), z)[0], losses.detach()
 
     start = torch.randn(30, generator=gen).repeat(2, 1)
