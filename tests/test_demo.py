@@ -61,7 +61,7 @@ def test_every_scenario_mistake_is_one_line_before_anything_runs(tmp_path, text,
 def test_a_scenario_mistake_exits_2_without_training(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(DLG.replace("iterations = ", "iteration = "))
-    result = run_cli("demo", str(bad), "--no-open", "--out-dir", str(tmp_path / "demos"))
+    result = invoke_cli("demo", str(bad), "--no-open", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "unknown option(s) for attack 'dlg': iteration" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr and not (tmp_path / "demos").exists()

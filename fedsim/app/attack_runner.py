@@ -116,19 +116,6 @@ def clean_text(text: str, limit: int = 2000) -> str:
     return _ESCAPES.sub("", str(text).replace("\n", " ").replace("\t", " "))[:limit]
 
 
-def run_dirs(path: Path) -> list[Path]:
-    """`path` itself if it is a run, else every run folder directly inside it."""
-    path = Path(path)
-    if (path / "captures" / "manifest.jsonl").exists():
-        return [path]
-    if not path.is_dir():
-        raise FedsimError(f"{path} does not exist; give a run folder (runs/<run-id>) or a folder of runs")
-    runs = sorted(p for p in path.iterdir() if (p / "captures" / "manifest.jsonl").exists())
-    if not runs:
-        raise FedsimError(f"{path} holds no captures (no captures/manifest.jsonl in it or its sub-folders)")
-    return runs
-
-
 def plan(
     run_dir: Path,
     attacks: list[str],

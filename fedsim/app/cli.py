@@ -78,10 +78,6 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Run a federated simulation in which the server captures every client update."""
-    from fedsim.app.progress import RoundProgress
-    from fedsim.app.simulation import simulate
-    from server.server_app import run_dir_for
-
     config = load_config(
         config_file,
         set_ or [],
@@ -103,6 +99,11 @@ def run(
         unknown = [a for a in attack_names if a not in ATTACKS]
         if unknown:
             fail(f"attacks = {config.attacks!r}: unknown {', '.join(unknown)}; choose from: {', '.join(ATTACKS)}")
+    # Imported once the config is valid: they load torch, Flower and Ray, seconds a mistake need not wait for.
+    from fedsim.app.progress import RoundProgress
+    from fedsim.app.simulation import simulate
+    from server.server_app import run_dir_for
+
     run_dir = run_dir_for(config)
     console.print(
         f"[bold]fedsim run[/] {config.dataset} / {config.model} / {config.num_clients} clients / "
@@ -208,6 +209,19 @@ class _AttackCommand(TyperCommand):
         super().format_help(ctx, formatter)
 
 
+def run_dirs(path: Path) -> list[Path]:
+    """`path` itself if it is a run, else every run folder directly inside it."""
+    path = Path(path)
+    if (path / "captures" / "manifest.jsonl").exists():
+        return [path]
+    if not path.is_dir():
+        raise FedsimError(f"{path} does not exist; give a run folder (runs/<run-id>) or a folder of runs")
+    runs = sorted(p for p in path.iterdir() if (p / "captures" / "manifest.jsonl").exists())
+    if not runs:
+        raise FedsimError(f"{path} holds no captures (no captures/manifest.jsonl in it or its sub-folders)")
+    return runs
+
+
 @app.command(cls=_AttackCommand)
 def attack(
     path: Annotated[Path, typer.Argument(help="a run folder (runs/<run-id>) or a folder of runs")],
@@ -239,9 +253,10 @@ def attack(
     keep: Annotated[bool, typer.Option("--keep", help="keep results made with other options or seed")] = False,
 ) -> None:
     """Reconstruct clients' private images from the captured updates (results are written as each finishes)."""
+    run_dirs(path)  # a wrong path is refused before torch and the attacks load
     from attacks import ATTACKS
     from fedsim.app.attack_progress import AttackProgress
-    from fedsim.app.attack_runner import plan, run_attacks, run_dirs, triage
+    from fedsim.app.attack_runner import plan, run_attacks, triage
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
