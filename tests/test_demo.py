@@ -127,7 +127,7 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
     assert replace[0] in text and (cut is None or cut in text)
     text = text if cut is None else text[: text.index(cut)]
     scenario.write_text(text.replace(*replace))
-    # The attacks run in this process: the Ray fan-out is the photos demo's (and test_attack_runner's) to test.
+    # The attacks run in this process: the Ray fan-out is test_cli's and test_attack_runner's to test.
     result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
     page = tmp_path / "demos" / "quick" / "report.html"
@@ -161,8 +161,11 @@ def test_membership_demo_page_shows_the_loss_gap_and_roc_curves(tmp_path, no_str
 
 @pytest.mark.slow
 def test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser(tmp_path, shared_data, no_strays):
-    """`fedsim demo dlg --data-dir photos/`: real photos (lossless CIFAR-10 PNGs), one sub-folder per class, the
-    attacks fanned out on Ray as the demo does by default; then the page as a projector shows it in Chromium."""
+    """`fedsim demo dlg --data-dir photos/`: real photos (lossless CIFAR-10 PNGs), one sub-folder per class; then
+    the page as a projector shows it in Chromium. The attacks run in this process (`--executor local`): the Ray
+    fan-out that the demo uses by default is the same `run_attacks` that `fedsim run --set attacks=...`
+    (tests/test_cli.py) and tests/test_attack_runner.py run on Ray, and a second Ray start here would only add
+    its seconds."""
     import numpy as np
     from PIL import Image
 
@@ -175,7 +178,10 @@ def test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser(tm
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
     scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 12"))
-    result = run_cli("demo", str(scenario), "--data-dir", str(photos), "--no-open", "--out-dir", str(tmp_path / "d"))
+    result = run_cli(
+        "demo", str(scenario), "--data-dir", str(photos), "--no-open", "--executor", "local", "--out-dir",
+        str(tmp_path / "d"),
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "d" / "photos" / "run"
     assert 'dataset = "imagefolder"' in (run / "config.toml").read_text()

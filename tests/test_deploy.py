@@ -643,7 +643,7 @@ def test_deployment_on_localhost_captures_every_client_every_round(fleet, tmp_pa
         )
     flwr_cli.write_connection("deploy", f"127.0.0.1:{link}", insecure=True, home=tmp_path / "flwr-home")
     try:
-        flwr_cli.wait_for_nodes("deploy", 2, timeout=120, env=fleet.env)
+        flwr_cli.wait_for_nodes("deploy", 2, timeout=120, env=fleet.env, poll=4)
     except TimeoutError as err:
         pytest.fail(f"{err}\n{fleet.logs()}")
     assert health.healthy(f"http://127.0.0.1:{link}/health")
@@ -768,7 +768,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(fleet, tmp_path, cer
     assert code != 0 and "Failed to activate SuperNode" in fleet.log("stranger"), fleet.log("stranger")
     assert "No SuperNode found with the given public key" in fleet.log("superlink")
 
-    assert flwr_cli.wait_for_nodes("lab", 1, timeout=120, env=fleet.env) == [node_id]
+    assert flwr_cli.wait_for_nodes("lab", 1, timeout=120, env=fleet.env, poll=4) == [node_id]
     out = tmp_path / "out"
     result = fleet.flwr(
         "run",

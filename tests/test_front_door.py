@@ -208,9 +208,15 @@ def test_a_bare_flwr_run_trains_on_flowers_managed_superlink(tmp_path, no_strays
         run_id = re.search(r"Successfully started run (\d+)", started.stdout).group(1)
         assert superlink is not None, "flwr run started no SuperLink of its own"
 
-        status, deadline = "", time.monotonic() + 1500
+        # Each `flwr list` is an interpreter importing Flower (seconds of CPU the run needs): asked every 2 s
+        # once the run's summary is on disk, and every 20 s before, in case the run fails without one.
+        status, deadline, asked = "", time.monotonic() + 1500, 0.0
         while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(2)
+            time.sleep(0.5)
+            summary = any((app / "runs").glob("*/training.json"))
+            if time.monotonic() - asked < (2 if summary else 20):
+                continue
+            asked = time.monotonic()
             listing = subprocess.run(
                 [flwr, "list", "--run-id", run_id, "--format", "json"], cwd=app, env=env, capture_output=True,
                 text=True, timeout=60,

@@ -87,6 +87,10 @@ def private_ray(config: FedsimConfig, run_dir: Path) -> Iterator[None]:
         yield
     except KeyboardInterrupt as exc:
         stopping.set()
+        # From here on, Flower's threads report the replies that stopping Ray cuts off (tracebacks of dead
+        # actors): noise after the one line that says what happened.
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).disabled = True
         why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
         # Flower's ServerApp thread (not a daemon) keeps waiting for replies that will never come: leave anyway.
         threading.Thread(target=_exit_soon, args=(2, 5.0), daemon=True).start()
