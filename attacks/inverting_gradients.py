@@ -357,7 +357,10 @@ class InvertingGradients(Attack):
                 "bn_weight": self.bn_weight,
                 "feature_weight": self.feature_weight,
                 **(
-                    {"feature_fit_objective": [float(fit_gap[j * r + i]) for i in range(r)]}
+                    {
+                        "feature_iterations": self.feature_iterations,
+                        "feature_fit_objective": [float(fit_gap[j * r + i]) for i in range(r)],
+                    }
                     if fit_gap is not None
                     else {}
                 ),

@@ -234,6 +234,7 @@ def test_ig_feature_init_and_normalized_units_run_and_are_recorded(images) -> No
     fitted = get_attack("ig", iterations=1, restarts=1, init="features", feature_iterations=5).reconstruct(target)
     drawn = get_attack("ig", iterations=1, restarts=1, init="centered").reconstruct(target)
     assert fitted.info["init"] == "features" and fitted.info["feature_fit_objective"][0] < 0.5
+    assert fitted.info["feature_iterations"] == 5 and "feature_iterations" not in drawn.info
     assert psnr(fitted, x, y)[0] > psnr(drawn, x, y)[0]  # the fit to the features alone is already closer
     normalized = get_attack("ig", preset="breaching", iterations=20).reconstruct(target)
     assert normalized.info["units"] == "normalized" and normalized.info["preset"] == "breaching"
