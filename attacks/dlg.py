@@ -17,8 +17,22 @@ from fedsim.errors import FedsimError
 
 # The optimiser presets: the paper's L-BFGS as its code runs it, and the default that survives real photos.
 PRESETS: dict[str, dict] = {
-    "robust": {"line_search": "armijo", "rescues": 5, "restarts": 2, "init": "features", "relative": False},
-    "paper": {"line_search": None, "rescues": 0, "restarts": 1, "init": "noise", "relative": False},
+    "robust": {
+        "line_search": "armijo",
+        "rescues": 5,
+        "restarts": 1,
+        "extra_restarts": 1,
+        "init": "features",
+        "relative": False,
+    },
+    "paper": {
+        "line_search": None,
+        "rescues": 0,
+        "restarts": 1,
+        "extra_restarts": 0,
+        "init": "noise",
+        "relative": False,
+    },
 }
 INITS = ("features", "noise")
 
@@ -87,6 +101,8 @@ class DLG(Attack):
         rescues: int | None = None,
         restarts: int | None = None,
         converged_below: float = 1e-4,
+        extra_restarts: int | None = None,
+        restart_above: float = 1e-7,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
@@ -94,6 +110,8 @@ class DLG(Attack):
         if optimizer not in PRESETS:
             raise FedsimError(f"{self.name}: optimizer must be one of {', '.join(PRESETS)}, got {optimizer!r}")
         preset = PRESETS[optimizer]
+        if extra_restarts is None:  # on demand only with the preset's restarts: an explicit count is what runs
+            extra_restarts = preset["extra_restarts"] if restarts is None else 0
         restarts = preset["restarts"] if restarts is None else restarts
         rescues = preset["rescues"] if rescues is None else rescues
         init = preset["init"] if init is None else init
@@ -109,6 +127,9 @@ class DLG(Attack):
             raise FedsimError(f"{self.name}: converged_below must be positive, got {converged_below}")
         if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
             raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
+        if extra_restarts < 0 or not restart_above > 0:
+            raise FedsimError(f"{self.name}: extra_restarts must be 0 or more and restart_above positive")
+        self.extra_restarts, self.restart_above = extra_restarts, restart_above
         if rescues < 0:
             raise FedsimError(f"{self.name}: rescues must be 0 or more, got {rescues}")
         if image_param not in ("raw", "sigmoid"):
@@ -136,6 +157,48 @@ class DLG(Attack):
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Trial]], list[dict]]:
+        """`restarts` side by side, then up to `extra_restarts` more, one at a time and only for the targets
+        whose best restart so far ended stuck (relative loss above `restart_above`): restarts on demand."""
+        trials, info = self._solve_round(targets, seed=seed, device=device, progress=progress, offset=0)
+        for entry in info:
+            entry["side_by_side"], entry["on_demand"] = self.restarts, 0
+        for extra in range(self.extra_restarts):
+            stuck = [
+                j for j, e in enumerate(info) if e["relative_loss"] is None or e["relative_loss"] > self.restart_above
+            ]
+            if not stuck:
+                break
+            more, more_info = self._solve_round(
+                [targets[j] for j in stuck], seed=seed, device=device, progress=progress,
+                offset=self.restarts + extra, count=1,
+            )  # fmt: skip
+            for j, new_trials, new in zip(stuck, more, more_info, strict=True):
+                trials[j] = trials[j] + new_trials
+                info[j] = _merge_info(info[j], new)
+        return trials, info
+
+    def _solve_round(
+        self,
+        targets: Sequence[AttackTarget],
+        *,
+        seed: int,
+        device: torch.device,
+        progress: Progress | None,
+        offset: int,
+        count: int | None = None,
+    ) -> tuple[list[list[Trial]], list[dict]]:
+        """One batch: restarts `offset`..`offset + count` (default `restarts`) of every target, side by side."""
+        saved = self.restarts
+        self.restarts = saved if count is None else count  # the helpers below read self.restarts
+        try:
+            return self._solve_batch(targets, seed=seed, device=device, progress=progress, offset=offset)
+        finally:
+            self.restarts = saved
+
+    def _solve_batch(
+        self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None,
+        offset: int,
+    ) -> tuple[list[list[Trial]], list[dict]]:  # fmt: skip
         problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
         first, r, n = targets[0], self.restarts, problems.examples
         shape, classes = (n, *first.input_shape), first.num_classes
@@ -151,7 +214,11 @@ class DLG(Attack):
             return problems.distance(problems.signal(p, c, x, y), obs)
 
         fn = value_and_grad(matching_loss, problems.k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
-        inits = [self._initial(problem_generator(seed, i), numel, n * classes, i) for _ in targets for i in range(r)]
+        inits = [
+            self._initial(problem_generator(seed, i), numel, n * classes, i)
+            for _ in targets
+            for i in range(offset, offset + r)
+        ]
         z0 = torch.stack(inits).to(device)
         features, init_note = self._closed_form_features(targets, problems) if self.init == "features" else (None, "")
         fitted = self._fit_features(problems, z0, numel, shape, features) if features is not None else None
@@ -334,3 +401,16 @@ class DLG(Attack):
                 recorder.drop(i, f"{reason} at iteration {it}")
                 opt.frozen[i] = True
         return [i for i in live if not recorder.trials[i].dropped]
+
+
+def _merge_info(old: dict, new: dict) -> dict:
+    """One target's info after an on-demand restart: per-restart lists joined, the best loss decides."""
+    out = dict(old)
+    for key in ("feature_evaluations", "feature_error", "rescued", "stall_resets"):
+        if key in old and key in new:
+            out[key] = old[key] + new[key]
+    losses = [v for v in (old["relative_loss"], new["relative_loss"]) if v is not None]
+    out["relative_loss"] = min(losses) if losses else None
+    out["converged"] = old["converged"] or new["converged"]
+    out["on_demand"] = old["on_demand"] + 1
+    return out
