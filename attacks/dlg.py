@@ -49,8 +49,13 @@ class DLG(Attack):
     no rescues. On images nobody tuned it for it diverges on a third to a half of them (the step
     blows the images up within a few iterations). "robust" (the default) is the same L-BFGS with a
     backtracking (Armijo) line search per problem (attacks.lbfgs), memory cleared on a stall,
-    `rescues` 5 and `restarts` 2: a step can no longer raise the loss, so a restart does not blow up,
-    and the restart that matches the gradient better is kept. Both clamp the images to [0, 1] only at
+    `rescues` 5, one restart and `extra_restarts` 1 on demand: a step can no longer raise the loss, so a
+    restart does not blow up; a target whose restart ends stuck (relative loss above `restart_above`,
+    1e-6) gets a second restart from its own draw, run after the first, and the restart that matches the
+    gradient better is kept. Measured on 20 CIFAR-10 photos, one restart ends at 0.9-1.6e-7 on the
+    hardest four (31-34 dB) and ~1e-9 elsewhere, so the second one costs only where it is needed; an
+    explicit `restarts` runs exactly that many, side by side, with no extra ones unless asked. Info's
+    `side_by_side` and `on_demand` record what ran. Both clamp the images to [0, 1] only at
     the end; result info records `optimizer`, `tolerances` and `iterations`. `tolerances="relative"`
     (not a default: measured mixed) takes L-BFGS's tolerances relative to ||∇W||² (attacks.lbfgs, `scale`).
 
@@ -95,14 +100,14 @@ class DLG(Attack):
         image_limit: float = 1e3,
         optimizer: str = "robust",
         init: str | None = None,
-        feature_iterations: int = 10,
+        feature_iterations: int = 5,
         label_gap: float = 20.0,
         tolerances: str | None = None,
         rescues: int | None = None,
         restarts: int | None = None,
         converged_below: float = 1e-4,
         extra_restarts: int | None = None,
-        restart_above: float = 1e-7,
+        restart_above: float = 1e-6,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
