@@ -298,6 +298,7 @@ class Attack(ABC):
             "dropped_restarts": dropped,
             "evaluations": trial.evaluations,
             "evaluations_all_restarts": sum(t.evaluations for t in trials),
+            "restart_evaluations": [t.evaluations for t in trials],
             "seconds": seconds,
         }
         return Reconstruction(

@@ -17,8 +17,22 @@ from fedsim.errors import FedsimError
 
 # The optimiser presets: the paper's L-BFGS as its code runs it, and the default that survives real photos.
 PRESETS: dict[str, dict] = {
-    "robust": {"line_search": "armijo", "rescues": 5, "restarts": 2, "init": "features", "relative": False},
-    "paper": {"line_search": None, "rescues": 0, "restarts": 1, "init": "noise", "relative": False},
+    "robust": {
+        "line_search": "armijo",
+        "rescues": 5,
+        "restarts": 1,
+        "extra_restarts": 1,
+        "init": "features",
+        "relative": False,
+    },
+    "paper": {
+        "line_search": None,
+        "rescues": 0,
+        "restarts": 1,
+        "extra_restarts": 0,
+        "init": "noise",
+        "relative": False,
+    },
 }
 INITS = ("features", "noise")
 
@@ -35,8 +49,13 @@ class DLG(Attack):
     no rescues. On images nobody tuned it for it diverges on a third to a half of them (the step
     blows the images up within a few iterations). "robust" (the default) is the same L-BFGS with a
     backtracking (Armijo) line search per problem (attacks.lbfgs), memory cleared on a stall,
-    `rescues` 5 and `restarts` 2: a step can no longer raise the loss, so a restart does not blow up,
-    and the restart that matches the gradient better is kept. Both clamp the images to [0, 1] only at
+    `rescues` 5, one restart and `extra_restarts` 1 on demand: a step can no longer raise the loss, so a
+    restart does not blow up; a target whose restart ends stuck (relative loss above `restart_above`,
+    1e-6) gets a second restart from its own draw, run after the first, and the restart that matches the
+    gradient better is kept. Measured on 20 CIFAR-10 photos, one restart ends at 0.9-1.6e-7 on the
+    hardest four (31-34 dB) and ~1e-9 elsewhere, so the second one costs only where it is needed; an
+    explicit `restarts` runs exactly that many, side by side, with no extra ones unless asked. Info's
+    `side_by_side` and `on_demand` record what ran. Both clamp the images to [0, 1] only at
     the end; result info records `optimizer`, `tolerances` and `iterations`. `tolerances="relative"`
     (not a default: measured mixed) takes L-BFGS's tolerances relative to ||∇W||² (attacks.lbfgs, `scale`).
 
@@ -81,12 +100,14 @@ class DLG(Attack):
         image_limit: float = 1e3,
         optimizer: str = "robust",
         init: str | None = None,
-        feature_iterations: int = 10,
+        feature_iterations: int = 5,
         label_gap: float = 20.0,
         tolerances: str | None = None,
         rescues: int | None = None,
         restarts: int | None = None,
         converged_below: float = 1e-4,
+        extra_restarts: int | None = None,
+        restart_above: float = 1e-6,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
@@ -94,6 +115,8 @@ class DLG(Attack):
         if optimizer not in PRESETS:
             raise FedsimError(f"{self.name}: optimizer must be one of {', '.join(PRESETS)}, got {optimizer!r}")
         preset = PRESETS[optimizer]
+        if extra_restarts is None:  # on demand only with the preset's restarts: an explicit count is what runs
+            extra_restarts = preset["extra_restarts"] if restarts is None else 0
         restarts = preset["restarts"] if restarts is None else restarts
         rescues = preset["rescues"] if rescues is None else rescues
         init = preset["init"] if init is None else init
@@ -109,6 +132,9 @@ class DLG(Attack):
             raise FedsimError(f"{self.name}: converged_below must be positive, got {converged_below}")
         if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
             raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
+        if extra_restarts < 0 or not restart_above > 0:
+            raise FedsimError(f"{self.name}: extra_restarts must be 0 or more and restart_above positive")
+        self.extra_restarts, self.restart_above = extra_restarts, restart_above
         if rescues < 0:
             raise FedsimError(f"{self.name}: rescues must be 0 or more, got {rescues}")
         if image_param not in ("raw", "sigmoid"):
@@ -136,6 +162,48 @@ class DLG(Attack):
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Trial]], list[dict]]:
+        """`restarts` side by side, then up to `extra_restarts` more, one at a time and only for the targets
+        whose best restart so far ended stuck (relative loss above `restart_above`): restarts on demand."""
+        trials, info = self._solve_round(targets, seed=seed, device=device, progress=progress, offset=0)
+        for entry in info:
+            entry["side_by_side"], entry["on_demand"] = self.restarts, 0
+        for extra in range(self.extra_restarts):
+            stuck = [
+                j for j, e in enumerate(info) if e["relative_loss"] is None or e["relative_loss"] > self.restart_above
+            ]
+            if not stuck:
+                break
+            more, more_info = self._solve_round(
+                [targets[j] for j in stuck], seed=seed, device=device, progress=progress,
+                offset=self.restarts + extra, count=1,
+            )  # fmt: skip
+            for j, new_trials, new in zip(stuck, more, more_info, strict=True):
+                trials[j] = trials[j] + new_trials
+                info[j] = _merge_info(info[j], new)
+        return trials, info
+
+    def _solve_round(
+        self,
+        targets: Sequence[AttackTarget],
+        *,
+        seed: int,
+        device: torch.device,
+        progress: Progress | None,
+        offset: int,
+        count: int | None = None,
+    ) -> tuple[list[list[Trial]], list[dict]]:
+        """One batch: restarts `offset`..`offset + count` (default `restarts`) of every target, side by side."""
+        saved = self.restarts
+        self.restarts = saved if count is None else count  # the helpers below read self.restarts
+        try:
+            return self._solve_batch(targets, seed=seed, device=device, progress=progress, offset=offset)
+        finally:
+            self.restarts = saved
+
+    def _solve_batch(
+        self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None,
+        offset: int,
+    ) -> tuple[list[list[Trial]], list[dict]]:  # fmt: skip
         problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
         first, r, n = targets[0], self.restarts, problems.examples
         shape, classes = (n, *first.input_shape), first.num_classes
@@ -151,7 +219,11 @@ class DLG(Attack):
             return problems.distance(problems.signal(p, c, x, y), obs)
 
         fn = value_and_grad(matching_loss, problems.k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
-        inits = [self._initial(problem_generator(seed, i), numel, n * classes, i) for _ in targets for i in range(r)]
+        inits = [
+            self._initial(problem_generator(seed, i), numel, n * classes, i)
+            for _ in targets
+            for i in range(offset, offset + r)
+        ]
         z0 = torch.stack(inits).to(device)
         features, init_note = self._closed_form_features(targets, problems) if self.init == "features" else (None, "")
         fitted = self._fit_features(problems, z0, numel, shape, features) if features is not None else None
@@ -334,3 +406,16 @@ class DLG(Attack):
                 recorder.drop(i, f"{reason} at iteration {it}")
                 opt.frozen[i] = True
         return [i for i in live if not recorder.trials[i].dropped]
+
+
+def _merge_info(old: dict, new: dict) -> dict:
+    """One target's info after an on-demand restart: per-restart lists joined, the best loss decides."""
+    out = dict(old)
+    for key in ("feature_evaluations", "feature_error", "rescued", "stall_resets"):
+        if key in old and key in new:
+            out[key] = old[key] + new[key]
+    losses = [v for v in (old["relative_loss"], new["relative_loss"]) if v is not None]
+    out["relative_loss"] = min(losses) if losses else None
+    out["converged"] = old["converged"] or new["converged"]
+    out["on_demand"] = old["on_demand"] + 1
+    return out

@@ -247,12 +247,31 @@ def test_the_default_optimiser_survives_where_the_papers_blows_up(cifar) -> None
     assert result.info["optimizer"] == "robust" and not result.info["dropped_restarts"]
     assert (result.info["tolerances"], result.info["iterations"]) == ("absolute", 30)
     defaults = get_attack("idlg")
-    assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 2, 5, "armijo")
+    assert (defaults.optimizer, defaults.restarts, defaults.rescues, defaults.line_search) == ("robust", 1, 5, "armijo")
+    assert defaults.extra_restarts == 1 and get_attack("idlg", restarts=2).extra_restarts == 0
     assert not defaults.relative and get_attack("idlg", tolerances="relative").relative
     paper = get_attack("idlg", optimizer="paper")
     assert (paper.restarts, paper.rescues, paper.line_search, paper.relative) == (1, 0, None, False)
+    assert paper.extra_restarts == 0
     with pytest.raises(FedsimError, match="optimizer"):
         get_attack("dlg", optimizer="adam")
+
+
+def test_a_second_restart_runs_only_when_the_first_ends_stuck(cifar) -> None:
+    """Restarts on demand: the default runs one restart and a second only for a target whose first one
+    ended above `restart_above` (relative loss); the first restart is the same run either way."""
+    x, y = tiny(cifar[0][2:3], 8), cifar[1][2:3]
+    target = fedsgd_target("lenet-dlg", x, y)
+    done = get_attack("dlg", iterations=3, restart_above=1e9).reconstruct(target)  # never stuck
+    assert (done.info["restarts"], done.info["on_demand"], done.info["side_by_side"]) == (1, 0, 1)
+    stuck = get_attack("dlg", iterations=3, restart_above=1e-30).reconstruct(target)  # always stuck
+    assert (stuck.info["restarts"], stuck.info["on_demand"]) == (2, 1)
+    assert stuck.info["restart_losses"][0] == pytest.approx(done.loss, rel=1e-6)
+    assert stuck.info["restart_losses"][1] != pytest.approx(done.loss, rel=1e-6)  # its own noise draw
+    assert len(stuck.info["feature_evaluations"]) == 2 and stuck.loss == min(stuck.info["restart_losses"])
+    assert stuck.info["evaluations_all_restarts"] == sum(stuck.info["restart_evaluations"])
+    explicit = get_attack("dlg", iterations=3, restarts=2, restart_above=1e-30).reconstruct(target)
+    assert (explicit.info["restarts"], explicit.info["on_demand"], explicit.info["side_by_side"]) == (2, 0, 2)
 
 
 def test_dlg_soft_labels_start_at_the_closed_form_label_on_a_photo_of_the_predicted_class(cifar) -> None:
