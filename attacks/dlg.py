@@ -23,7 +23,6 @@ PRESETS: dict[str, dict] = {
         "restarts": 1,
         "extra_restarts": 1,
         "init": "features",
-        "relative": False,
     },
     "paper": {
         "line_search": None,
@@ -31,7 +30,6 @@ PRESETS: dict[str, dict] = {
         "restarts": 1,
         "extra_restarts": 0,
         "init": "noise",
-        "relative": False,
     },
 }
 INITS = ("features", "noise")
@@ -122,7 +120,7 @@ class DLG(Attack):
         init = preset["init"] if init is None else init
         if init not in INITS:
             raise FedsimError(f"{self.name}: init must be one of {', '.join(INITS)}, got {init!r}")
-        tolerances = ("relative" if preset["relative"] else "absolute") if tolerances is None else tolerances
+        tolerances = "absolute" if tolerances is None else tolerances  # both presets: L-BFGS's own tolerances
         if tolerances not in ("absolute", "relative"):
             raise FedsimError(f"{self.name}: tolerances must be 'absolute' or 'relative', got {tolerances!r}")
         if feature_iterations < 1:
@@ -295,7 +293,9 @@ class DLG(Attack):
     def _closed_form_labels(
         self, targets: Sequence[AttackTarget], problems: Problems, z0: torch.Tensor, numel: int
     ) -> torch.Tensor:
-        """DLG's label logits set to `label_gap` at the label inferred from each target's last layer, 0 elsewhere."""
+        """DLG's label logits set to `label_gap` at the label inferred from each target's last layer, 0 elsewhere.
+        `infer_labels` reads only the model's layout (which parameter is the last layer), never its weights, and
+        every target of one batch has the same layout (`batching_key`), so the first target's model serves all."""
         first, z = targets[0], z0.clone()
         for j, signal in enumerate(problems.signals):
             shape = tuple(first.input_shape)

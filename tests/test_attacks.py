@@ -291,6 +291,21 @@ def test_dlg_soft_labels_start_at_the_closed_form_label_on_a_photo_of_the_predic
         get_attack("dlg", tolerances="loose")
 
 
+def test_batched_dlg_reads_each_targets_label_off_its_own_gradient(cifar) -> None:
+    """Targets of one vmap may hold different weights (other clients' rounds): each label start comes from its own
+    gradient, whatever the first target's model is."""
+    x = tiny(cifar[0][:2], 8)
+    targets = []
+    for seed, label in ((0, 3), (1, 7)):  # two models of one layout, and labels the models do not share
+        model = build_model("lenet-dlg", (3, 8, 8), 10, seed=seed)
+        y = torch.tensor([label])
+        targets.append(AttackTarget(model, model_gradients(model, x[seed : seed + 1], y), 1, (3, 8, 8), 10))
+    results = reconstruct_many(get_attack("dlg", iterations=1, max_iter=1), targets)
+    assert [r.info["batched_targets"] for r in results] == [2, 2]
+    assert [r.info["label_init"] for r in results] == ["closed-form"] * 2
+    assert [r.labels.tolist() for r in results] == [[3], [7]]
+
+
 def test_the_last_layers_features_come_out_of_its_gradient_and_the_default_init_fits_them(cifar) -> None:
     """h = g_W^T g_b / ||g_b||² is the last layer's input for one example; the default init fits the dummy
     image to it, so gradient matching starts far closer than from the paper's noise."""
