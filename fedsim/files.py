@@ -39,11 +39,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_many([(path, data)])
 
 
-def atomic_write_many(files: list[tuple[str | Path, bytes]]) -> None:
+def atomic_write_many(files: list[tuple[str | Path, bytes | list]]) -> None:
     """`atomic_write_bytes` for many files at once: all written, then all synced, then all renamed into place.
 
     Syncing after every file is written lets the file system commit them together: each sync after the first
     finds its data already on disk, which makes a round of captures several times cheaper than one by one.
+    A file's data is bytes or a list of buffers written one after the other (`tensor_parts`), never joined.
     """
     mode = 0o666 & ~current_umask()
     pending: list[tuple[Path, str, Any]] = []
@@ -52,11 +53,11 @@ def atomic_write_many(files: list[tuple[str | Path, bytes]]) -> None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            f = os.fdopen(fd, "wb")
+            f = os.fdopen(fd, "wb", buffering=0)
             pending.append((path, tmp, f))
             os.fchmod(fd, mode)
-            f.write(data)
-            f.flush()
+            for part in data if isinstance(data, list) else [data]:
+                _write_all(fd, part)
         for _, _, f in pending:
             os.fsync(f.fileno())
             f.close()
@@ -67,6 +68,13 @@ def atomic_write_many(files: list[tuple[str | Path, bytes]]) -> None:
             f.close()
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (the GIL is released while the kernel copies)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -144,6 +152,48 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     """The safetensors file of `tensors`, in memory."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return st_save(clean, metadata=metadata)
+
+
+# torch dtype -> safetensors' name, in safetensors' order of dtypes (a file lists its tensors by dtype, last first)
+ST_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+ST_RANK = {dtype: rank for rank, dtype in enumerate(ST_DTYPES)}
+
+
+def tensor_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """The safetensors file of `tensors` as its header and one buffer per tensor, without copying the tensors' data
+    (a tensor that is not on the CPU or not contiguous is copied once): the file `tensor_bytes` makes, in the
+    same order (safetensors sorts by dtype, then name). Written with `atomic_write_many`, the kernel copies
+    each buffer straight into the file, with Python's GIL released. (Only the metadata keys keep their order.)"""
+    if any(value.dtype not in ST_DTYPES for value in tensors.values()):
+        return [tensor_bytes(tensors, metadata)]  # a dtype this writer does not know: safetensors' own
+    order = sorted(tensors, key=lambda k: (-ST_RANK[tensors[k].dtype], k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    parts, offset = [], 0
+    for name in order:
+        value = tensors[name].detach().to("cpu").contiguous()
+        size = value.numel() * value.element_size()
+        header[name] = {
+            "dtype": ST_DTYPES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+        if size:
+            parts.append(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [len(text).to_bytes(8, "little") + text, *parts]
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

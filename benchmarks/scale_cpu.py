@@ -1,0 +1,246 @@
+"""CPU-seconds of a `fedsim run`, per process and per thread of the driver: what capturing costs, independent of load.
+
+    python benchmarks/scale_cpu.py --clients 1000 --rounds 3 --capture true --set fraction-train=0.05 \
+        --set batch-size=1 --set eval-examples=500 --tag curious-1000
+
+The run is started in a child process through `driver` below, which names the driver's Python threads (so that
+/proc shows which thread spent what) and, with --profile, runs cProfile in the ServerApp thread and in the capture
+writer thread. The parent samples the CPU time (utime + stime) of every process of the run's tree, and of every
+thread of the driver, from /proc every 0.2 s, keeping the last value seen of each; wall time depends on the load
+of the machine, CPU-seconds much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(path: str) -> tuple[str, int, float] | None:
+    """(comm, parent pid, CPU seconds) from a /proc stat file."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return ""
+
+
+def sample(root: int, procs: dict, threads: dict) -> None:
+    parents: dict[int, int] = {}
+    seen: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(f"/proc/{entry}/stat")) is not None:
+            parents[int(entry)] = st[1]
+            seen[int(entry)] = (st[0], st[2])
+    tree, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(c for c, parent in parents.items() if parent == p and c not in tree)
+    for pid in tree:
+        if pid in seen:
+            old = procs.get(pid)
+            procs[pid] = {
+                "comm": seen[pid][0],
+                "cmd": old["cmd"] if old and old["cmd"] else _cmdline(pid),
+                "cpu_s": seen[pid][1],
+            }
+    try:
+        for tid in os.listdir(f"/proc/{root}/task"):
+            if (st := _stat(f"/proc/{root}/task/{tid}/stat")) is not None:
+                threads[int(tid)] = {"name": st[0], "cpu_s": st[2]}
+    except OSError:
+        pass
+
+
+def kind(row: dict) -> str:
+    cmd = row["cmd"]
+    if "driver" in cmd and "scale_cpu" in cmd:
+        return "driver"
+    if "ClientAppActor" in row["comm"] or "ClientAppActor" in cmd:
+        return "client actors"
+    if "ray::" in row["comm"] or "default_worker" in cmd:
+        return "other ray workers"
+    return "ray daemons (" + row["comm"] + ")"
+
+
+def measure(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "driver", "--profile-dir", str(Path(tmp) / "prof") if args.profile else "-"]
+        cmd += ["run", "--dataset", "mnist", "--data-dir", str(DATA), "--clients", str(args.clients)]
+        cmd += ["--rounds", str(args.rounds), "--out-dir", tmp, "--name", "r", "--set", f"capture={args.capture}"]
+        cmd += [a for s in args.set for a in ("--set", s)]
+        cpu_file = Path(tmp) / "threads.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_memory_monitor_refresh_ms": "0"}
+        env["SCALE_CPU_THREADS"] = str(cpu_file)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs: dict = {}
+        threads: dict = {}
+        import threading
+
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            sample(proc.pid, procs, threads)
+            time.sleep(0.2)
+        reader.join()
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed:\n{out[0][-3000:]}")
+        lines = [json.loads(x) for x in (Path(tmp) / "r" / "training.jsonl").read_text().splitlines()]
+        times = [r["time"] for r in lines if r.get("round", 0) >= 1]
+        exact = {k: round(v, 3) for line in cpu_file.read_text().splitlines() for k, v in json.loads(line).items()}
+        stats = {}
+        if args.profile:
+            import pstats
+
+            for prof in sorted((Path(tmp) / "prof").glob("*.prof")):
+                s = pstats.Stats(str(prof))
+                s.sort_stats("tottime")
+                rows = sorted(s.stats.items(), key=lambda kv: -kv[1][2])[:25]
+                stats[prof.stem] = {
+                    "total_s": round(s.total_tt, 3),
+                    "top_tottime": [
+                        {
+                            "fn": f"{Path(f).name}:{line}:{name}",
+                            "calls": v[1],
+                            "tottime": round(v[2], 4),
+                            "cumtime": round(v[3], 4),
+                        }
+                        for (f, line, name), v in rows
+                    ],
+                }
+    groups: dict[str, float] = {}
+    for row in procs.values():
+        groups[kind(row)] = groups.get(kind(row), 0.0) + row["cpu_s"]
+    named: dict[str, float] = {}
+    for row in threads.values():
+        named[row["name"]] = named.get(row["name"], 0.0) + row["cpu_s"]
+    return {
+        "capture": args.capture,
+        "variant": os.environ.get("SCALE_CPU_VARIANT", ""),
+        "wall_s": round(wall, 2),
+        "round_s": [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)],
+        "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "cpu_s_total": round(sum(groups.values()), 2),
+        "thread_time_s": exact,
+        "driver_threads_cpu_s": {k: round(v, 2) for k, v in sorted(named.items(), key=lambda kv: -kv[1]) if v >= 0.05},
+        "profiles": stats,
+    }
+
+
+def driver(profile_dir: str, argv: list[str]) -> None:
+    """Run the fedsim CLI with named threads (and cProfile in the ServerApp and writer threads)."""
+    import cProfile
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None)
+
+    def name(label: str) -> None:
+        libc.prctl(15, label.encode()[:15], 0, 0, 0)  # PR_SET_NAME: /proc/<pid>/task/<tid>/comm
+
+    sys.path.insert(0, str(ROOT))
+    from fedsim import captures
+    from server import server_app
+
+    profiles = Path(profile_dir) if profile_dir != "-" else None
+    if profiles:
+        profiles.mkdir(parents=True, exist_ok=True)
+
+    thread_cpu = Path(os.environ["SCALE_CPU_THREADS"])
+
+    def profiled(label: str, fn, *a, **kw):
+        name(label)
+        try:
+            if profiles is None:
+                return fn(*a, **kw)
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(fn, *a, **kw)
+            finally:
+                prof.dump_stats(str(profiles / f"{label}.prof"))
+        finally:  # the thread's own CPU time, exact (the /proc samples may miss its last 0.2 s)
+            with open(thread_cpu, "a") as f:
+                f.write(json.dumps({label: time.thread_time()}) + "\n")
+
+    run_writer = captures.BackgroundWriter._run
+    captures.BackgroundWriter._run = lambda self: profiled("capture-writer", run_writer, self)
+    run_server = server_app.run_server
+
+    def server(*a, **kw):
+        return profiled("serverapp", run_server, *a, **kw)
+
+    server_app.run_server = server
+    start = threading.Thread.start
+
+    def named_start(self):  # every other Python thread carries its Python name (first 15 characters)
+        run = self.run
+
+        def run_named():
+            if self.name not in ("capture-writer",):
+                name("py-" + self.name.replace("Thread-", "T")[:12])
+            run()
+
+        self.run = run_named
+        start(self)
+
+    threading.Thread.start = named_start
+    variant = os.environ.get("SCALE_CPU_VARIANT", "")
+    if variant == "old":  # the writer before tensor_parts: safetensors' serialisation into one bytes object
+        from fedsim.files import tensor_bytes
+
+        captures.tensor_parts = lambda state, meta=None: tensor_bytes(state, meta)
+    elif variant == "drop":  # the captures are converted and handed over, but never written: isolates the writer
+        captures.BackgroundWriter.submit = lambda self, job: None
+    elif variant == "nosync":  # written, never synced: isolates fsync
+        import fedsim.files
+
+        fedsim.files.os.fsync = lambda fd: None
+    sys.argv = ["fedsim", *argv]
+    from fedsim.app.cli import main
+
+    main()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "driver":
+        return driver(sys.argv[3], sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--capture", choices=("true", "false"), default="true")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--profile", action="store_true", help="cProfile the ServerApp and writer threads")
+    parser.add_argument("--tag", default="", help="also write benchmarks/results/scale-cpu-<tag>.json")
+    args = parser.parse_args()
+    result = {"command": " ".join(sys.argv), **measure(args)}
+    print(json.dumps(result, indent=1))
+    if args.tag:
+        (RESULTS / f"scale-cpu-{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
