@@ -3,6 +3,8 @@
     python benchmarks/scale_cpu.py --clients 1000 --rounds 3 --capture true --set fraction-train=0.05 \
         --set batch-size=1 --set eval-examples=500 --tag curious-1000
 
+    python benchmarks/scale_cpu.py writer --rounds 8
+
 The run is started in a child process through `driver` below, which names the driver's Python threads (so that
 /proc shows which thread spent what) and, with --profile, runs cProfile in the ServerApp thread and in the capture
 writer thread. The parent samples the CPU time (utime + stime) of every process of the run's tree, and of every
@@ -225,9 +227,104 @@ def driver(profile_dir: str, argv: list[str]) -> None:
     main()
 
 
+def old_write_many(files: list) -> None:
+    """fedsim.files.atomic_write_many as it was before tensor_parts (the baseline of `writer`): per file mkdir,
+    mkstemp, fdopen, fchmod, one write of safetensors' bytes, flush; then fsync and close each; then rename."""
+    import tempfile
+
+    from fedsim.files import current_umask
+
+    mode, pending = 0o666 & ~current_umask(), []
+    for path, data in files:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        f = os.fdopen(fd, "wb")
+        pending.append((path, tmp, f))
+        os.fchmod(fd, mode)
+        f.write(data)
+        f.flush()
+    for _, _, f in pending:
+        os.fsync(f.fileno())
+        f.close()
+    for path, tmp, _ in pending:
+        os.replace(tmp, path)
+
+
+def writer_bench(rounds: int) -> dict:
+    """One round of captures (50 ConvNet updates, as fedsim run hands them over) written by the old and the new
+    writer, while a pure-Python thread (like Flower's loop that hands messages to the client actors) shares the GIL:
+    the writer's CPU-seconds, its wall time, and the seconds that thread lost to it, per round (medians)."""
+    import statistics
+    import tempfile
+    import threading
+
+    sys.path.insert(0, str(ROOT))
+    from flwr.app import ArrayRecord
+
+    import fedsim.captures as captures
+    from fedsim.files import atomic_write_many, tensor_bytes, tensor_parts
+    from fedsim.models import build_model
+
+    record = ArrayRecord(build_model("convnet", (1, 28, 28), 10, seed=0).state_dict())
+    writers = {
+        "before": (lambda state, meta=None: tensor_bytes(state, meta), old_write_many),
+        "after": (tensor_parts, atomic_write_many),
+    }
+    result = {}
+    for spin in (False, True):
+        for label, (parts, write_many) in writers.items():
+            captures.tensor_parts, captures.atomic_write_many = parts, write_many
+            stop, count = threading.Event(), [0]
+
+            def loop(stop: threading.Event, count: list[int]) -> None:
+                table = {i: i for i in range(1000)}
+                while not stop.is_set():
+                    for key in table:
+                        table.get(key)
+                    count[0] += 1
+
+            thread = threading.Thread(target=loop, args=(stop, count), daemon=True)
+            if spin:
+                thread.start()
+            rows = []
+            with tempfile.TemporaryDirectory() as tmp:
+                store = captures.CaptureStore(tmp)
+                for r in range(rounds + 1):
+                    updates = [(n, record.to_torch_state_dict(), {"run": "x"}) for n in range(50)]
+                    c0, t0, cpu0 = count[0], time.perf_counter(), time.thread_time()
+                    store.write_updates(r, updates)
+                    cpu, wall, spins = time.thread_time() - cpu0, time.perf_counter() - t0, count[0] - c0
+                    c1, t1 = count[0], time.perf_counter()
+                    time.sleep(0.3)
+                    rate = (count[0] - c1) / (time.perf_counter() - t1)
+                    if r:  # round 0 warms up
+                        rows.append((cpu, wall, wall - spins / rate if spin else 0.0))
+            stop.set()
+            key = f"{label}, {'beside a Python thread' if spin else 'alone'}"
+            result[key] = {
+                name: round(statistics.median(row[i] for row in rows), 4)
+                for i, name in enumerate(("writer_cpu_s", "writer_wall_s", "other_thread_lost_s"))
+            }
+            print(key, result[key], flush=True)
+    captures.tensor_parts, captures.atomic_write_many = tensor_parts, atomic_write_many
+    return {
+        "updates_per_round": 50,
+        "mb_per_round": round(50 * len(tensor_bytes(record.to_torch_state_dict())) / 2**20, 1),
+        "rounds": rounds,
+        "load_average": os.getloadavg(),
+        "results": result,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "driver":
         return driver(sys.argv[3], sys.argv[4:])
+    if len(sys.argv) > 1 and sys.argv[1] == "writer":
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 8
+        result = {"command": "python benchmarks/scale_cpu.py " + " ".join(sys.argv[1:]), **writer_bench(rounds)}
+        (RESULTS / "scale-cpu-writer.json").write_text(json.dumps(result, indent=1) + "\n")
+        return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)

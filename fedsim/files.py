@@ -206,16 +206,17 @@ def tensor_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     parts, offset = [], 0
     for name in order:
-        value = tensors[name].detach().to("cpu").contiguous()
-        size = value.numel() * value.element_size()
-        header[name] = {
-            "dtype": ST_DTYPES[value.dtype],
-            "shape": list(value.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-        if size:
-            parts.append(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+        value = tensors[name]
+        dtype = ST_DTYPES[value.dtype]
+        if value.device.type == "cpu" and dtype != "BF16" and not value.requires_grad and value.is_contiguous():
+            array = value.numpy()  # the tensor's memory as it is (each torch operation would give the GIL up)
+        else:  # on another device, not contiguous, or bfloat16 (which numpy lacks: its bits as int16)
+            value = value.detach().to("cpu").contiguous()
+            array = (value.view(torch.int16) if dtype == "BF16" else value).numpy()
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        if array.nbytes:
+            parts.append(memoryview(array).cast("B"))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     return [len(text).to_bytes(8, "little") + text, *parts]
