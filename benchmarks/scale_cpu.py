@@ -1,4 +1,4 @@
-"""CPU-seconds of a `fedsim run`, per process and per thread of the driver: what capturing costs, independent of load.
+"""CPU-seconds of a `fedsim run`, per process and per driver thread: what capturing costs, less load-bound than wall.
 
     python benchmarks/scale_cpu.py --clients 1000 --rounds 3 --capture true --set fraction-train=0.05 \
         --set batch-size=1 --set eval-examples=500 --tag curious-1000
@@ -9,7 +9,12 @@ The run is started in a child process through `driver` below, which names the dr
 /proc shows which thread spent what) and, with --profile, runs cProfile in the ServerApp thread and in the capture
 writer thread. The parent samples the CPU time (utime + stime) of every process of the run's tree, and of every
 thread of the driver, from /proc every 0.2 s, keeping the last value seen of each; wall time depends on the load
-of the machine, CPU-seconds much less.
+of the machine, CPU-seconds much less. SCALE_CPU_VARIANT=old runs the capture writer as it was before
+`fedsim.files.tensor_parts` (safetensors' bytes, one write and fchmod per file), `nosync` skips its fsyncs and
+`drop` its writes, to compare with plain runs.
+
+`writer` writes rounds of 50 ConvNet updates with the old and the new writer, alone and beside a thread that runs
+Python all the time, and writes results/scale-cpu-writer.json.
 """
 
 from __future__ import annotations
@@ -215,6 +220,7 @@ def driver(profile_dir: str, argv: list[str]) -> None:
         from fedsim.files import tensor_bytes
 
         captures.tensor_parts = lambda state, meta=None: tensor_bytes(state, meta)
+        captures.atomic_write_many = old_write_many
     elif variant == "drop":  # the captures are converted and handed over, but never written: isolates the writer
         captures.BackgroundWriter.submit = lambda self, job: None
     elif variant == "nosync":  # written, never synced: isolates fsync
