@@ -118,7 +118,11 @@ def measure(args: argparse.Namespace) -> dict:
             raise SystemExit(f"run failed:\n{out[0][-3000:]}")
         lines = [json.loads(x) for x in (Path(tmp) / "r" / "training.jsonl").read_text().splitlines()]
         times = [r["time"] for r in lines if r.get("round", 0) >= 1]
-        exact = {k: round(v, 3) for line in cpu_file.read_text().splitlines() for k, v in json.loads(line).items()}
+        exact = {
+            k: v if k == "gc" else round(v, 3)
+            for line in cpu_file.read_text().splitlines()
+            for k, v in json.loads(line).items()
+        }
         stats = {}
         if args.profile:
             import pstats
@@ -215,6 +219,23 @@ def driver(profile_dir: str, argv: list[str]) -> None:
         start(self)
 
     threading.Thread.start = named_start
+    import gc
+
+    collections: dict[str, list[float]] = {}
+    started: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:  # every collection in the driver: which generation, how long
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter()
+        elif threading.get_ident() in started:
+            row = collections.setdefault(f"gen{info['generation']}", [0, 0.0])
+            row[0] += 1
+            row[1] += time.perf_counter() - started.pop(threading.get_ident())
+
+    gc.callbacks.append(on_gc)
+    import atexit
+
+    atexit.register(lambda: thread_cpu.open("a").write(json.dumps({"gc": collections}) + "\n"))
     variant = os.environ.get("SCALE_CPU_VARIANT", "")
     if variant == "old":  # the writer before tensor_parts: safetensors' serialisation into one bytes object
         from fedsim.files import tensor_bytes
