@@ -35,7 +35,7 @@ import torch
 
 from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES, SERVER_MODES
 from fedsim.errors import FedsimError
-from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, save_tensors, tensor_bytes
+from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, tensor_parts
 
 MANIFEST = "manifest.jsonl"
 INDEX = "index"
@@ -393,7 +393,7 @@ class CaptureStore:
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
         """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
         rel = f"round-{server_round:04d}/global.safetensors"
-        save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
+        atomic_write_many([(self.root / rel, tensor_parts(state, {"kind": "global", "round": str(server_round)}))])
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
     @_deferrable
@@ -428,7 +428,7 @@ class CaptureStore:
                 state = {k: _half(v, None if base is None else base.get(k)) for k, v in state.items()}
                 extra = {"dtype": "float16", "delta": base is not None}
             header = {"kind": "update", "round": str(server_round), "client": str(client)}
-            files.append((self.root / rel, tensor_bytes(state, header)))
+            files.append((self.root / rel, tensor_parts(state, header)))  # the tensors' own memory, not a copy
             records.append({"kind": "update", "round": server_round, "client": client, "file": rel, **meta, **extra})
         atomic_write_many(files)
         return self._append_many(records)

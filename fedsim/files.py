@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -39,34 +39,67 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_many([(path, data)])
 
 
-def atomic_write_many(files: list[tuple[str | Path, bytes]]) -> None:
+def atomic_write_many(files: list[tuple[str | Path, bytes | list]]) -> None:
     """`atomic_write_bytes` for many files at once: all written, then all synced, then all renamed into place.
 
     Syncing after every file is written lets the file system commit them together: each sync after the first
     finds its data already on disk, which makes a round of captures several times cheaper than one by one.
+    A file's data is bytes or a list of buffers (`tensor_parts`), written in one `writev`, never joined.
+    Each file costs five system calls (open, writev, fsync, close, rename): in a background thread, each is a
+    point where the thread gives Python's GIL up and must take it back from the threads that serve the clients.
     """
-    mode = 0o666 & ~current_umask()
-    pending: list[tuple[Path, str, Any]] = []
+    pending: list[tuple[Path, str, int]] = []
+    open_fds: set[int] = set()
+    folders: set[Path] = set()
     try:
         for path, data in files:
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            f = os.fdopen(fd, "wb")
-            pending.append((path, tmp, f))
-            os.fchmod(fd, mode)
-            f.write(data)
-            f.flush()
-        for _, _, f in pending:
-            os.fsync(f.fileno())
-            f.close()
+            if path.parent not in folders:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                folders.add(path.parent)
+            fd, tmp = _create_temp(path)
+            open_fds.add(fd)
+            pending.append((path, tmp, fd))
+            _write_all(fd, data if isinstance(data, list) else [data])
+        for _, _, fd in pending:
+            os.fsync(fd)
+            os.close(fd)
+            open_fds.discard(fd)
         for path, tmp, _ in pending:
             os.replace(tmp, path)
     except BaseException:
-        for _, tmp, f in pending:
-            f.close()
+        for _, tmp, fd in pending:
+            if fd in open_fds:
+                os.close(fd)
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path` (as mkstemp makes it, but with the mode an ordinary write gets: 0666
+    less the umask, which the kernel applies), open for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """Write the buffers one after the other with as few `writev` calls as the kernel allows (the GIL is released
+    while it copies them)."""
+    views = [view for view in (memoryview(p).cast("B") for p in parts) if len(view)]
+    limit = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+    while views:
+        written = os.writev(fd, views[:limit])
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0], written = views[0][written:], 0
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -144,6 +177,49 @@ def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     """The safetensors file of `tensors`, in memory."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return st_save(clean, metadata=metadata)
+
+
+# torch dtype -> safetensors' name, in safetensors' order of dtypes (a file lists its tensors by dtype, last first)
+ST_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+}
+ST_RANK = {dtype: rank for rank, dtype in enumerate(ST_DTYPES)}
+
+
+def tensor_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """The safetensors file of `tensors` as its header and one buffer per tensor, without copying the tensors' data
+    (a tensor that is not on the CPU or not contiguous is copied once): the file `tensor_bytes` makes, in the
+    same order (safetensors sorts by dtype, then name). Written with `atomic_write_many`, the kernel copies
+    each buffer straight into the file, with Python's GIL released. (Only the metadata keys keep their order.)"""
+    if any(value.dtype not in ST_DTYPES for value in tensors.values()):
+        return [tensor_bytes(tensors, metadata)]  # a dtype this writer does not know: safetensors' own
+    order = sorted(tensors, key=lambda k: (-ST_RANK[tensors[k].dtype], k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    parts, offset = [], 0
+    for name in order:
+        value = tensors[name]
+        dtype = ST_DTYPES[value.dtype]
+        if value.device.type == "cpu" and dtype != "BF16" and not value.requires_grad and value.is_contiguous():
+            array = value.numpy()  # the tensor's memory as it is (each torch operation would give the GIL up)
+        else:  # on another device, not contiguous, or bfloat16 (which numpy lacks: its bits as int16)
+            value = value.detach().to("cpu").contiguous()
+            array = (value.view(torch.int16) if dtype == "BF16" else value).numpy()
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        if array.nbytes:
+            parts.append(memoryview(array).cast("B"))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [len(text).to_bytes(8, "little") + text, *parts]
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
