@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from attacks.base import Attack, AttackTarget, Progress, Trial, divergence_reasons, problem_generator
-from attacks.labels import infer_labels, last_layer_features
+from attacks.feature_start import closed_form_features, closed_form_labels, fit_features
 from attacks.lbfgs import BatchedLBFGS
 from attacks.problems import Problems, stack_problems, stack_targets, value_and_grad
 from attacks.recorder import Recorder
@@ -223,13 +221,19 @@ class DLG(Attack):
             for i in range(offset, offset + r)
         ]
         z0 = torch.stack(inits).to(device)
-        features, init_note = self._closed_form_features(targets, problems) if self.init == "features" else (None, "")
-        fitted = self._fit_features(problems, z0, numel, shape, features) if features is not None else None
+        features, init_note = closed_form_features(targets, problems, r) if self.init == "features" else (None, "")
+        fitted = None
+        if features is not None:  # the dummy images first fitted to the features: single backward passes
+            grey = 0.0 if self.image_param == "sigmoid" else 0.5
+            fitted = fit_features(
+                problems, z0, numel, shape, features, to_images=self._images, grey=grey,
+                steps=self.feature_iterations, max_iter=self.max_iter, history_size=self.history_size,
+            )  # fmt: skip
         if fitted is not None:
             z0, feature_evals, feature_error = fitted
         label_init = "noise"
         if fitted is not None and self.optimise_labels:  # the soft labels start at the closed-form label
-            z0, label_init = self._closed_form_labels(targets, problems, z0, numel), "closed-form"
+            z0, label_init = closed_form_labels(targets, problems, z0, numel, r, self.label_gap), "closed-form"
         opt = BatchedLBFGS(
             z0,
             lambda z_: fn(problems.params, problems.consts, z_, labels, problems.observed),
@@ -271,79 +275,6 @@ class DLG(Attack):
                 entry["rescued"] = [int(v) for v in opt.rescued[j * r : (j + 1) * r]]
                 entry["stall_resets"] = [int(v) for v in opt.resets[j * r : (j + 1) * r]]
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info
-
-    def _closed_form_features(
-        self, targets: Sequence[AttackTarget], problems: Problems
-    ) -> tuple[torch.Tensor | None, str]:
-        """Per problem [K, F], the last layer's input features in closed form from its gradient
-        (attacks.labels.last_layer_features), or None and why not: they need an undefended FedSGD
-        gradient of one example and a last nn.Linear with a trainable bias."""
-        first = targets[0]
-        if problems.objective != "gradient" or problems.examples != 1 or problems.aware:
-            return None, "features need an undefended FedSGD gradient of one example; drew noise"
-        try:
-            rows = [last_layer_features(first.model, s, first.num_classes) for s in problems.signals]
-        except FedsimError as exc:
-            return None, f"{exc}; drew noise"
-        if rows[0] is None:
-            return None, "features need a last layer with a trainable bias; drew noise"
-        device = problems.scale.device
-        return torch.stack([h.to(device) for h in rows for _ in range(self.restarts)]), ""
-
-    def _closed_form_labels(
-        self, targets: Sequence[AttackTarget], problems: Problems, z0: torch.Tensor, numel: int
-    ) -> torch.Tensor:
-        """DLG's label logits set to `label_gap` at the label inferred from each target's last layer, 0 elsewhere.
-        `infer_labels` reads only the model's layout (which parameter is the last layer), never its weights, and
-        every target of one batch has the same layout (`batching_key`), so the first target's model serves all."""
-        first, z = targets[0], z0.clone()
-        for j, signal in enumerate(problems.signals):
-            shape = tuple(first.input_shape)
-            label = infer_labels(first.model, signal, 1, first.num_classes, shape).labels.reshape(-1)[0]
-            logits = torch.zeros(first.num_classes, dtype=z.dtype, device=z.device)
-            logits[int(label)] = self.label_gap
-            z[j * self.restarts : (j + 1) * self.restarts, numel:] = logits
-        return z
-
-    def _fit_features(
-        self, problems: Problems, z0: torch.Tensor, numel: int, shape: tuple, features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fit the dummy images to the closed-form features (one backward pass per evaluation, no double
-        backward): `feature_iterations` L-BFGS steps with the line search from grey plus a tenth of the
-        restart's noise. Returns the new initial variables, evaluations per problem, the relative error."""
-        layer = [m for m in problems.model.modules() if isinstance(m, nn.Linear)][-1]
-        seen: list[torch.Tensor] = []
-
-        def feature_loss(p: dict, c: dict, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            seen.clear()
-            functional_call(problems.model, {**p, **c}, (self._images(z.view(shape)),))
-            return ((seen[0].flatten() - h) ** 2).sum() / (h**2).sum().clamp(min=1e-30)
-
-        handle = layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
-        try:
-            images = z0[:, :numel]
-            start = images * 0.1 + (0.0 if self.image_param == "sigmoid" else 0.5)
-            fn = value_and_grad(feature_loss, problems.k, (0, 0, 0, 0), argnum=2)
-            fit = BatchedLBFGS(
-                start.clone(),
-                lambda z_: fn(problems.params, problems.consts, z_, features),
-                max_iter=self.max_iter,
-                history_size=self.history_size,
-                reset_stalled=True,
-                line_search="armijo",
-            )
-            for _ in range(self.feature_iterations):
-                fit.step()
-                fit.frozen |= fit.loss <= 1e-8
-                if bool(fit.frozen.all()):
-                    break
-            loss, _ = fit.evaluate(torch.ones_like(fit.frozen))
-        finally:
-            handle.remove()
-        ok = torch.isfinite(loss) & torch.isfinite(fit.z).all(1)  # a bad fit keeps its noise
-        z = z0.clone()
-        z[:, :numel] = torch.where(ok[:, None], fit.z, images)
-        return z, fit.evaluations.cpu(), loss.cpu()
 
     def _optimise(
         self,

@@ -69,8 +69,9 @@ RECIPES = ("fedsgd", "fedavg")
 LR = 0.1  # the clients' SGD learning rate (fedsim's default)
 PAPER_MODEL = {"dlg": "lenet-dlg", "idlg": "lenet-dlg", "grnn": "lenet5", "ig": "convnet", "analytic": "mlp"}
 # The budgets a cell runs unless --option says otherwise: DLG and iDLG at their defaults, as a user runs them
-# (300 L-BFGS steps, one restart and a second on demand, the robust preset's rescues), GRNN at its paper's 1,000 steps, Inverting
-# Gradients at 500 signed-Adam steps and 1 restart, which fits a shared CPU (the paper: 4,800 to 24,000).
+# (300 L-BFGS steps, one restart and a second on demand, the robust preset's rescues), GRNN at its paper's 1,000
+# steps, Inverting Gradients at 500 signed-Adam steps and 1 restart, which fits a shared CPU (the paper: 4,800 to
+# 24,000).
 OPTIONS = {
     "dlg": {},
     "idlg": {},
