@@ -238,10 +238,12 @@ def driver(profile_dir: str, argv: list[str]) -> None:
     atexit.register(lambda: thread_cpu.open("a").write(json.dumps({"gc": collections}) + "\n"))
     variant = os.environ.get("SCALE_CPU_VARIANT", "")
     if variant == "old":  # the writer before tensor_parts: safetensors' serialisation into one bytes object
+        import fedsim.files
         from fedsim.files import tensor_bytes
 
-        captures.tensor_parts = lambda state, meta=None: tensor_bytes(state, meta)
-        captures.atomic_write_many = old_write_many
+        for module in (captures, fedsim.files):  # updates (captures) and the global weights (files.save_tensors)
+            module.tensor_parts = lambda state, meta=None: tensor_bytes(state, meta)
+            module.atomic_write_many = old_write_many
     elif variant == "drop":  # the captures are converted and handed over, but never written: isolates the writer
         captures.BackgroundWriter.submit = lambda self, job: None
     elif variant == "nosync":  # written, never synced: isolates fsync

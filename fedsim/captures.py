@@ -35,7 +35,7 @@ import torch
 
 from fedsim.config import DEFENSES, NOISE_TYPES, RECIPES, SERVER_MODES
 from fedsim.errors import FedsimError
-from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, tensor_parts
+from fedsim.files import append_line, atomic_write_many, load_tensors, read_jsonl, save_tensors, tensor_parts
 
 MANIFEST = "manifest.jsonl"
 INDEX = "index"
@@ -393,7 +393,7 @@ class CaptureStore:
     def write_global(self, server_round: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
         """Store the global weights of a round (once per round, always float32: float16 updates are relative to it)."""
         rel = f"round-{server_round:04d}/global.safetensors"
-        atomic_write_many([(self.root / rel, tensor_parts(state, {"kind": "global", "round": str(server_round)}))])
+        save_tensors(self.root / rel, state, {"kind": "global", "round": str(server_round)})
         return self._append({"kind": "global", "round": server_round, "file": rel, **meta})
 
     @_deferrable

@@ -170,7 +170,7 @@ def _warn_once(message: str) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (no pickle: such a file never executes code when read), atomically."""
-    atomic_write_bytes(path, tensor_bytes(tensors, metadata))
+    atomic_write_many([(path, tensor_parts(tensors, metadata))])
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
