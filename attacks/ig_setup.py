@@ -1,0 +1,161 @@
+"""Inverting Gradients' setup: its presets and option checks, the starting images, the units the images are
+optimised in, the priors' inputs read off the targets, and the result record."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from attacks.analytic import linear_input
+from attacks.labels import METHODS
+from attacks.priors import batchnorm_layers, feature_layer, running_statistics
+from attacks.problems import Problems, stack_problems
+from fedsim.errors import FedsimError
+
+INITS = ("randn", "centered", "rand", "features")
+DEFAULTS = {
+    "iterations": 1000,
+    "lr": 0.1,
+    "tv_weight": 1e-2,
+    "init": "randn",
+    "units": "pixels",
+    "feature_weight": 0.0,
+    "restarts": 2,
+}
+UNITS = ("pixels", "normalized")
+
+# Named settings; an option given explicitly wins over its preset's value. Result info records the preset.
+PRESETS: dict[str, dict] = {
+    # The defaults: the paper code's setting in fedsim's [0, 1] pixels.
+    "paper": {},
+    # breaching's `invertinggradients` exactly: normalised units of the model's own normalisation (x = m + s·z),
+    # z from N(0, 1), signed Adam lr 0.1 on z, its zero-padded TV at scale 0.2 on z, its step-lr milestones.
+    "breaching": {"units": "normalized", "lr": 0.1, "tv_weight": 0.2, "init": "randn", "restarts": 1},
+    # One example, FedSGD (the closed-form features exist): start from the image fitted to the features of the
+    # first fully connected layer, keep them as a prior, longer schedule.
+    "features": {"init": "features", "feature_weight": 1.0, "iterations": 3000, "restarts": 1},
+}
+
+
+def resolve_options(preset: str, given: dict) -> dict:
+    """The preset's options over the defaults, the options given (not None) over both."""
+    if preset not in PRESETS:
+        raise FedsimError(f"ig: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return {**DEFAULTS, **PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+
+
+def check_options(o: dict) -> None:
+    """Refuse option values IG cannot run with (`o`: every option by name)."""
+    weights = (o["tv_weight"], o["bn_weight"], o["feature_weight"])
+    if o["iterations"] < 1 or not o["lr"] > 0 or not all(w >= 0 for w in weights):
+        raise FedsimError("ig: iterations and lr must be positive, tv_weight, bn_weight and feature_weight >= 0")
+    if o["feature_iterations"] < 1:
+        raise FedsimError("ig: feature_iterations must be positive")
+    for key, allowed in (("init", INITS), ("units", UNITS)):
+        if o[key] not in allowed:
+            raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
+    if o["keep"] not in ("best", "last"):
+        raise FedsimError(f"ig: keep must be best or last, got {o['keep']!r}")
+    if o["label_method"] not in METHODS:
+        raise FedsimError(f"ig: unknown label_method {o['label_method']!r}; choose one of: {', '.join(METHODS)}")
+
+
+def initial_images(init: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Dummy images to start from: N(0, 1) (the paper code's, there in normalised units); "centered":
+    N(0.5, 0.25²), what breaching's N(0, 1) in CIFAR-normalised units is in [0, 1] pixels; U(0, 1);
+    "features": grey plus a tenth of N(0, 1), the start of the feature fit."""
+    if init == "rand":
+        return torch.rand(shape, generator=generator)
+    z = torch.randn(shape, generator=generator)
+    if init == "features":
+        return 0.5 + 0.1 * z
+    return 0.5 + 0.25 * z if init == "centered" else z
+
+
+def model_normalization(model: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (mean, std) [1, C, 1, 1] the model normalises its [0, 1] inputs with (its `mean` and
+    `std` buffers, as fedsim's ResNet-20); a model without them: CIFAR-10's (breaching's data constants)."""
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == channels:
+        return mean.detach().float().view(1, -1, 1, 1), std.detach().float().view(1, -1, 1, 1)
+    if channels != 3:
+        return torch.full((1, channels, 1, 1), 0.5), torch.full((1, channels, 1, 1), 0.25)
+    return (
+        torch.tensor((0.4914672374725342, 0.4822617471218109, 0.4467701315879822)).view(1, 3, 1, 1),
+        torch.tensor((0.24703224003314972, 0.24348513782024384, 0.26158785820007324)).view(1, 3, 1, 1),
+    )
+
+
+def image_units(units: str, model: nn.Module, channels: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(mean, std, low, high), [1, C, 1, 1] each: images x = mean + std·z with z boxed to [low, high]; in
+    "normalized" units the model's own normalisation (breaching's units), in "pixels" z is x itself."""
+    if units == "normalized":
+        mean, std = (t.to(device) for t in model_normalization(model, channels))
+        return mean, std, -mean / std, (1 - mean) / std
+    mean, std = torch.zeros(1, channels, 1, 1, device=device), torch.ones(1, channels, 1, 1, device=device)
+    return mean, std, mean, std
+
+
+def milestones(units: str, iterations: int) -> list[int]:
+    """The iterations where the step size is cut by 10: breaching's in normalised units, else 3/8, 5/8, 7/8."""
+    if units == "normalized":
+        return [int(iterations // d) for d in (2.667, 1.6, 1.142)]
+    return [iterations * m // 8 for m in (3, 5, 7)]
+
+
+def prior_inputs(attack, targets: Sequence, problems: Problems, device: torch.device) -> SimpleNamespace:
+    """What the priors need, per problem: the BatchNorm layers and their running statistics (bn_weight > 0),
+    the first FC layer and its input in closed form from one example's gradient (feature_weight > 0 or
+    init "features"); `modules`: the layers whose inputs the objective reads in one forward pass."""
+    r = attack.restarts
+    bn_layers = batchnorm_layers(problems.model) if attack.bn_weight else []
+    running = stack_problems([running_statistics(t.model) for t in targets], r, device) if attack.bn_weight else None
+    fc, feature_modules, features = None, [], None
+    if attack.feature_weight or attack.init == "features":  # one example's input to the first FC layer, in
+        if problems.objective != "gradient" or problems.examples != 1 or problems.aware:  # closed form
+            raise FedsimError("ig: feature_weight > 0 and init=features need FedSGD gradients of one example (batch 1)")
+        fc, iw, ib = feature_layer(problems.model)
+        found = [linear_input(s[iw].double(), s[ib].double()).float()[None] for s in problems.signals]
+        features = stack_problems(found, r, device)
+        feature_modules = [fc] if attack.feature_weight else []
+    return SimpleNamespace(
+        bn_layers=bn_layers, running=running, fc=fc, features=features, modules=bn_layers + feature_modules
+    )
+
+
+def result_info(attack, problems: Problems, fixed: Sequence, best_distance: torch.Tensor, fit_gap) -> list[dict]:
+    """Each target's result info: the objective, the options that ran, every restart's cosine distance."""
+    r = attack.restarts
+    return [
+        {
+            "objective": problems.objective,
+            "label_method": f[1],
+            "attack": attack.name,
+            "distance": "cosine",
+            "optimizer": "adam-signed" if attack.signed else "adam",
+            "cosine_distance": [float(best_distance[j * r + i]) for i in range(r)],
+            "preset": attack.preset,
+            "iterations": attack.iterations,
+            "lr": attack.lr,
+            "tv_weight": attack.tv_weight,
+            "tv": "zero-padded, normalised units" if attack.units == "normalized" else "interior, pixels",
+            "units": attack.units,
+            "restarts": r,
+            "init": attack.init,
+            "kept": attack.keep,
+            "bn_weight": attack.bn_weight,
+            "feature_weight": attack.feature_weight,
+            **(
+                {
+                    "feature_iterations": attack.feature_iterations,
+                    "feature_fit_objective": [float(fit_gap[j * r + i]) for i in range(r)],
+                }
+                if fit_gap is not None
+                else {}
+            ),
+        }
+        for j, f in enumerate(fixed)
+    ]
