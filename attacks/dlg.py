@@ -1,4 +1,8 @@
-"""Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019): match dummy gradients with L-BFGS."""
+"""Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019): match dummy gradients with L-BFGS.
+
+The objective (`matching_loss`), then the loop (`_optimise`); the presets and option checks are in
+attacks.dlg_setup, the closed-form start in attacks.feature_start, restarts on demand in attacks.restarts.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,14 @@ from collections.abc import Sequence
 import torch
 
 from attacks.base import Attack, AttackTarget, Progress, Trial, divergence_reasons, problem_generator
-from attacks.feature_start import closed_form_features, closed_form_labels, fit_features
+from attacks.dlg_setup import INITS, PRESETS, batch_info, check_options, resolve_options
+from attacks.feature_start import closed_form_start
 from attacks.lbfgs import BatchedLBFGS
 from attacks.problems import Problems, stack_problems, stack_targets, value_and_grad
 from attacks.recorder import Recorder
-from fedsim.errors import FedsimError
+from attacks.restarts import restarts_on_demand
 
-# The optimiser presets: the paper's L-BFGS as its code runs it, and the default that survives real photos.
-PRESETS: dict[str, dict] = {
-    "robust": {
-        "line_search": "armijo",
-        "rescues": 5,
-        "restarts": 1,
-        "extra_restarts": 1,
-        "init": "features",
-    },
-    "paper": {
-        "line_search": None,
-        "rescues": 0,
-        "restarts": 1,
-        "extra_restarts": 0,
-        "init": "noise",
-    },
-}
-INITS = ("features", "noise")
+__all__ = ["DLG", "INITS", "PRESETS"]
 
 
 class DLG(Attack):
@@ -40,42 +28,18 @@ class DLG(Attack):
     D = ||∂ℓ(F(x', W), softmax(y'))/∂W − ∇W||² and (x', y') ← L-BFGS step on D. `matching_loss`
     is D, `_optimise` the loop; K = targets × restarts problems run as one batch (attacks.problems).
 
-    `optimizer` chooses how (x', y') move. "paper" is the paper's code (mit-han-lab/dlg): L-BFGS lr 1
-    with torch's default 20 inner iterations per step and no line search, 300 steps, one restart,
-    no rescues. On images nobody tuned it for it diverges on a third to a half of them (the step
-    blows the images up within a few iterations). "robust" (the default) is the same L-BFGS with a
-    backtracking (Armijo) line search per problem (attacks.lbfgs), memory cleared on a stall,
-    `rescues` 5, one restart and `extra_restarts` 1 on demand: a step can no longer raise the loss, so a
-    restart does not blow up; a target whose restart ends stuck (relative loss above `restart_above`,
-    1e-6) gets a second restart from its own draw, run after the first, and the restart that matches the
-    gradient better is kept. Measured on 20 CIFAR-10 photos, one restart ends at 0.9-1.6e-7 on the
-    hardest four (31-34 dB) and ~1e-9 elsewhere, so the second one costs only where it is needed; an
-    explicit `restarts` runs exactly that many, side by side, with no extra ones unless asked. Info's
-    `side_by_side` and `on_demand` record what ran. Both clamp the images to [0, 1] only at
-    the end; result info records `optimizer`, `tolerances` and `iterations`. `tolerances="relative"`
-    (not a default: measured mixed) takes L-BFGS's tolerances relative to ||∇W||² (attacks.lbfgs, `scale`).
+    `optimizer` chooses how (x', y') move: "paper", the paper's code (L-BFGS lr 1, 20 inner iterations, no
+    line search, one restart, no rescues), or "robust" (the default), the same L-BFGS with a line search, a
+    memory reset on a stall, `rescues` 5 and a second restart on demand for a target whose first ends above
+    `restart_above` (attacks.dlg_setup has the details). Info's `side_by_side` and `on_demand` record what ran,
+    and `optimizer`, `tolerances` and `iterations` how.
 
-    `init` chooses where the images start. "noise" (the paper's, with optimizer "paper") is the N(0, 1)
-    draw. "features" (the default) reads the last layer's input features off its gradient in closed form
-    (attacks.labels.last_layer_features: one example, FedSGD) and first fits the image, from grey plus a
-    tenth of the draw, to them: `feature_iterations` L-BFGS steps, each evaluation a single backward pass
-    instead of a double one, counted in `evaluations` (and apart in info's `feature_evaluations`); without
-    a closed form it falls back to noise. Info's `init` records which ran.
-
-    With "features", DLG's label logits start at the label read off the same gradient (attacks.labels,
-    iDLG's inference): `label_gap` (20) at that class, 0 elsewhere, so the soft label starts one-hot
-    instead of at softmax(N(0, 1)). Why: the gradient is zero when the soft label equals the model's
-    prediction, and the untrained LeNet predicts one class with p ≈ 0.8 whatever the photo, so for the
-    photos of that class the true gradient is small (∝ 1 − p_y, ~40 times below the others) and a noise
-    start falls towards that trivial point; measured, all four such photos of 20 stayed at 24-28 dB while
-    iDLG (labels fixed) reached 31-35 dB on them. Info's `label_init` records "closed-form" or "noise".
-
-    `rescues` (0 with the paper's optimiser) makes a restart survive the two ways L-BFGS without a line
-    search fails: when a step blows the images up (or the loss becomes non-finite), the restart goes
-    back to where that step began, forgets its L-BFGS memory and halves its step size, up to `rescues`
-    times before it is dropped; when its memory stops giving a descent direction (it would stay stuck
-    for good), the memory is cleared. The result's info counts both per restart.
-
+    `init`: "noise" (the paper's, with optimizer "paper") is the N(0, 1) draw; "features" (the default) first
+    fits the image to the last layer's input read off its gradient in closed form (one example, FedSGD; else
+    noise), `feature_iterations` single-backward L-BFGS steps counted in `evaluations` (attacks.feature_start),
+    and starts DLG's label logits one-hot at the label read off it (`label_gap`). Info's `init` and
+    `label_init` record which ran. `rescues` (0 with the paper's optimiser) saves a restart that blows up
+    (attacks.dlg_setup); info counts the rescues and the stall resets per restart.
     A restart stuck at noise is not a success: info's `converged` is whether the kept restart's final
     distance is at most `converged_below` times ||∇W||² (its `relative_loss`).
     """
@@ -108,38 +72,19 @@ class DLG(Attack):
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
-        if optimizer not in PRESETS:
-            raise FedsimError(f"{self.name}: optimizer must be one of {', '.join(PRESETS)}, got {optimizer!r}")
-        preset = PRESETS[optimizer]
-        if extra_restarts is None:  # on demand only with the preset's restarts: an explicit count is what runs
-            extra_restarts = preset["extra_restarts"] if restarts is None else 0
-        restarts = preset["restarts"] if restarts is None else restarts
-        rescues = preset["rescues"] if rescues is None else rescues
-        init = preset["init"] if init is None else init
-        if init not in INITS:
-            raise FedsimError(f"{self.name}: init must be one of {', '.join(INITS)}, got {init!r}")
-        tolerances = "absolute" if tolerances is None else tolerances  # both presets: L-BFGS's own tolerances
-        if tolerances not in ("absolute", "relative"):
-            raise FedsimError(f"{self.name}: tolerances must be 'absolute' or 'relative', got {tolerances!r}")
-        if feature_iterations < 1:
-            raise FedsimError(f"{self.name}: feature_iterations must be positive, got {feature_iterations}")
-        super().__init__(restarts=restarts, tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)
-        if not converged_below > 0:
-            raise FedsimError(f"{self.name}: converged_below must be positive, got {converged_below}")
-        if iterations < 1 or lr <= 0 or max_iter < 1 or history_size < 1:
-            raise FedsimError(f"{self.name}: iterations, lr, max_iter and history_size must be positive")
-        if extra_restarts < 0 or not restart_above > 0:
-            raise FedsimError(f"{self.name}: extra_restarts must be 0 or more and restart_above positive")
-        self.extra_restarts, self.restart_above = extra_restarts, restart_above
-        if rescues < 0:
-            raise FedsimError(f"{self.name}: rescues must be 0 or more, got {rescues}")
-        if image_param not in ("raw", "sigmoid"):
-            raise FedsimError(f"{self.name}: image_param must be 'raw' or 'sigmoid', got {image_param!r}")
+        given = dict(restarts=restarts, extra_restarts=extra_restarts, rescues=rescues, init=init)  # noqa: C408
+        o = resolve_options(self.name, optimizer, given, tolerances, feature_iterations)
+        run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
+        super().__init__(restarts=o["restarts"], **run)
+        o.update(converged_below=converged_below, iterations=iterations, lr=lr, max_iter=max_iter)
+        o.update(history_size=history_size, restart_above=restart_above, image_param=image_param)
+        check_options(self.name, o)
+        self.extra_restarts, self.restart_above = o["extra_restarts"], restart_above
         self.iterations, self.lr, self.max_iter, self.history_size = iterations, lr, max_iter, history_size
         self.image_param, self.unroll, self.image_limit = image_param, unroll, image_limit
-        self.rescues, self.optimizer, self.converged_below = rescues, optimizer, converged_below
-        self.line_search, self.init, self.feature_iterations = preset["line_search"], init, feature_iterations
-        self.relative, self.label_gap = tolerances == "relative", label_gap
+        self.rescues, self.optimizer, self.converged_below = o["rescues"], optimizer, converged_below
+        self.line_search, self.init, self.feature_iterations = o["line_search"], o["init"], feature_iterations
+        self.relative, self.label_gap = o["tolerances"] == "relative", label_gap
 
     def _images(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(z) if self.image_param == "sigmoid" else z
@@ -158,50 +103,20 @@ class DLG(Attack):
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Trial]], list[dict]]:
-        """`restarts` side by side, then up to `extra_restarts` more, one at a time and only for the targets
-        whose best restart so far ended stuck (relative loss above `restart_above`): restarts on demand."""
-        trials, info = self._solve_round(targets, seed=seed, device=device, progress=progress, offset=0)
-        for entry in info:
-            entry["side_by_side"], entry["on_demand"] = self.restarts, 0
-        for extra in range(self.extra_restarts):
-            stuck = [
-                j for j, e in enumerate(info) if e["relative_loss"] is None or e["relative_loss"] > self.restart_above
-            ]
-            if not stuck:
-                break
-            more, more_info = self._solve_round(
-                [targets[j] for j in stuck], seed=seed, device=device, progress=progress,
-                offset=self.restarts + extra, count=1,
-            )  # fmt: skip
-            for j, new_trials, new in zip(stuck, more, more_info, strict=True):
-                trials[j] = trials[j] + new_trials
-                info[j] = _merge_info(info[j], new)
-        return trials, info
+        """`restarts` side by side, then up to `extra_restarts` more on demand (attacks.restarts)."""
 
-    def _solve_round(
-        self,
-        targets: Sequence[AttackTarget],
-        *,
-        seed: int,
-        device: torch.device,
-        progress: Progress | None,
-        offset: int,
-        count: int | None = None,
-    ) -> tuple[list[list[Trial]], list[dict]]:
-        """One batch: restarts `offset`..`offset + count` (default `restarts`) of every target, side by side."""
-        saved = self.restarts
-        self.restarts = saved if count is None else count  # the helpers below read self.restarts
-        try:
-            return self._solve_batch(targets, seed=seed, device=device, progress=progress, offset=offset)
-        finally:
-            self.restarts = saved
+        def solve(group: Sequence[AttackTarget], offset: int, count: int) -> tuple[list[list[Trial]], list[dict]]:
+            return self._solve_batch(group, seed=seed, device=device, progress=progress, offset=offset, restarts=count)
+
+        return restarts_on_demand(solve, targets, self.restarts, self.extra_restarts, self.restart_above)
 
     def _solve_batch(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None,
-        offset: int,
+        offset: int, restarts: int,
     ) -> tuple[list[list[Trial]], list[dict]]:  # fmt: skip
-        problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
-        first, r, n = targets[0], self.restarts, problems.examples
+        """One batch: restarts `offset` .. `offset + restarts` of every target, side by side."""
+        problems = stack_targets(targets, restarts, device, unroll=self.unroll)
+        first, r, n = targets[0], restarts, problems.examples
         shape, classes = (n, *first.input_shape), first.num_classes
         numel = n * shape[1] * shape[2] * shape[3]
         fixed = [self._fixed_labels(t, s) for t, s in zip(targets, problems.signals, strict=True)]
@@ -215,75 +130,25 @@ class DLG(Attack):
             return problems.distance(problems.signal(p, c, x, y), obs)
 
         fn = value_and_grad(matching_loss, problems.k, (0, 0, 0, None if labels is None else 0, 0), argnum=2)
-        inits = [
-            self._initial(problem_generator(seed, i), numel, n * classes, i)
-            for _ in targets
-            for i in range(offset, offset + r)
-        ]
-        z0 = torch.stack(inits).to(device)
-        features, init_note = closed_form_features(targets, problems, r) if self.init == "features" else (None, "")
-        fitted = None
-        if features is not None:  # the dummy images first fitted to the features: single backward passes
-            grey = 0.0 if self.image_param == "sigmoid" else 0.5
-            fitted = fit_features(
-                problems, z0, numel, shape, features, to_images=self._images, grey=grey,
-                steps=self.feature_iterations, max_iter=self.max_iter, history_size=self.history_size,
-            )  # fmt: skip
-        if fitted is not None:
-            z0, feature_evals, feature_error = fitted
-        label_init = "noise"
-        if fitted is not None and self.optimise_labels:  # the soft labels start at the closed-form label
-            z0, label_init = closed_form_labels(targets, problems, z0, numel, r, self.label_gap), "closed-form"
-        opt = BatchedLBFGS(
-            z0,
-            lambda z_: fn(problems.params, problems.consts, z_, labels, problems.observed),
-            lr=self.lr,
-            max_iter=self.max_iter,
-            history_size=self.history_size,
-            reset_stalled=self.rescues > 0 or self.line_search is not None,
-            line_search=self.line_search,
-            scale=problems.scale if self.relative else None,
+        rs = range(offset, offset + r)
+        draws = torch.stack(
+            [self._initial(problem_generator(seed, i), numel, n * classes, i) for _ in targets for i in rs]
         )
-        if fitted is not None:  # the feature fit's evaluations count towards the attack's
-            opt.evaluations += feature_evals.to(opt.evaluations.device)
+        z0, fit, label_init, init_note = closed_form_start(self, targets, problems, draws.to(device), numel, shape, r)
+        opt = BatchedLBFGS(
+            z0, lambda z_: fn(problems.params, problems.consts, z_, labels, problems.observed), lr=self.lr,
+            max_iter=self.max_iter, history_size=self.history_size, line_search=self.line_search,
+            reset_stalled=self.rescues > 0 or self.line_search is not None,
+            scale=problems.scale if self.relative else None,
+        )  # fmt: skip
+        if fit is not None:  # the feature fit's evaluations count towards the attack's
+            opt.evaluations += fit[0].to(opt.evaluations.device)
         trials = self._optimise(opt, problems, shape, numel, [f[0] for f in fixed for _ in range(r)], progress)
-        info = [
-            {
-                "objective": problems.objective,
-                "label_method": f[1],
-                "attack": self.name,
-                "optimizer": self.optimizer,
-                "init": "features" if fitted is not None else "noise",
-                "tolerances": "relative" if self.relative else "absolute",
-                **({"label_init": label_init} if self.optimise_labels else {}),
-                "iterations": self.iterations,
-            }
-            for f in fixed
-        ]
-        for j, entry in enumerate(info):
-            if fitted is not None:  # per restart: single-backward evaluations of the feature fit, its relative error
-                entry["feature_evaluations"] = [int(v) for v in feature_evals[j * r : (j + 1) * r]]
-                entry["feature_error"] = [float(v) for v in feature_error[j * r : (j + 1) * r]]
-            elif init_note:
-                entry["init_note"] = init_note
-        for j, entry in enumerate(info):  # restarts of one target share its scale: the best one decides
-            relative = [t.loss / float(problems.scale[j * r]) for t in trials[j * r : (j + 1) * r] if not t.dropped]
-            entry["relative_loss"] = min(relative) if relative else None
-            entry["converged"] = bool(relative) and min(relative) <= self.converged_below
-        if self.rescues or self.line_search:  # per restart: blow-ups rescued, and stalls whose L-BFGS memory was reset
-            for j, entry in enumerate(info):
-                entry["rescued"] = [int(v) for v in opt.rescued[j * r : (j + 1) * r]]
-                entry["stall_resets"] = [int(v) for v in opt.resets[j * r : (j + 1) * r]]
+        info = batch_info(self, problems, fixed, trials, opt, fit, label_init, init_note, r)
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info
 
     def _optimise(
-        self,
-        opt: BatchedLBFGS,
-        problems: Problems,
-        shape: tuple,
-        numel: int,
-        labels: list[torch.Tensor | None],
-        progress: Progress | None,
+        self, opt: BatchedLBFGS, problems: Problems, shape: tuple, numel: int, labels: list, progress: Progress | None
     ) -> list[Trial]:
         """The DLG loop: L-BFGS steps on D, with the trace, early stop, divergence guard and rescues."""
         k = problems.k
@@ -337,16 +202,3 @@ class DLG(Attack):
                 recorder.drop(i, f"{reason} at iteration {it}")
                 opt.frozen[i] = True
         return [i for i in live if not recorder.trials[i].dropped]
-
-
-def _merge_info(old: dict, new: dict) -> dict:
-    """One target's info after an on-demand restart: per-restart lists joined, the best loss decides."""
-    out = dict(old)
-    for key in ("feature_evaluations", "feature_error", "rescued", "stall_resets"):
-        if key in old and key in new:
-            out[key] = old[key] + new[key]
-    losses = [v for v in (old["relative_loss"], new["relative_loss"]) if v is not None]
-    out["relative_loss"] = min(losses) if losses else None
-    out["converged"] = old["converged"] or new["converged"]
-    out["on_demand"] = old["on_demand"] + 1
-    return out
