@@ -49,6 +49,7 @@ def shared_data() -> Path:
 
 
 FLOWER_AND_RAY = (
+    "ray.scripts.scripts start",  # a `ray start --block` (fedsim's shared head, the test clusters)
     "raylet",
     "gcs_server",
     "flower-superlink",

@@ -345,6 +345,35 @@ def test_an_out_dir_that_is_a_file_is_refused_in_one_line_before_ray_starts(tmp_
 # --- 7. a stopped run stops what it started ------------------------------------------------------------------
 
 
+SHARED_HEAD = """
+import sys, time
+import ray
+from fedsim.app.ray_cluster import shared_head
+with shared_head() as address:
+    ray.init(address=address, log_to_driver=False, logging_level="error")
+    ray.get(ray.remote(lambda: 1).remote())  # a worker of the head's raylet is up too
+    ray.shutdown()
+    print(address, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_shared_ray_head_stops_with_its_command_however_the_command_ends(how, no_strays):
+    """`fedsim demo` and `fedsim run` with attacks keep one Ray head for all their jobs: it must not outlive them.
+
+    SIGTERM leaves the block, which stops the head by its pid; SIGKILL leaves no chance to: the head was started
+    with PR_SET_PDEATHSIG, so the kernel sends it SIGTERM, and `ray start --block` stops its GCS and raylet.
+    """
+    process = subprocess.Popen([sys.executable, "-c", SHARED_HEAD], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    address = process.stdout.readline().strip()
+    assert address.startswith("127.0.0.1:"), process.communicate(timeout=60)
+    process.send_signal(how)
+    process.wait(timeout=120)
+    # no_strays: no `ray start`, gcs_server or raylet of that head is left (checked after the test)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_the_run_and_every_ray_process_it_started(tmp_path, no_strays):
     out_dir = tmp_path / "runs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -101,6 +102,7 @@ def run(
             fail(f"attacks = {config.attacks!r}: unknown {', '.join(unknown)}; choose from: {', '.join(ATTACKS)}")
     # Imported once the config is valid: they load torch, Flower and Ray, seconds a mistake need not wait for.
     from fedsim.app.progress import RoundProgress
+    from fedsim.app.ray_cluster import shared_head
     from fedsim.app.simulation import simulate
     from server.server_app import run_dir_for
 
@@ -109,8 +111,15 @@ def run(
         f"[bold]fedsim run[/] {config.dataset} / {config.model} / {config.num_clients} clients / "
         f"{config.num_rounds} rounds of {config.recipe} with {config.strategy} -> {run_dir}"
     )
-    with RoundProgress(config.num_rounds, console) as progress:
-        simulate(config, run_dir, on_round=progress.update, verbose=verbose)
+    # With attacks to run after the federation, one Ray head serves both; alone, the run starts its own Ray.
+    with shared_head() if attack_names else contextlib.nullcontext():
+        with RoundProgress(config.num_rounds, console) as progress:
+            simulate(config, run_dir, on_round=progress.update, verbose=verbose)
+        _after_run(config, run_dir, attack_names)
+
+
+def _after_run(config, run_dir: Path, attack_names: list[str]) -> None:
+    """The run's table, its privacy line, and the attacks it lists with their report."""
     summary = json.loads((run_dir / "training.json").read_text())
     table = Table(title=f"run {run_dir.name}")
     for column in ("round", "train loss", "test accuracy", "captures"):

@@ -195,68 +195,70 @@ def run_demo(scenario: Scenario, out_dir: Path, console, executor: str = "ray") 
     from fedsim.app.attack_progress import AttackProgress
     from fedsim.app.attack_runner import plan, run_attacks
     from fedsim.app.progress import RoundProgress
+    from fedsim.app.ray_cluster import shared_head
     from fedsim.app.report import final_accuracy, score_run
     from fedsim.app.simulation import simulate
 
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a demo is re-run from scratch: old runs would be refused as existing
     started = time.time()
-    results = []
-    for variant in scenario.variants:
-        label = variant.name or scenario.title
-        run_name = slug(variant.name) if variant.name else "run"
-        config = scenario.config(variant, run_name, out_dir)
-        console.print(
-            f"[bold]{label}[/]: {config.num_clients} clients train ({config.recipe}, batch "
-            f"{config.batch_size}) on {config.dataset}; the server captures their updates"
-        )
-        for attempt in range(1 + SIMULATION_RETRIES):
-            with RoundProgress(config.num_rounds, console) as progress:
-                simulate(config, out_dir / run_name, on_round=progress.update)
-            if not scenario.attacks or captured_updates(out_dir / run_name) or attempt == SIMULATION_RETRIES:
-                break
-            console.print("  [yellow]no update was captured (a client was lost); the federation runs again[/]")
-            shutil.rmtree(out_dir / run_name)
-        accuracy_dir = out_dir / run_name
-        accuracy = final_accuracy(accuracy_dir)
-        if variant.accuracy is not None:
-            acc_config = scenario.config(variant, f"{run_name}-accuracy", out_dir, accuracy=True)
+    with shared_head():  # one Ray for every variant's federation and for the attacks
+        results = []
+        for variant in scenario.variants:
+            label = variant.name or scenario.title
+            run_name = slug(variant.name) if variant.name else "run"
+            config = scenario.config(variant, run_name, out_dir)
             console.print(
-                f"  accuracy run: {acc_config.num_rounds} rounds of {acc_config.recipe} with the same defenses"
+                f"[bold]{label}[/]: {config.num_clients} clients train ({config.recipe}, batch "
+                f"{config.batch_size}) on {config.dataset}; the server captures their updates"
             )
-            with RoundProgress(acc_config.num_rounds, console) as progress:
-                simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
-            accuracy_dir = out_dir / acc_config.run_name
+            for attempt in range(1 + SIMULATION_RETRIES):
+                with RoundProgress(config.num_rounds, console) as progress:
+                    simulate(config, out_dir / run_name, on_round=progress.update)
+                if not scenario.attacks or captured_updates(out_dir / run_name) or attempt == SIMULATION_RETRIES:
+                    break
+                console.print("  [yellow]no update was captured (a client was lost); the federation runs again[/]")
+                shutil.rmtree(out_dir / run_name)
+            accuracy_dir = out_dir / run_name
             accuracy = final_accuracy(accuracy_dir)
-        results.append(
-            {
-                "variant": label,
-                "run_dir": out_dir / run_name,
-                "summary": {},
-                "rows": [],
-                "cards": [],
-                "membership": None,
-                "accuracy": accuracy,
-                "has_test_split": run_facts(accuracy_dir).has_test_split,
-                "seed": config.seed,
-                "defenses": getattr(config, "defenses", ""),
-                "server_mode": config.server_mode,
-                "attacks": scenario.attacks if variant.attacks is None else variant.attacks,
-            }
-        )
-    if scenario.attacks:
-        # Every variant's captures in one batch of jobs: they share one Ray and every core.
-        by_seed: dict[int, list] = {}
-        for r in results:
-            jobs = plan(r["run_dir"], r["attacks"], scenario.rounds, scenario.clients)[0]
-            by_seed.setdefault(r["seed"], []).extend(jobs)
-        total = sum(len(jobs) for jobs in by_seed.values())
-        where = f" in {len(results)} federations" if len(results) > 1 else ""
-        names = ", ".join(dict.fromkeys(a for r in results for a in r["attacks"]))
-        console.print(f"the server attacks {total} captured update(s){where} with {names}")
-        for seed, jobs in by_seed.items():  # the seed of each job is its own run's (a variant may change it)
-            with AttackProgress(console, "attack") as progress:
-                run_attacks(jobs, scenario.options, seed=seed, executor=executor, on_event=progress.update)
+            if variant.accuracy is not None:
+                acc_config = scenario.config(variant, f"{run_name}-accuracy", out_dir, accuracy=True)
+                console.print(
+                    f"  accuracy run: {acc_config.num_rounds} rounds of {acc_config.recipe} with the same defenses"
+                )
+                with RoundProgress(acc_config.num_rounds, console) as progress:
+                    simulate(acc_config, out_dir / acc_config.run_name, on_round=progress.update)
+                accuracy_dir = out_dir / acc_config.run_name
+                accuracy = final_accuracy(accuracy_dir)
+            results.append(
+                {
+                    "variant": label,
+                    "run_dir": out_dir / run_name,
+                    "summary": {},
+                    "rows": [],
+                    "cards": [],
+                    "membership": None,
+                    "accuracy": accuracy,
+                    "has_test_split": run_facts(accuracy_dir).has_test_split,
+                    "seed": config.seed,
+                    "defenses": getattr(config, "defenses", ""),
+                    "server_mode": config.server_mode,
+                    "attacks": scenario.attacks if variant.attacks is None else variant.attacks,
+                }
+            )
+        if scenario.attacks:
+            # Every variant's captures in one batch of jobs: they share one Ray and every core.
+            by_seed: dict[int, list] = {}
+            for r in results:
+                jobs = plan(r["run_dir"], r["attacks"], scenario.rounds, scenario.clients)[0]
+                by_seed.setdefault(r["seed"], []).extend(jobs)
+            total = sum(len(jobs) for jobs in by_seed.values())
+            where = f" in {len(results)} federations" if len(results) > 1 else ""
+            names = ", ".join(dict.fromkeys(a for r in results for a in r["attacks"]))
+            console.print(f"the server attacks {total} captured update(s){where} with {names}")
+            for seed, jobs in by_seed.items():  # the seed of each job is its own run's (a variant may change it)
+                with AttackProgress(console, "attack") as progress:
+                    run_attacks(jobs, scenario.options, seed=seed, executor=executor, on_event=progress.update)
     for r in results:
         if scenario.attacks:
             r["summary"], r["rows"], r["cards"] = score_run(r["run_dir"])
