@@ -27,7 +27,7 @@ for key, value in {
 
 
 # A test that asks for one of these starts Ray or Flower (or reads a run that did): it is slow, whatever it is marked.
-STARTS_RAY_OR_FLOWER = {"finished_run", "no_strays", "fleet"}
+STARTS_RAY_OR_FLOWER = {"finished_run", "no_strays", "fleet", "ray_head"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
@@ -111,7 +111,18 @@ def no_strays_at_the_end():
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> tuple:
+def ray_head():
+    """One Ray head per test process for the simulations run in it, as `fedsim demo` keeps one for all its runs
+    (`fedsim.app.ray_cluster.shared_head`): each simulation joins it instead of starting a private Ray, which
+    costs about 9 CPU-seconds. The private Ray of a plain `fedsim run` stays tested by the CLI's own processes."""
+    from fedsim.app.ray_cluster import shared_head
+
+    with shared_head() as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, ray_head) -> tuple:
     """(config, run folder) of one real FedSGD simulation, run once per session: 3 clients, 2 rounds, with the
     truth saved. Tests read it; one that writes into a run copies it (shutil.copytree) into its tmp_path first."""
     from fedsim.app.simulation import simulate

@@ -549,7 +549,7 @@ def test_cli_refuses_tldmi_deeper_than_the_model_before_ray(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_with_every_defense_records_what_clients_declared(tmp_path, no_strays):
+def test_simulation_with_every_defense_records_what_clients_declared(tmp_path, ray_head, no_strays):
     from fedsim.app.simulation import simulate
     from fedsim.captures import CaptureStore
     from fedsim.files import load_tensors

@@ -274,7 +274,7 @@ def test_the_cli_stops_a_bad_dp_run_with_one_line_and_exit_2(tmp_path, setting, 
 
 
 @pytest.mark.slow
-def test_a_dp_run_writes_its_epsilon(tmp_path, no_strays):
+def test_a_dp_run_writes_its_epsilon(tmp_path, ray_head, no_strays):
     from fedsim.app.simulation import simulate
 
     config = make_config(

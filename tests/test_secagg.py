@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secagg")]  # one secure
 
 
 @pytest.fixture(scope="module")
-def secure_run(tmp_path_factory):
+def secure_run(tmp_path_factory, ray_head):
     out = tmp_path_factory.mktemp("runs")
     config = FedsimConfig.from_mapping(
         {

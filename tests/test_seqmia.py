@@ -158,7 +158,7 @@ def test_cli_refuses_mistakes_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, no_strays):
+def test_both_attacks_end_to_end_on_a_real_tiny_simulation(tmp_path, ray_head, no_strays):
     from fedsim.app.model_attacks import run_membership
     from fedsim.app.simulation import simulate
     from fedsim.config import FedsimConfig

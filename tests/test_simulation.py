@@ -104,7 +104,7 @@ STRATEGIES = {"fedmedian": {}, "fedprox": {"proximal_mu": 0.5}, "krum": {}}
 
 
 @pytest.fixture(scope="module")
-def strategy_runs(tmp_path_factory) -> dict[str, tuple[FedsimConfig, Path]]:
+def strategy_runs(tmp_path_factory, ray_head) -> dict[str, tuple[FedsimConfig, Path]]:
     """FedMedian, FedProx (mu 0.5) and Krum, one round each, one after another on the same three SuperNodes:
     one real Flower simulation (one Ray) whose ServerApp runs the three federations, each into its own folder."""
     from flwr.app import Context
@@ -112,7 +112,7 @@ def strategy_runs(tmp_path_factory) -> dict[str, tuple[FedsimConfig, Path]]:
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
-    from fedsim.app.simulation import backend_config, flower_offline
+    from fedsim.app.simulation import backend_config, flower_offline, start_ray
     from server.server_app import run_server
 
     out = tmp_path_factory.mktemp("strategies")
@@ -130,6 +130,7 @@ def strategy_runs(tmp_path_factory) -> dict[str, tuple[FedsimConfig, Path]]:
     flower_offline()
     before = set(stray_processes())
     first = configs["fedmedian"]  # the clients' data and model: the same in the three configs
+    start_ray(first)  # joins the session's head: Flower's backend uses the Ray it finds
     run_simulation(
         server_app=app, client_app=make_client_app(first), num_supernodes=3, backend_config=backend_config(first)
     )

@@ -85,7 +85,7 @@ def test_a_model_without_a_first_fully_connected_layer_is_refused_before_trainin
 
 
 @pytest.mark.slow
-def test_a_trap_server_run_is_robbed_from_its_captures(tmp_path, no_strays):
+def test_a_trap_server_run_is_robbed_from_its_captures(tmp_path, ray_head, no_strays):
     """A real simulation: the capture records say how the server tampered, and the captures give the images."""
     from fedsim.app.simulation import simulate
     from fedsim.captures import CaptureStore
