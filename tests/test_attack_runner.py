@@ -51,7 +51,7 @@ def make_run(run_dir, model_name="mlp", size=12, clients=3, batch=1):
 
 
 @pytest.mark.slow
-def test_ray_fan_out_scores_resumes_and_isolates_failures(tmp_path, no_strays):
+def test_ray_fan_out_scores_resumes_and_isolates_failures(tmp_path, ray_head, no_strays):
     from fedsim.app.attack_runner import plan, run_attacks
     from fedsim.app.report import write_report
 

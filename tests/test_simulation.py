@@ -237,14 +237,14 @@ def test_a_supernode_whose_partition_count_differs_from_the_run_is_refused():
 
 
 @pytest.mark.slow
-def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_path, no_strays):
+def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_path, ray_head, no_strays):
     """A real ClientApp that raises for partition 1: its error reply is captured, the others are aggregated."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
     from clients.client_app import local_train
-    from fedsim.app.simulation import backend_config, flower_offline
+    from fedsim.app.simulation import backend_config, flower_offline, start_ray
     from server.server_app import make_server_app
 
     config = mlp_config(tmp_path, "crash", num_clients=3, num_rounds=2, examples_per_client=48)
@@ -257,6 +257,7 @@ def test_a_crashing_client_is_recorded_as_a_failure_and_the_round_goes_on(tmp_pa
         return local_train(msg, context, config)
 
     flower_offline()
+    start_ray(config)  # joins the session's head
     run_dir = tmp_path / "crash"
     run_simulation(
         server_app=make_server_app(config, run_dir, None, True),
