@@ -11,23 +11,20 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.dcgan import ConditionalGenerator, Generator
 from attacks.ensemble_inversion import (
-    ConditionalGenerator,
-    Generator,
     InversionConfig,
     dafl_losses,
-    ensemble_features,
-    ensemble_size_curve,
-    farthest_model_sampling,
     filter_top_activations,
     generate,
     generate_unconditional,
     inversion_losses,
-    output_distances,
     train_generator,
-    weight_distances,
 )
+from attacks.ensemble_inversion_fl import ensemble_size_curve
+from attacks.ensemble_outputs import ensemble_features
 from attacks.inversion_eval import attack_accuracy, nearest_private_distance
+from attacks.model_sampling import farthest_model_sampling, output_distances, weight_distances
 from fedsim.app.cli_model_attacks import invert
 from fedsim.errors import FedsimError
 

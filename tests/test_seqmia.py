@@ -22,7 +22,9 @@ from attacks.membership_metrics import (
     tpr_at_fpr_interpolated,
 )
 from attacks.seqmia import AttentionLSTM, loss_baselines, metric_sequences, train_attack_model
-from attacks.seqmia_fl import calibration_references, frozen_parameters, level_states, replay_client
+from attacks.seqmia_scores import calibration_references
+from attacks.seqmia_sequences import level_states
+from attacks.seqmia_shadow import frozen_parameters, replay_client
 from tests.conftest import invoke_cli
 
 

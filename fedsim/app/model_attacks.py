@@ -4,7 +4,7 @@ Both read only what the curious server kept (captures/, model.safetensors, confi
 for membership, examples of the same distribution that no client holds; for inversion, nothing (data-free) or a
 public dataset. Scoring alone reads the clients' shards, rebuilt from the config, as the ground truth of
 membership and of which classes a client holds, and trains the evaluation classifier. The procedures live in
-attacks/seqmia_fl.py and attacks/ensemble_inversion.py; this module loads their inputs and writes their results.
+attacks/seqmia_fl.py and attacks/ensemble_inversion_fl.py; this module loads their inputs and writes their results.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 from attacks.contract import Recipe, RunTrajectory, load_trajectory, target_clients
 from attacks.membership_metrics import format_report, membership_report, roc_png
-from attacks.seqmia_fl import LEVELS, MODES, attack_run
+from attacks.seqmia_fl import MODES, attack_run
+from attacks.seqmia_sequences import LEVELS
 from fedsim.captures import CaptureStore
 from fedsim.config import FedsimConfig
 from fedsim.datasets import to_float
@@ -212,19 +213,12 @@ def run_inversion(
     ensemble=client: for each client k, its uploads over the rounds (single model: its last upload).
     ensemble=round: every client's upload of the last round (single model: the final global model).
     selection=fms picks `size` candidates by farthest model sampling; selection=recent the `size` most recent.
-    The procedure is attacks.ensemble_inversion.invert_run.
+    The procedure is attacks.ensemble_inversion_fl.invert_run.
     """
-    from attacks.ensemble_inversion import (
-        DISTANCES,
-        ENSEMBLES,
-        GENERATORS,
-        SELECTIONS,
-        InversionConfig,
-        auxiliary_images,
-        concatenated,
-        invert_run,
-    )
+    from attacks.ensemble_inversion import GENERATORS, InversionConfig
+    from attacks.ensemble_inversion_fl import ENSEMBLES, SELECTIONS, auxiliary_images, concatenated, invert_run
     from attacks.inversion_eval import train_independent_evaluator
+    from attacks.model_sampling import DISTANCES
     from fedsim.images import grid, png_bytes
 
     if generator not in GENERATORS:
@@ -342,16 +336,11 @@ def run_ensemble_sizes(
     initialisation, never averaged); ensembles of each size in `sizes` are the first models of the farthest
     model sampling order, inverted data-free (aux "") and with each public auxiliary dataset of `aux_datasets`
     (its first `aux_images` training images; 0: all), scored by an independent evaluation classifier trained on
-    the held-out test split. The procedure is attacks.ensemble_inversion.ensemble_size_curve. Writes
+    the held-out test split. The procedure is attacks.ensemble_inversion_fl.ensemble_size_curve. Writes
     <out_dir>/results.json and one PNG grid of the kept images per prior and size when out_dir is given.
     """
-    from attacks.ensemble_inversion import (
-        GENERATORS,
-        InversionConfig,
-        auxiliary_images,
-        concatenated,
-        ensemble_size_curve,
-    )
+    from attacks.ensemble_inversion import GENERATORS, InversionConfig
+    from attacks.ensemble_inversion_fl import auxiliary_images, concatenated, ensemble_size_curve
     from attacks.inversion_eval import train_independent_evaluator
     from fedsim.images import grid, png_bytes
 
