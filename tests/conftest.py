@@ -37,8 +37,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
     # Longest first: the workers of `make test` start the end-to-end tests at once and fill the gaps with the
     # quick ones, instead of ending on one long test while the other worker idles (a stable sort: the order
-    # within each kind is the files' own).
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # within each kind is the files' own, but for the longest tests, which lead in the order of LONGEST).
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, _rank(item)))
+
+
+# The longest tests of the suite, longest first (`make test` with PYTEST_ADDOPTS=--durations=40 measures them).
+LONGEST = (
+    "test_defenses_demo_page_shows_the_tradeoff",
+    "test_deployment_on_localhost_captures_every_client_every_round",
+    "test_a_bare_flwr_run_trains_on_flowers_managed_superlink",
+    "test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser",
+    "test_tls_and_supernode_auth_admit_only_registered_nodes",
+    "test_fedsim_run_and_attack_on_a_two_node_ray_cluster_whose_python_lacks_fedsim",
+    "test_the_malicious_demo_shows_secure_aggregation_failing_against_a_cheating_server",
+    "test_a_run_that_lists_attacks_ends_with_reconstructions_and_a_report",
+    "test_membership_demo_page_shows_the_loss_gap_and_roc_curves",
+    "test_simulation_with_every_defense_records_what_clients_declared",
+    "test_a_run_without_a_test_split_reports_no_accuracy",
+    "test_dlg_recovers_a_16px_image_and_its_label",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    name = getattr(item, "originalname", item.name)
+    return LONGEST.index(name) if name in LONGEST else len(LONGEST)
 
 
 @pytest.fixture(scope="session")

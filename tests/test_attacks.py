@@ -179,13 +179,13 @@ def _fedavg_target(x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> AttackT
 def test_fedavg_unrolled_and_pseudo_gradient_objectives(cifar) -> None:
     x, y = tiny(cifar[0][:2], 8), cifar[1][:2]
     target = _fedavg_target(x, y)
-    unrolled = get_attack("idlg", rescues=5).reconstruct(target)
+    unrolled = get_attack("idlg", rescues=5, iterations=60).reconstruct(target)  # 57 and 67 dB, as at 300 steps
     assert unrolled.info["objective"] == "unrolled"
     assert min(psnr(unrolled.images, x, y)) > 30
     assert sorted(unrolled.labels.tolist()) == sorted(y.tolist())
-    pseudo = get_attack("idlg", unroll=False, iterations=20).reconstruct(target)
+    pseudo = get_attack("idlg", unroll=False, iterations=5).reconstruct(target)
     assert pseudo.info["objective"] == "pseudo-gradient" and math.isfinite(pseudo.loss)
-    dlg = get_attack("dlg", iterations=10).reconstruct(target)
+    dlg = get_attack("dlg", iterations=4).reconstruct(target)
     assert dlg.info["objective"] == "unrolled" and dlg.loss < dlg.history[0]["loss"]
     grnn = get_attack("grnn", iterations=10).reconstruct(target)
     assert grnn.info["objective"] == "pseudo-gradient" and grnn.images.shape == x.shape
@@ -404,7 +404,9 @@ def test_a_pruning_aware_attacker_recovers_what_the_unaware_one_cannot(cifar) ->
     assert sum(int((p == 0).sum()) for p in pruned) >= 0.69 * sum(p.numel() for p in pruned)
     unaware = AttackTarget(target.model, pruned, 1, target.input_shape, 10)
     aware = AttackTarget(target.model, pruned, 1, target.input_shape, 10, mask=[(p != 0).float() for p in pruned])
-    dlg = get_attack("dlg", optimizer="paper", restarts=2, rescues=5)  # the setting this was measured with
+    # the paper's optimiser with the setting this was measured with, 40 steps: the aware attacker is past 40 dB
+    # by then (300 steps: 52 dB), the unaware one at noise (5 dB) either way
+    dlg = get_attack("dlg", optimizer="paper", restarts=2, rescues=5, iterations=40)
     # Both attackers in one vmap (4 independent problems), as the attack runner batches them.
     aware_result, unaware_result = reconstruct_many(dlg, [aware, unaware], raise_on_divergence=False)
     assert psnr(aware_result.images, x, y)[0] > 30
