@@ -15,6 +15,14 @@ of the machine, CPU-seconds much less. SCALE_CPU_VARIANT=old runs the capture wr
 
 `writer` writes rounds of 50 ConvNet updates with the old and the new writer, alone and beside a thread that runs
 Python all the time, and writes results/scale-cpu-writer.json.
+
+    python benchmarks/scale_cpu.py replies --repeat 30 [--code DIR] [--tag after]
+
+`replies` times what the ServerApp thread does with a round of 50 ConvNet replies before it hands them to the
+writer: flwr's `ArrayRecord.to_torch_state_dict` (how the capture read a reply before `record_arrays`),
+`fedsim.captures.record_arrays` (when DIR has it), and the whole `CuriousStrategy._capture_round` with the writes
+left out, of the fedsim tree DIR (default: this one; a checkout of an older commit times its capture path), and
+writes results/scale-cpu-replies[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -346,6 +354,71 @@ def writer_bench(rounds: int) -> dict:
     }
 
 
+def replies_bench(repeat: int, code: Path) -> dict:
+    """CPU-seconds (the thread's own) and wall seconds to turn one round of 50 ConvNet replies into what the
+    capture writer gets, medians of `repeat` rounds (one more first, to warm up)."""
+    import statistics
+
+    sys.path.insert(0, str(code))
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedsim.captures import CaptureStore
+    from fedsim.models import build_model
+    from server.curious import CuriousStrategy
+
+    state = build_model("convnet", (1, 28, 28), 10, seed=0).state_dict()
+    replies = []
+    for node in range(50):
+        ids = {"run_id": 1, "message_id": f"r{node}", "src_node_id": 1000 + node, "dst_node_id": 0}
+        ids.update(reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+        content = {
+            "arrays": ArrayRecord({k: v + node for k, v in state.items()}),
+            "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.5}),
+            "fedsim": ConfigRecord({"partition-id": node}),
+        }
+        replies.append(Message(content=RecordDict(content), metadata=Metadata(**ids)))
+    records = [r.content["arrays"] for r in replies]
+    store = CaptureStore(Path(tempfile.mkdtemp()))
+    store.write_updates = store.write_failures = lambda *a, **kw: None  # the ServerApp's side only
+    strategy = CuriousStrategy(FedAvg(), store)
+    cases = {
+        "to_torch_state_dict": lambda: [r.to_torch_state_dict() for r in records],
+        "capture_round": lambda: strategy._capture_round(1, replies),
+    }
+    try:
+        from fedsim.captures import record_arrays
+
+        def checked() -> list[dict]:  # the tensors CuriousStrategy._state hands over
+            return [{k: torch.from_numpy(v) for k, v in record_arrays(r).items()} for r in records]
+
+        cases["record_arrays"] = checked
+    except ImportError:
+        pass
+    result = {}
+    for label, case in cases.items():
+        rows = []
+        for i in range(repeat + 1):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            case()
+            if i:
+                rows.append((time.thread_time() - cpu, time.perf_counter() - wall))
+        result[label] = {
+            "cpu_s": round(statistics.median(r[0] for r in rows), 5),
+            "wall_s": round(statistics.median(r[1] for r in rows), 5),
+        }
+        print(label, result[label], flush=True)
+    return {
+        "code": str(code),
+        "replies": len(replies),
+        "mb_per_round": round(sum(a.count_bytes() for a in records) / 2**20, 1),
+        "repeat": repeat,
+        "load_average": os.getloadavg(),
+        "results": result,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "driver":
         return driver(sys.argv[3], sys.argv[4:])
@@ -353,6 +426,17 @@ def main() -> None:
         rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 8
         result = {"command": "python benchmarks/scale_cpu.py " + " ".join(sys.argv[1:]), **writer_bench(rounds)}
         (RESULTS / "scale-cpu-writer.json").write_text(json.dumps(result, indent=1) + "\n")
+        return None
+    if len(sys.argv) > 1 and sys.argv[1] == "replies":
+        parser = argparse.ArgumentParser(prog="scale_cpu.py replies")
+        parser.add_argument("--repeat", type=int, default=30)
+        parser.add_argument("--code", type=Path, default=ROOT, help="the fedsim tree whose capture path is timed")
+        parser.add_argument("--tag", default="")
+        args = parser.parse_args(sys.argv[2:])
+        result = {"command": "python benchmarks/scale_cpu.py " + " ".join(sys.argv[1:])}
+        result.update(replies_bench(args.repeat, args.code.resolve()))
+        name = f"scale-cpu-replies{'-' + args.tag if args.tag else ''}.json"
+        (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
         return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)

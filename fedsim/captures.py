@@ -349,10 +349,11 @@ def _array_values(name: str, array: Array) -> np.ndarray:
         values = np.array(loaded, dtype=dtype.newbyteorder("="), order="C", copy=True)
     if str(array.dtype) != str(dtype):
         raise BadValue(field, f"declares dtype {str(array.dtype)[:40]} but holds {dtype}")
-    if tuple(array.shape) != shape:
-        raise BadValue(field, f"declares shape {str(tuple(array.shape))[:80]} but holds {shape}")
-    if values.dtype.kind == "f" and values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
-        raise BadValue(field, "holds NaN or infinity")  # min and max are NaN when any value is
+    declared = tuple(array.shape) if isinstance(array.shape, tuple | list) else array.shape
+    if declared != shape:
+        raise BadValue(field, f"declares shape {str(declared)[:80]} but holds {shape}")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise BadValue(field, "holds NaN or infinity")
     return values
 
 
