@@ -11,7 +11,9 @@ writer thread. The parent samples the CPU time (utime + stime) of every process 
 thread of the driver, from /proc every 0.2 s, keeping the last value seen of each; wall time depends on the load
 of the machine, CPU-seconds much less. SCALE_CPU_VARIANT=old runs the capture writer as it was before
 `fedsim.files.tensor_parts` (safetensors' bytes, one write and fchmod per file), `nosync` skips its fsyncs and
-`drop` its writes, to compare with plain runs.
+`drop` its writes, to compare with plain runs. `--code DIR` runs the fedsim of another tree (a checkout of an
+older commit) under the same measurement. Each round's `capture-seconds` (training.jsonl) comes back as
+`capture_s`; with --profile, the cumulative seconds of each function of server/curious.py as `curious_cumtime`.
 
 `writer` writes rounds of 50 ConvNet updates with the old and the new writer, alone and beside a thread that runs
 Python all the time, and writes results/scale-cpu-writer.json.
@@ -106,10 +108,11 @@ def measure(args: argparse.Namespace) -> dict:
         cmd += ["--rounds", str(args.rounds), "--out-dir", tmp, "--name", "r", "--set", f"capture={args.capture}"]
         cmd += [a for s in args.set for a in ("--set", s)]
         cpu_file = Path(tmp) / "threads.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_memory_monitor_refresh_ms": "0"}
-        env["SCALE_CPU_THREADS"] = str(cpu_file)
+        code = args.code.resolve()
+        env = {**os.environ, "PYTHONPATH": str(code), "RAY_memory_monitor_refresh_ms": "0"}
+        env["SCALE_CPU_THREADS"], env["SCALE_CPU_CODE"] = str(cpu_file), str(code)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs: dict = {}
         threads: dict = {}
         import threading
@@ -126,6 +129,7 @@ def measure(args: argparse.Namespace) -> dict:
             raise SystemExit(f"run failed:\n{out[0][-3000:]}")
         lines = [json.loads(x) for x in (Path(tmp) / "r" / "training.jsonl").read_text().splitlines()]
         times = [r["time"] for r in lines if r.get("round", 0) >= 1]
+        capture_s = [r["capture-seconds"] for r in lines if r.get("round", 0) >= 1 and "capture-seconds" in r]
         exact = {
             k: v if k == "gc" else round(v, 3)
             for line in cpu_file.read_text().splitlines()
@@ -139,8 +143,12 @@ def measure(args: argparse.Namespace) -> dict:
                 s = pstats.Stats(str(prof))
                 s.sort_stats("tottime")
                 rows = sorted(s.stats.items(), key=lambda kv: -kv[1][2])[:25]
+                curious = {  # the curious wrapper's own functions, with what they call (cumulative seconds)
+                    f"{name}": round(v[3], 4) for (f, _, name), v in s.stats.items() if f.endswith("server/curious.py")
+                }
                 stats[prof.stem] = {
                     "total_s": round(s.total_tt, 3),
+                    "curious_cumtime": dict(sorted(curious.items(), key=lambda kv: -kv[1])),
                     "top_tottime": [
                         {
                             "fn": f"{Path(f).name}:{line}:{name}",
@@ -161,7 +169,9 @@ def measure(args: argparse.Namespace) -> dict:
         "capture": args.capture,
         "variant": os.environ.get("SCALE_CPU_VARIANT", ""),
         "wall_s": round(wall, 2),
+        "code": str(args.code.resolve()),
         "round_s": [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)],
+        "capture_s": capture_s,
         "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "cpu_s_total": round(sum(groups.values()), 2),
         "thread_time_s": exact,
@@ -181,7 +191,7 @@ def driver(profile_dir: str, argv: list[str]) -> None:
     def name(label: str) -> None:
         libc.prctl(15, label.encode()[:15], 0, 0, 0)  # PR_SET_NAME: /proc/<pid>/task/<tid>/comm
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, os.environ.get("SCALE_CPU_CODE", str(ROOT)))
     from fedsim import captures
     from server import server_app
 
@@ -445,6 +455,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="cProfile the ServerApp and writer threads")
     parser.add_argument("--tag", default="", help="also write benchmarks/results/scale-cpu-<tag>.json")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the fedsim tree to run (e.g. an older commit's)")
     args = parser.parse_args()
     result = {"command": " ".join(sys.argv), **measure(args)}
     print(json.dumps(result, indent=1))
