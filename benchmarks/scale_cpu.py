@@ -11,10 +11,20 @@ writer thread. The parent samples the CPU time (utime + stime) of every process 
 thread of the driver, from /proc every 0.2 s, keeping the last value seen of each; wall time depends on the load
 of the machine, CPU-seconds much less. SCALE_CPU_VARIANT=old runs the capture writer as it was before
 `fedsim.files.tensor_parts` (safetensors' bytes, one write and fchmod per file), `nosync` skips its fsyncs and
-`drop` its writes, to compare with plain runs.
+`drop` its writes, to compare with plain runs. `--code DIR` runs the fedsim of another tree (a checkout of an
+older commit) under the same measurement. Each round's `capture-seconds` (training.jsonl) comes back as
+`capture_s`; with --profile, the cumulative seconds of each function of server/curious.py as `curious_cumtime`.
 
 `writer` writes rounds of 50 ConvNet updates with the old and the new writer, alone and beside a thread that runs
 Python all the time, and writes results/scale-cpu-writer.json.
+
+    python benchmarks/scale_cpu.py replies --repeat 30 [--code DIR] [--tag after]
+
+`replies` times what the ServerApp thread does with a round of 50 ConvNet replies before it hands them to the
+writer: flwr's `ArrayRecord.to_torch_state_dict` (how the capture read a reply before `record_arrays`),
+`fedsim.captures.record_arrays` (when DIR has it), and the whole `CuriousStrategy._capture_round` with the writes
+left out, of the fedsim tree DIR (default: this one; a checkout of an older commit times its capture path), and
+writes results/scale-cpu-replies[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -98,10 +108,11 @@ def measure(args: argparse.Namespace) -> dict:
         cmd += ["--rounds", str(args.rounds), "--out-dir", tmp, "--name", "r", "--set", f"capture={args.capture}"]
         cmd += [a for s in args.set for a in ("--set", s)]
         cpu_file = Path(tmp) / "threads.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_memory_monitor_refresh_ms": "0"}
-        env["SCALE_CPU_THREADS"] = str(cpu_file)
+        code = args.code.resolve()
+        env = {**os.environ, "PYTHONPATH": str(code), "RAY_memory_monitor_refresh_ms": "0"}
+        env["SCALE_CPU_THREADS"], env["SCALE_CPU_CODE"] = str(cpu_file), str(code)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs: dict = {}
         threads: dict = {}
         import threading
@@ -118,6 +129,7 @@ def measure(args: argparse.Namespace) -> dict:
             raise SystemExit(f"run failed:\n{out[0][-3000:]}")
         lines = [json.loads(x) for x in (Path(tmp) / "r" / "training.jsonl").read_text().splitlines()]
         times = [r["time"] for r in lines if r.get("round", 0) >= 1]
+        capture_s = [r["capture-seconds"] for r in lines if r.get("round", 0) >= 1 and "capture-seconds" in r]
         exact = {
             k: v if k == "gc" else round(v, 3)
             for line in cpu_file.read_text().splitlines()
@@ -131,8 +143,12 @@ def measure(args: argparse.Namespace) -> dict:
                 s = pstats.Stats(str(prof))
                 s.sort_stats("tottime")
                 rows = sorted(s.stats.items(), key=lambda kv: -kv[1][2])[:25]
+                curious = {  # the curious wrapper's own functions, with what they call (cumulative seconds)
+                    f"{name}": round(v[3], 4) for (f, _, name), v in s.stats.items() if f.endswith("server/curious.py")
+                }
                 stats[prof.stem] = {
                     "total_s": round(s.total_tt, 3),
+                    "curious_cumtime": dict(sorted(curious.items(), key=lambda kv: -kv[1])),
                     "top_tottime": [
                         {
                             "fn": f"{Path(f).name}:{line}:{name}",
@@ -153,7 +169,9 @@ def measure(args: argparse.Namespace) -> dict:
         "capture": args.capture,
         "variant": os.environ.get("SCALE_CPU_VARIANT", ""),
         "wall_s": round(wall, 2),
+        "code": str(args.code.resolve()),
         "round_s": [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)],
+        "capture_s": capture_s,
         "cpu_s_by_kind": {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "cpu_s_total": round(sum(groups.values()), 2),
         "thread_time_s": exact,
@@ -173,7 +191,7 @@ def driver(profile_dir: str, argv: list[str]) -> None:
     def name(label: str) -> None:
         libc.prctl(15, label.encode()[:15], 0, 0, 0)  # PR_SET_NAME: /proc/<pid>/task/<tid>/comm
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, os.environ.get("SCALE_CPU_CODE", str(ROOT)))
     from fedsim import captures
     from server import server_app
 
@@ -346,6 +364,71 @@ def writer_bench(rounds: int) -> dict:
     }
 
 
+def replies_bench(repeat: int, code: Path) -> dict:
+    """CPU-seconds (the thread's own) and wall seconds to turn one round of 50 ConvNet replies into what the
+    capture writer gets, medians of `repeat` rounds (one more first, to warm up)."""
+    import statistics
+
+    sys.path.insert(0, str(code))
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedsim.captures import CaptureStore
+    from fedsim.models import build_model
+    from server.curious import CuriousStrategy
+
+    state = build_model("convnet", (1, 28, 28), 10, seed=0).state_dict()
+    replies = []
+    for node in range(50):
+        ids = {"run_id": 1, "message_id": f"r{node}", "src_node_id": 1000 + node, "dst_node_id": 0}
+        ids.update(reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+        content = {
+            "arrays": ArrayRecord({k: v + node for k, v in state.items()}),
+            "metrics": MetricRecord({"num-examples": 1, "train-loss": 0.5}),
+            "fedsim": ConfigRecord({"partition-id": node}),
+        }
+        replies.append(Message(content=RecordDict(content), metadata=Metadata(**ids)))
+    records = [r.content["arrays"] for r in replies]
+    store = CaptureStore(Path(tempfile.mkdtemp()))
+    store.write_updates = store.write_failures = lambda *a, **kw: None  # the ServerApp's side only
+    strategy = CuriousStrategy(FedAvg(), store)
+    cases = {
+        "to_torch_state_dict": lambda: [r.to_torch_state_dict() for r in records],
+        "capture_round": lambda: strategy._capture_round(1, replies),
+    }
+    try:
+        from fedsim.captures import record_arrays
+
+        def checked() -> list[dict]:  # the tensors CuriousStrategy._state hands over
+            return [{k: torch.from_numpy(v) for k, v in record_arrays(r).items()} for r in records]
+
+        cases["record_arrays"] = checked
+    except ImportError:
+        pass
+    result = {}
+    for label, case in cases.items():
+        rows = []
+        for i in range(repeat + 1):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            case()
+            if i:
+                rows.append((time.thread_time() - cpu, time.perf_counter() - wall))
+        result[label] = {
+            "cpu_s": round(statistics.median(r[0] for r in rows), 5),
+            "wall_s": round(statistics.median(r[1] for r in rows), 5),
+        }
+        print(label, result[label], flush=True)
+    return {
+        "code": str(code),
+        "replies": len(replies),
+        "mb_per_round": round(sum(a.count_bytes() for a in records) / 2**20, 1),
+        "repeat": repeat,
+        "load_average": os.getloadavg(),
+        "results": result,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "driver":
         return driver(sys.argv[3], sys.argv[4:])
@@ -354,6 +437,17 @@ def main() -> None:
         result = {"command": "python benchmarks/scale_cpu.py " + " ".join(sys.argv[1:]), **writer_bench(rounds)}
         (RESULTS / "scale-cpu-writer.json").write_text(json.dumps(result, indent=1) + "\n")
         return None
+    if len(sys.argv) > 1 and sys.argv[1] == "replies":
+        parser = argparse.ArgumentParser(prog="scale_cpu.py replies")
+        parser.add_argument("--repeat", type=int, default=30)
+        parser.add_argument("--code", type=Path, default=ROOT, help="the fedsim tree whose capture path is timed")
+        parser.add_argument("--tag", default="")
+        args = parser.parse_args(sys.argv[2:])
+        result = {"command": "python benchmarks/scale_cpu.py " + " ".join(sys.argv[1:])}
+        result.update(replies_bench(args.repeat, args.code.resolve()))
+        name = f"scale-cpu-replies{'-' + args.tag if args.tag else ''}.json"
+        (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
+        return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -361,6 +455,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="cProfile the ServerApp and writer threads")
     parser.add_argument("--tag", default="", help="also write benchmarks/results/scale-cpu-<tag>.json")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the fedsim tree to run (e.g. an older commit's)")
     args = parser.parse_args()
     result = {"command": " ".join(sys.argv), **measure(args)}
     print(json.dumps(result, indent=1))

@@ -13,13 +13,23 @@ from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsim.capture_policy import CapturePolicy
-from fedsim.captures import MAX_EXAMPLES, MAX_TEXT, BadValue, CaptureStore, check_declared, check_int, check_number
+from fedsim.captures import (
+    MAX_EXAMPLES,
+    MAX_TEXT,
+    BadValue,
+    CaptureStore,
+    check_declared,
+    check_int,
+    check_number,
+    record_arrays,
+)
 from server.wrapper import StrategyWrapper
 
 RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")
@@ -46,7 +56,9 @@ class CuriousStrategy(StrategyWrapper):
         declares no partition id is selected by its node id. Failures and the global weights are always written.
 
     What a client sends is untrusted: a reply whose partition id, metrics or declared defenses break the
-    capture schema is recorded as a failure, and none of its fields reach the manifest.
+    capture schema is recorded as a failure, and none of its fields reach the manifest. So is a selected reply
+    whose arrays are not plain numbers of the dtype and shape they declare, or hold NaN or infinity (they are
+    decoded, and checked, only when the policy keeps the reply).
     """
 
     def __init__(
@@ -120,11 +132,10 @@ class CuriousStrategy(StrategyWrapper):
         chosen = self.policy.select(server_round, [key for key, *_ in accepted])
         base = self._global[1] if self._global is not None and self._global[0] == server_round else None
         recipe = self.recipes.get(server_round, {})
-        updates = [
-            (node, arrays.to_torch_state_dict(), {**self.describe, "recipe": recipe, **reported})
-            for key, node, arrays, reported in accepted
-            if key in chosen
-        ]
+        updates = []
+        for key, node, arrays, reported in accepted:
+            if key in chosen and (state := self._state(node, arrays, failures)) is not None:
+                updates.append((node, state, {**self.describe, "recipe": recipe, **reported}))
         if failures:
             self.store.write_failures(server_round, failures)
         self.store.write_updates(server_round, updates, base=base)  # the round's files synced together
@@ -151,6 +162,18 @@ class CuriousStrategy(StrategyWrapper):
             return None
         key = node if reported["partition_id"] is None else reported["partition_id"]
         return key, node, next(iter(content.array_records.values())), reported
+
+    @staticmethod
+    def _state(node: int, arrays: ArrayRecord, failures: list[tuple[int, str]]) -> dict[str, torch.Tensor] | None:
+        """A selected reply's weights, decoded and checked in one pass over each array (fedsim.captures
+        `record_arrays`: real dtype, declared dtype and shape, finite values, never unpickled) and handed to the
+        writer as tensors on the same memory; None after adding the reply to `failures`."""
+        try:
+            values = record_arrays(arrays)
+        except BadValue as exc:
+            failures.append((node, f"reply refused: {plain(str(exc))}"))
+            return None
+        return {name: torch.from_numpy(value) for name, value in values.items()}
 
     def _reported(self, content) -> dict[str, Any]:
         """What the client says about its update, checked against the capture schema (BadValue if it breaks it)."""

@@ -236,6 +236,29 @@ def test_a_bad_reply_is_recorded_as_a_failure_and_its_fields_never_reach_the_man
     assert not set('<>&"') & set(failure["reason"]), "what the client sent is quoted without markup characters"
 
 
+@pytest.mark.parametrize("case", ["nan", "pickled-object", "wrong-shape", "complex"])
+def test_a_bad_reply_array_is_recorded_as_a_failure_and_never_written(tmp_path, monkeypatch, case):
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.curious import CuriousStrategy, plain
+    from tests.test_captures import bad_arrays
+
+    monkeypatch.chdir(tmp_path)
+    array, message = bad_arrays()[case]
+    store = CaptureStore(tmp_path / "captures")
+    strategy = CuriousStrategy(FedAvg(), store, {"model": "mlp"}, num_partitions=3)
+    bad = reply(12, {"partition-id": 1})
+    bad.content["arrays"] = ArrayRecord({"w": array})
+    assert strategy._capture_round(1, [reply(11, {"partition-id": 0}), bad]) == 1
+    assert [r["kind"] for r in store.records()] == ["failure", "update"]
+    failure = store.records("failure")[0]
+    assert failure["client"] == 12 and failure["reason"].startswith("reply refused: arrays.w: "), failure
+    assert plain(message) in failure["reason"], failure
+    assert not (store.root / "round-0001" / "client-12.safetensors").exists()
+    assert not (tmp_path / "PWNED").exists()
+    assert torch.equal(store.load(store.records("update")[0])["w"], torch.ones(2))
+
+
 # --- 4. a run name is one folder inside out-dir ---------------------------------------------------------------
 
 
