@@ -22,7 +22,7 @@ Python all the time, and writes results/scale-cpu-writer.json.
 
 `replies` times what the ServerApp thread does with a round of 50 ConvNet replies before it hands them to the
 writer: flwr's `ArrayRecord.to_torch_state_dict` (how the capture read a reply before `record_arrays`),
-`fedsim.captures.record_arrays` (when DIR has it), and the whole `CuriousStrategy._capture_round` with the writes
+`server.reply_arrays.record_arrays` (when DIR has it), and the whole `CuriousStrategy._capture_round` with the writes
 left out, of the fedsim tree DIR (default: this one; a checkout of an older commit times its capture path), and
 writes results/scale-cpu-replies[-<tag>].json.
 """
@@ -398,7 +398,7 @@ def replies_bench(repeat: int, code: Path) -> dict:
         "capture_round": lambda: strategy._capture_round(1, replies),
     }
     try:
-        from fedsim.captures import record_arrays
+        from server.reply_arrays import record_arrays
 
         def checked() -> list[dict]:  # the tensors CuriousStrategy._state hands over
             return [{k: torch.from_numpy(v) for k, v in record_arrays(r).items()} for r in records]

@@ -28,8 +28,8 @@ from fedsim.captures import (
     check_declared,
     check_int,
     check_number,
-    record_arrays,
 )
+from server.reply_arrays import record_arrays
 from server.wrapper import StrategyWrapper
 
 RECIPE_KEYS = ("recipe", "lr", "batch-size", "local-epochs", "proximal-mu")

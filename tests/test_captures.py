@@ -8,9 +8,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedsim.captures import BadValue, CaptureStore, record_arrays
+from fedsim.captures import BadValue, CaptureStore
 from fedsim.errors import FedsimError
 from fedsim.files import load_tensors, read_jsonl
+from server.reply_arrays import record_arrays
 
 
 def test_write_and_read_back(tmp_path):
