@@ -165,7 +165,7 @@ class CuriousStrategy(StrategyWrapper):
 
     @staticmethod
     def _state(node: int, arrays: ArrayRecord, failures: list[tuple[int, str]]) -> dict[str, torch.Tensor] | None:
-        """A selected reply's weights, decoded and checked in one pass over each array (fedsim.captures
+        """A selected reply's weights, decoded and checked in one pass over each array (server.reply_arrays
         `record_arrays`: real dtype, declared dtype and shape, finite values, never unpickled) and handed to the
         writer as tensors on the same memory; None after adding the reply to `failures`."""
         try:
