@@ -24,6 +24,8 @@ DEFAULTS = {
     "units": "pixels",
     "feature_weight": 0.0,
     "restarts": 2,
+    "feature_decay": "none",
+    "polish": 0,
 }
 UNITS = ("pixels", "normalized")
 DECAYS = ("none", "linear")  # the feature weight during matching: constant, or linearly down to 0

@@ -83,29 +83,29 @@ class InvertingGradients(Attack):
         feature_iterations: int = 100,
         feature_tv_weight: float | None = None,
         feature_coarse: int = 1,
-        feature_decay: str = "none",
-        polish: int = 0,
+        feature_decay: str | None = None,
+        polish: int | None = None,
         restarts: int | None = None,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
         given = dict(iterations=iterations, lr=lr, tv_weight=tv_weight, init=init, units=units)  # noqa: C408
-        o = resolve_options(preset, {**given, "feature_weight": feature_weight, "restarts": restarts})
+        more = dict(feature_weight=feature_weight, restarts=restarts, feature_decay=feature_decay, polish=polish)  # noqa: C408
+        o = resolve_options(preset, {**given, **more})
         run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
         super().__init__(restarts=o["restarts"], **run)
         o.update(bn_weight=bn_weight, feature_iterations=feature_iterations, keep=keep, label_method=label_method)
-        o.update(feature_tv_weight=feature_tv_weight, feature_coarse=feature_coarse, feature_decay=feature_decay)
-        o.update(polish=polish)
+        o.update(feature_tv_weight=feature_tv_weight, feature_coarse=feature_coarse)
         check_options(o)
         self.preset, self.iterations, self.lr, self.tv_weight = preset, o["iterations"], o["lr"], o["tv_weight"]
         self.signed, self.label_method, self.unroll, self.units = signed, label_method, unroll, o["units"]
         self.init, self.keep, self.bn_weight, self.feature_weight = o["init"], keep, bn_weight, o["feature_weight"]
         self.feature_iterations, self.feature_coarse, self.feature_decay = (
-            feature_iterations, feature_coarse, feature_decay
+            feature_iterations, feature_coarse, o["feature_decay"]
         )  # fmt: skip
         self.feature_tv_weight = self.tv_weight if feature_tv_weight is None else feature_tv_weight
-        self.polish = polish
+        self.polish = o["polish"]
 
     @classmethod
     def options(cls) -> dict:

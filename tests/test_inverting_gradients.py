@@ -221,6 +221,7 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     features = get_attack("ig", preset="features")
     assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
     assert get_attack("ig").init == "randn" and InvertingGradients.options()["iterations"] == 1000
+    assert get_attack("ig").polish == 0 and get_attack("ig", preset="features", polish=3).polish == 3
     with pytest.raises(FedsimError, match="preset"):
         get_attack("ig", preset="nope")
     with pytest.raises(FedsimError, match="units"):
