@@ -24,8 +24,11 @@ DEFAULTS = {
     "units": "pixels",
     "feature_weight": 0.0,
     "restarts": 2,
+    "feature_decay": "none",
+    "polish": 0,
 }
 UNITS = ("pixels", "normalized")
+DECAYS = ("none", "linear")  # the feature weight during matching: constant, or linearly down to 0
 
 # Named settings; an option given explicitly wins over its preset's value. Result info records the preset.
 PRESETS: dict[str, dict] = {
@@ -52,8 +55,12 @@ def check_options(o: dict) -> None:
     weights = (o["tv_weight"], o["bn_weight"], o["feature_weight"])
     if o["iterations"] < 1 or not o["lr"] > 0 or not all(w >= 0 for w in weights):
         raise FedsimError("ig: iterations and lr must be positive, tv_weight, bn_weight and feature_weight >= 0")
-    if o["feature_iterations"] < 1:
-        raise FedsimError("ig: feature_iterations must be positive")
+    if o["feature_iterations"] < 1 or o["feature_coarse"] < 1 or o["polish"] < 0:
+        raise FedsimError("ig: feature_iterations and feature_coarse must be positive, polish >= 0")
+    if o["feature_tv_weight"] is not None and not o["feature_tv_weight"] >= 0:
+        raise FedsimError("ig: feature_tv_weight must be >= 0")
+    if o["feature_decay"] not in DECAYS:
+        raise FedsimError(f"ig: unknown feature_decay {o['feature_decay']!r}; choose one of: {', '.join(DECAYS)}")
     for key, allowed in (("init", INITS), ("units", UNITS)):
         if o[key] not in allowed:
             raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
@@ -148,9 +155,12 @@ def result_info(attack, problems: Problems, fixed: Sequence, best_distance: torc
             "kept": attack.keep,
             "bn_weight": attack.bn_weight,
             "feature_weight": attack.feature_weight,
+            "feature_decay": attack.feature_decay,
             **(
                 {
                     "feature_iterations": attack.feature_iterations,
+                    "feature_tv_weight": attack.feature_tv_weight,
+                    "feature_coarse": attack.feature_coarse,
                     "feature_fit_objective": [float(fit_gap[j * r + i]) for i in range(r)],
                 }
                 if fit_gap is not None

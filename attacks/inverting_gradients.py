@@ -23,6 +23,7 @@ from attacks.ig_setup import (
     resolve_options,
     result_info,
 )
+from attacks.lbfgs import BatchedLBFGS
 from attacks.priors import (
     batchnorm_gap,
     batchnorm_prior,
@@ -80,21 +81,31 @@ class InvertingGradients(Attack):
         bn_weight: float = 0.0,
         feature_weight: float | None = None,
         feature_iterations: int = 100,
+        feature_tv_weight: float | None = None,
+        feature_coarse: int = 1,
+        feature_decay: str | None = None,
+        polish: int | None = None,
         restarts: int | None = None,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:
         given = dict(iterations=iterations, lr=lr, tv_weight=tv_weight, init=init, units=units)  # noqa: C408
-        o = resolve_options(preset, {**given, "feature_weight": feature_weight, "restarts": restarts})
+        more = dict(feature_weight=feature_weight, restarts=restarts, feature_decay=feature_decay, polish=polish)  # noqa: C408
+        o = resolve_options(preset, {**given, **more})
         run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
         super().__init__(restarts=o["restarts"], **run)
         o.update(bn_weight=bn_weight, feature_iterations=feature_iterations, keep=keep, label_method=label_method)
+        o.update(feature_tv_weight=feature_tv_weight, feature_coarse=feature_coarse)
         check_options(o)
         self.preset, self.iterations, self.lr, self.tv_weight = preset, o["iterations"], o["lr"], o["tv_weight"]
         self.signed, self.label_method, self.unroll, self.units = signed, label_method, unroll, o["units"]
         self.init, self.keep, self.bn_weight, self.feature_weight = o["init"], keep, bn_weight, o["feature_weight"]
-        self.feature_iterations = feature_iterations
+        self.feature_iterations, self.feature_coarse, self.feature_decay = (
+            feature_iterations, feature_coarse, o["feature_decay"]
+        )  # fmt: skip
+        self.feature_tv_weight = self.tv_weight if feature_tv_weight is None else feature_tv_weight
+        self.polish = o["polish"]
 
     @classmethod
     def options(cls) -> dict:
@@ -115,9 +126,11 @@ class InvertingGradients(Attack):
         mean, std, low, high = image_units(self.units, targets[0].model, targets[0].input_shape[0], device)
         tv = padded_total_variation if self.units == "normalized" else total_variation
 
-        def objective(p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat) -> tuple[torch.Tensor, ...]:
+        def objective(
+            p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat, fw
+        ) -> tuple[torch.Tensor, ...]:
             """The paper's objective of one problem: cosine distance of the gradients + α·TV (+ the BatchNorm
-            prior, + the feature gap); aux: the distance."""
+            prior, + the feature gap at weight `fw`); aux: the distance."""
             x = mean + std * z
             simulated = problems.signal(p, c, x, y)
             if problems.aware:  # the defense-aware attacker compares only entries the defense left (mask)
@@ -130,18 +143,18 @@ class InvertingGradients(Attack):
                 if run is not None:
                     value = value + self.bn_weight * batchnorm_gap(inputs[:nb], run)
                 if len(prior.modules) > nb:  # relative squared gap to the recovered features
-                    value = value + self.feature_weight * feature_gap(inputs[-1], feat)
+                    value = value + fw * feature_gap(inputs[-1], feat)
             return value, distance
 
         running, features = prior.running, prior.features
-        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0)
+        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0, None)
         fn = value_and_grad(objective, k, dims, argnum=2, has_aux=True)
         shape = (n, *targets[0].input_shape)
         draws = [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
         x = torch.stack(draws).to(device)
         fit_gap = None
         if self.init == "features":  # fitted to the closed-form features first (single backward passes)
-            fit = dict(tv_weight=self.tv_weight, iterations=self.feature_iterations)  # noqa: C408
+            fit = dict(tv_weight=self.feature_tv_weight, iterations=self.feature_iterations, coarse=self.feature_coarse)  # noqa: C408
             x, fit_gap = fit_features(problems, x, features, prior.fc, **fit)
         # The draw is z itself in normalised units (breaching's N(0, 1) there), else the pixels mapped to z.
         z = x if self.units == "normalized" and self.init == "randn" else (x - mean) / std
@@ -155,8 +168,9 @@ class InvertingGradients(Attack):
         best_value = torch.full((k,), float("inf"), device=device)
         best_distance = torch.full((k,), float("inf"), device=device)
         for it in range(self.iterations + 1):
+            fw = self.feature_weight * (1 - it / self.iterations if self.feature_decay == "linear" else 1.0)
             grads, (loss, distance) = fn(
-                problems.params, problems.consts, x.detach(), labels, problems.observed, running, features
+                problems.params, problems.consts, x.detach(), labels, problems.observed, running, features, fw
             )  # the state after `it` steps
             last = it == self.iterations
             with torch.no_grad():
@@ -178,6 +192,24 @@ class InvertingGradients(Attack):
             schedule.step()
             with torch.no_grad():  # boxed: the images stay valid
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
+        polished = None
+        if self.polish:  # L-BFGS on the same objective from the kept iterate; kept where it lowers the objective
+            fw = 0.0 if self.feature_decay == "linear" else self.feature_weight
+            args = (problems.params, problems.consts, labels, problems.observed, running, features, fw)
+
+            def closure(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                g, (value, _) = fn(*args[:2], v.view_as(best), *args[2:])
+                return torch.nan_to_num(g.flatten(1)), torch.nan_to_num(value, nan=float("inf"))
+
+            lbfgs = BatchedLBFGS(((best - mean) / std).flatten(1), closure, reset_stalled=True, line_search="armijo")
+            for _ in range(self.polish):
+                lbfgs.step()
+            zp = torch.maximum(torch.minimum(lbfgs.z.view_as(best), high), low)
+            _, (value, distance) = fn(*args[:2], zp, *args[2:])
+            polished = torch.isfinite(value) & (value < best_value)
+            best[polished] = (mean + std * zp)[polished]
+            best_value = torch.where(polished, value, best_value)
+            best_distance = torch.where(polished, distance, best_distance)
         for i in range(k):
             if not torch.isfinite(best_value[i]):
                 recorder.drop(i, f"objective became {loss[i].item()}")
@@ -186,5 +218,9 @@ class InvertingGradients(Attack):
                     i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i], labels[i].cpu()
                 )
         info = result_info(self, problems, fixed, best_distance, fit_gap)
+        for j, entry in enumerate(info):  # the polish's steps and, per restart, whether it was kept
+            entry["polish"] = self.polish
+            if polished is not None:
+                entry["polished"] = [bool(polished[j * r + i]) for i in range(r)]
         trials = recorder.trials
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info

@@ -101,16 +101,45 @@ def feature_gap(found: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def fit_features(
-    problems, x0: torch.Tensor, features: torch.Tensor, fc: nn.Module, *, tv_weight: float, iterations: int
+    problems,
+    x0: torch.Tensor,
+    features: torch.Tensor,
+    fc: nn.Module,
+    *,
+    tv_weight: float,
+    iterations: int,
+    coarse: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The dummy images fitted to the closed-form features of the first fully connected layer (the relative
     squared gap + α·TV in pixels), `iterations` L-BFGS steps with a backtracking line search, one backward
-    pass per evaluation instead of a double one, then boxed to [0, 1]. Returns the images and the relative
-    gap per problem (a fit that went non-finite keeps its draw)."""
+    pass per evaluation instead of a double one, then boxed to [0, 1]. `coarse` > 1: first `iterations` steps
+    on images `coarse` times smaller, bilinearly upsampled (fewer unknowns than features), then the full
+    resolution from there. Returns the images and the relative gap per problem (a fit that went non-finite
+    keeps its start)."""
+    shape = x0.shape[1:]
+    if coarse > 1:
+        small = F.avg_pool2d(x0.flatten(0, -4), coarse).unflatten(0, x0.shape[:-3])
+        grown = _fit(problems, small, features, fc, tv_weight, iterations, _upsampled(shape[-2:]))[0]
+        x0 = _upsampled(shape[-2:])(grown).detach()
+    return _fit(problems, x0, features, fc, tv_weight, iterations, lambda x: x)
+
+
+def _upsampled(size: Sequence[int]):
+    """Images [..., C, h, w] bilinearly resized to [..., C, *size]."""
+
+    def grow(x: torch.Tensor) -> torch.Tensor:
+        out = F.interpolate(x.flatten(0, -4), size=tuple(size), mode="bilinear", align_corners=False)
+        return out.unflatten(0, x.shape[:-3])
+
+    return grow
+
+
+def _fit(problems, x0: torch.Tensor, features, fc, tv_weight: float, iterations: int, to_images):
+    """`iterations` L-BFGS steps of the feature gap + α·TV over the variables x0 (images = to_images(x0))."""
     shape = x0.shape[1:]
 
     def fit_loss(p: dict, c: dict, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        x = v.view(shape)
+        x = to_images(v.view(shape))
         found = layer_inputs(problems.model, {**p, **c}, x, [fc])[0]
         return feature_gap(found, h) + tv_weight * total_variation(x)
 

@@ -58,6 +58,11 @@ def main() -> int:
         "idx": args.idx,
         "psnr": [round(v, 2) for v in psnr],
         "cos": [float(f"{r.loss:.3g}") for r in results],
+        **(
+            {"fit": [float(f"{min(r.info['feature_fit_objective']):.3g}") for r in results]}
+            if "feature_fit_objective" in results[0].info
+            else {}
+        ),
         "median": float(np.median(psnr)),
         "seconds": round(seconds, 1),
     }

@@ -221,6 +221,7 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     features = get_attack("ig", preset="features")
     assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
     assert get_attack("ig").init == "randn" and InvertingGradients.options()["iterations"] == 1000
+    assert get_attack("ig").polish == 0 and get_attack("ig", preset="features", polish=3).polish == 3
     with pytest.raises(FedsimError, match="preset"):
         get_attack("ig", preset="nope")
     with pytest.raises(FedsimError, match="units"):
@@ -242,3 +243,21 @@ def test_ig_feature_init_and_normalized_units_run_and_are_recorded(images) -> No
     pair = AttackTarget(model, model_gradients(model, images[0][:2], images[1][:2]), 2, (3, 8, 8), 10)
     with pytest.raises(FedsimError, match="batch 1"):
         get_attack("ig", iterations=1, restarts=1, init="features").reconstruct(pair)
+
+
+def test_ig_feature_fit_and_polish_options_are_validated_and_recorded(images) -> None:
+    for bad in ({"feature_coarse": 0}, {"feature_tv_weight": -1.0}, {"feature_decay": "cosine"}, {"polish": -1}):
+        with pytest.raises(FedsimError, match=next(iter(bad))):
+            get_attack("ig", **bad)
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(5)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    run = dict(iterations=10, restarts=1, init="features", feature_weight=1.0, feature_iterations=5)  # noqa: C408
+    plain = get_attack("ig", **run).reconstruct(target)
+    assert plain.info["feature_tv_weight"] == plain.info["tv_weight"] and plain.info["feature_coarse"] == 1
+    assert plain.info["feature_decay"] == "none" and plain.info["polish"] == 0 and "polished" not in plain.info
+    levers = dict(feature_tv_weight=1e-3, feature_coarse=2, feature_decay="linear", polish=3)  # noqa: C408
+    tuned = get_attack("ig", **run, **levers).reconstruct(target)
+    assert {k: tuned.info[k] for k in levers} == levers and len(tuned.info["polished"]) == 1
+    assert tuned.info["feature_fit_objective"][0] < 0.5 and tuned.info["cosine_distance"][0] < 0.1
+    assert float(tuned.images.min()) >= 0 and float(tuned.images.max()) <= 1
