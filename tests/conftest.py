@@ -26,6 +26,10 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+# `--set` arguments that give a CLI run's client actors two CPUs each: on a 2-core machine Flower's pool is one
+# actor, and the clients of a round take turns in it (see `ray_head`).
+ONE_ACTOR = ("--set", "client-num-cpus=2")
+
 # A test that asks for one of these starts Ray or Flower (or reads a run that did): it is slow, whatever it is marked.
 STARTS_RAY_OR_FLOWER = {"finished_run", "no_strays", "fleet", "ray_head"}
 
@@ -136,10 +140,13 @@ def no_strays_at_the_end():
 def ray_head():
     """One Ray head per test process for the simulations run in it, as `fedsim demo` keeps one for all its runs
     (`fedsim.app.ray_cluster.shared_head`): each simulation joins it instead of starting a private Ray, which
-    costs about 9 CPU-seconds. The private Ray of a plain `fedsim run` stays tested by the CLI's own processes."""
+    costs about 9 CPU-seconds. The private Ray of a plain `fedsim run` stays tested by the CLI's own processes.
+    The head offers one CPU (`make test` runs two test processes on two cores), so Flower's pool is one client
+    actor and the clients of a round take turns in it: each actor is a process that imports torch and Flower
+    (about 7 CPU-seconds), and a second one only doubles that."""
     from fedsim.app.ray_cluster import shared_head
 
-    with shared_head() as address:
+    with shared_head(cpus=1) as address:
         yield address
 
 

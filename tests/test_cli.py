@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import invoke_cli, run_cli
+from tests.conftest import ONE_ACTOR, invoke_cli, run_cli
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_a_run_that_lists_attacks_ends_with_reconstructions_and_a_report(tmp_pat
     result = run_cli(
         "run", "--out-dir", str(tmp_path), "--name", "leak", "--dataset", "sample-mnist", "--model", "mlp",
         "--recipe", "fedsgd", "--clients", "2", "--rounds", "1", "--set", "batch-size=1",
-        "--set", "save-truth=true", "--set", "attacks=analytic",
+        "--set", "save-truth=true", "--set", "attacks=analytic", *ONE_ACTOR,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "leak"

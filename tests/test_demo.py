@@ -119,6 +119,13 @@ def open_page(page, tmp_path) -> tuple[list, list, str]:
         driver.quit()
 
 
+def one_actor(scenario: str) -> str:
+    """The scenario with two CPUs per client actor: on a 2-core machine one actor per simulation, the clients
+    taking turns in it (tests/conftest.py `ray_head` says why)."""
+    assert "[run]\n" in scenario
+    return scenario.replace("[run]\n", "[run]\nclient-num-cpus = 2.0\n", 1)
+
+
 def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = None):
     """Run scenario `name` (made quicker by one text replacement, and cut before `cut`) through the CLI."""
     chromedriver_or_skip()
@@ -126,7 +133,7 @@ def quick_demo(tmp_path, name: str, replace: tuple[str, str], cut: str | None = 
     text = (SCENARIO_DIR / f"{name}.toml").read_text()
     assert replace[0] in text and (cut is None or cut in text)
     text = text if cut is None else text[: text.index(cut)]
-    scenario.write_text(text.replace(*replace))
+    scenario.write_text(one_actor(text.replace(*replace)))
     # The attacks run in this process: the Ray fan-out is test_cli's and test_attack_runner's to test.
     result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -177,7 +184,8 @@ def test_the_demo_runs_on_a_teachers_own_photos_and_renders_in_a_real_browser(tm
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     scenario = tmp_path / "photos.toml"
-    scenario.write_text((SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 12"))
+    text = (SCENARIO_DIR / "dlg.toml").read_text().replace("iterations = 120", "iterations = 12")
+    scenario.write_text(one_actor(text))
     result = run_cli(
         "demo", str(scenario), "--data-dir", str(photos), "--no-open", "--executor", "local", "--out-dir",
         str(tmp_path / "d"),
@@ -226,7 +234,7 @@ def test_the_malicious_demo_shows_secure_aggregation_failing_against_a_cheating_
     scenario = tmp_path / "quick.toml"
     text = (SCENARIO_DIR / "malicious.toml").read_text()
     assert "iterations = 8 " in text
-    scenario.write_text(text.replace("iterations = 8 ", "iterations = 2 "))
+    scenario.write_text(one_actor(text.replace("iterations = 8 ", "iterations = 2 ")))
     result = run_cli("demo", str(scenario), "--no-open", "--executor", "local", "--out-dir", str(tmp_path / "demos"))
     assert result.returncode == 0, result.stdout + result.stderr
     demo = tmp_path / "demos" / "quick"

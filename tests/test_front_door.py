@@ -19,7 +19,7 @@ import torch
 from fedsim.datasets import load_dataset
 from fedsim.federation import evaluate
 from fedsim.models import build_model
-from tests.conftest import REPO, invoke_cli, run_cli
+from tests.conftest import ONE_ACTOR, REPO, invoke_cli, run_cli
 
 BIN = Path(sys.executable).parent
 
@@ -281,7 +281,7 @@ def test_a_run_without_a_test_split_reports_no_accuracy(tmp_path, no_strays):
     result = run_cli(
         "run", "--dataset", "imagefolder", "--data-dir", str(images), "--model", "mlp", "--rounds", "1",
         "--out-dir", str(tmp_path / "runs"), "--name", "untested",
-        "--set", "image-size=8", "--set", "batch-size=2", "--set", "local-epochs=1",
+        *ONE_ACTOR, "--set", "image-size=8", "--set", "batch-size=2", "--set", "local-epochs=1",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "no test split" in result.stdout and "0.00%" not in result.stdout

@@ -67,7 +67,7 @@ def _die_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def shared_head(timeout: float = 120) -> Iterator[str | None]:
+def shared_head(timeout: float = 120, cpus: int | None = None) -> Iterator[str | None]:
     """One Ray head on this machine for every Ray job of the block (simulations and attack tasks join it).
 
     The head is a `ray start --block` child with its own port and temp dir; leaving the block (normally, by an
@@ -84,7 +84,7 @@ def shared_head(timeout: float = 120) -> Iterator[str | None]:
     main = threading_is_main()
     before = signal.getsignal(signal.SIGTERM) if main else None
     head = subprocess.Popen(
-        head_command(sys.executable, port, temp),
+        head_command(sys.executable, port, temp, cpus),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
