@@ -133,8 +133,11 @@ def prior_inputs(attack, targets: Sequence, problems: Problems, device: torch.de
     )
 
 
-def result_info(attack, problems: Problems, fixed: Sequence, best_distance: torch.Tensor, fit_gap) -> list[dict]:
-    """Each target's result info: the objective, the options that ran, every restart's cosine distance."""
+def result_info(
+    attack, problems: Problems, fixed: Sequence, best_distance: torch.Tensor, fit_gap, polished=None
+) -> list[dict]:
+    """Each target's result info: the objective, the options that ran, every restart's cosine distance (and,
+    with `polish`, whether each restart's polish was kept)."""
     r = attack.restarts
     return [
         {
@@ -166,6 +169,8 @@ def result_info(attack, problems: Problems, fixed: Sequence, best_distance: torc
                 if fit_gap is not None
                 else {}
             ),
+            "polish": attack.polish,
+            **({"polished": [bool(polished[j * r + i]) for i in range(r)]} if polished is not None else {}),
         }
         for j, f in enumerate(fixed)
     ]

@@ -23,7 +23,7 @@ from attacks.ig_setup import (
     resolve_options,
     result_info,
 )
-from attacks.lbfgs import BatchedLBFGS
+from attacks.polish import polish
 from attacks.priors import (
     batchnorm_gap,
     batchnorm_prior,
@@ -196,20 +196,8 @@ class InvertingGradients(Attack):
         if self.polish:  # L-BFGS on the same objective from the kept iterate; kept where it lowers the objective
             fw = 0.0 if self.feature_decay == "linear" else self.feature_weight
             args = (problems.params, problems.consts, labels, problems.observed, running, features, fw)
-
-            def closure(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                g, (value, _) = fn(*args[:2], v.view_as(best), *args[2:])
-                return torch.nan_to_num(g.flatten(1)), torch.nan_to_num(value, nan=float("inf"))
-
-            lbfgs = BatchedLBFGS(((best - mean) / std).flatten(1), closure, reset_stalled=True, line_search="armijo")
-            for _ in range(self.polish):
-                lbfgs.step()
-            zp = torch.maximum(torch.minimum(lbfgs.z.view_as(best), high), low)
-            _, (value, distance) = fn(*args[:2], zp, *args[2:])
-            polished = torch.isfinite(value) & (value < best_value)
-            best[polished] = (mean + std * zp)[polished]
-            best_value = torch.where(polished, value, best_value)
-            best_distance = torch.where(polished, distance, best_distance)
+            polished = polish(lambda v: fn(*args[:2], v, *args[2:]), best, best_value, best_distance, mean, std,
+                              (low, high), self.polish)  # fmt: skip
         for i in range(k):
             if not torch.isfinite(best_value[i]):
                 recorder.drop(i, f"objective became {loss[i].item()}")
@@ -217,10 +205,6 @@ class InvertingGradients(Attack):
                 recorder.finish(
                     i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i], labels[i].cpu()
                 )
-        info = result_info(self, problems, fixed, best_distance, fit_gap)
-        for j, entry in enumerate(info):  # the polish's steps and, per restart, whether it was kept
-            entry["polish"] = self.polish
-            if polished is not None:
-                entry["polished"] = [bool(polished[j * r + i]) for i in range(r)]
+        info = result_info(self, problems, fixed, best_distance, fit_gap, polished)
         trials = recorder.trials
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info
