@@ -39,6 +39,20 @@ def auxiliary_images(name: str, data_dir: str, shape: tuple[int, int, int]) -> t
     return x
 
 
+def pool_distances(
+    distance: str,
+    states: Sequence[StateDict],
+    models: Sequence[nn.Module],
+    aux: torch.Tensor | None,
+    input_shape: tuple[int, int, int],
+    seed: int,
+) -> np.ndarray:
+    """The pairwise FMS distances of a pool of models; output distances are measured on the auxiliary images, or
+    without them on 256 seeded uniform-noise images."""
+    probe = aux if aux is not None else torch.rand(256, *input_shape, generator=torch.Generator().manual_seed(seed))
+    return fms_distances(distance, states, models, probe)
+
+
 def invert_run(
     run: RunTrajectory,
     load_model: Callable[[StateDict], nn.Module],
@@ -78,8 +92,7 @@ def invert_run(
             candidates = [u[run.rounds[-1]] for u in run.uploads.values() if run.rounds[-1] in u]
             last, (px, py) = run.final, everyone
         models = [load_model(state) for state in candidates]
-        probe = aux if aux is not None else torch.rand(256, *input_shape, generator=torch.Generator().manual_seed(seed))
-        distances = fms_distances(distance, candidates, models, probe)
+        distances = pool_distances(distance, candidates, models, aux, input_shape, seed)
         n = min(size, len(models))
         chosen = farthest_model_sampling(distances, n) if selection == "fms" else list(range(len(models)))[-n:][::-1]
         classes = sorted(int(c) for c in py.unique())
@@ -177,8 +190,7 @@ def ensemble_size_curve(
     if bad:
         raise FedsimError(f"ensemble sizes {bad} are not between 1 and the pool's {len(states)} models")
     models = [load_model(state) for state in states]
-    probe = aux if aux is not None else torch.rand(256, *input_shape, generator=torch.Generator().manual_seed(seed))
-    distances = fms_distances(distance, states, models, probe)
+    distances = pool_distances(distance, states, models, aux, input_shape, seed)
     order = farthest_model_sampling(distances, max(sizes))
     classes = sorted(int(c) for c in private[1].unique())
     results: dict = {"order": order, "distances": np.round(distances, 4).tolist(), "sizes": {}}

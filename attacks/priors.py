@@ -118,9 +118,9 @@ def fit_features(
     keeps its start)."""
     shape = x0.shape[1:]
     if coarse > 1:
+        grow = _upsampled(shape[-2:])
         small = F.avg_pool2d(x0.flatten(0, -4), coarse).unflatten(0, x0.shape[:-3])
-        grown = _fit(problems, small, features, fc, tv_weight, iterations, _upsampled(shape[-2:]))[0]
-        x0 = _upsampled(shape[-2:])(grown).detach()
+        x0 = grow(_fit(problems, small, features, fc, tv_weight, iterations, grow)[0]).detach()
     return _fit(problems, x0, features, fc, tv_weight, iterations, lambda x: x)
 
 

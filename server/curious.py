@@ -20,15 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsim.capture_policy import CapturePolicy
-from fedsim.captures import (
-    MAX_EXAMPLES,
-    MAX_TEXT,
-    BadValue,
-    CaptureStore,
-    check_declared,
-    check_int,
-    check_number,
-)
+from fedsim.captures import MAX_EXAMPLES, MAX_TEXT, BadValue, CaptureStore, check_declared, check_int, check_number
 from server.reply_arrays import record_arrays
 from server.wrapper import StrategyWrapper
 
