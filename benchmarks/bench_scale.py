@@ -189,12 +189,23 @@ FEDSIM_ENV = {
 }
 
 
-def fedsim_run(out: Path, name: str, clients: int, rounds: int, sets: list[str], model: str = "") -> dict:
-    """One `fedsim run` on MNIST: wall time, peak memory of its process tree, per-round and capture times, disk."""
-    cmd = [sys.executable, "-m", "fedsim", "run", "--dataset", "mnist", "--data-dir", str(DATA)]
+def fedsim_run(
+    out: Path, name: str, clients: int, rounds: int, sets: list[str], model: str = "", variant: str | None = None
+) -> dict:
+    """One `fedsim run` on MNIST: wall time, peak memory of its process tree, per-round and capture times, disk.
+
+    With `variant` ("" or one of benchmarks/scale_cpu.py's SCALE_CPU_VARIANT values, e.g. "nosync") the CLI runs
+    through scale_cpu.py's driver, which can leave the capture writer's fsyncs or writes out."""
+    if variant is None:
+        cmd, env = [sys.executable, "-m", "fedsim"], {}
+    else:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "scale_cpu.py"), "driver", "--profile-dir", "-"]
+        env = {"SCALE_CPU_VARIANT": variant, "SCALE_CPU_CODE": str(ROOT), "SCALE_CPU_THREADS": str(out / "threads")}
+    cmd += ["run", "--dataset", "mnist", "--data-dir", str(DATA)]
     cmd += ["--clients", str(clients), "--rounds", str(rounds), "--out-dir", str(out), "--name", name]
     cmd += (["--model", model] if model else []) + [a for s in sets for a in ("--set", s)]
-    row = {"name": name, **timed_run(cmd, {**os.environ, **FEDSIM_ENV})}
+    load = round(os.getloadavg()[0], 2)
+    row = {"name": name, "load_before": load, **timed_run(cmd, {**os.environ, **FEDSIM_ENV, **env})}
     run_dir = out / name
     lines = [json.loads(line) for line in (run_dir / "training.jsonl").read_text().splitlines()]
     lines = [r for r in lines if r.get("round", 0) >= 1]
@@ -267,21 +278,31 @@ def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
 
 
 def bench_overhead(
-    clients: list[int], fraction: dict[int, float], rounds: int, pairs: dict[int, int], sets: list[str], tag: str = ""
+    clients: list[int],
+    fraction: dict[int, float],
+    rounds: int,
+    pairs: dict[int, int],
+    sets: list[str],
+    tag: str = "",
+    variants: tuple[str, ...] = (),
 ) -> None:
     """Plain and curious runs alternated (same seed), so that a change in the machine's load hits both alike.
 
     The ratio is of the median time per round from round 2 on (the first round also holds the start of Ray); the curious
-    runs also time their capture path, so its share of a round is measured inside the same run.
+    runs also time their capture path, so its share of a round is measured inside the same run. Each of `variants`
+    (scale_cpu.py's `nosync`, `drop`) adds a curious run so changed to every alternation, as `curious-<variant>`;
+    with variants, every run goes through scale_cpu.py's driver, so that all modes start the same way.
     """
     results = []
+    modes = ("plain", "curious", *(f"curious-{v}" for v in variants))
     with tempfile.TemporaryDirectory() as tmp:
         for n in clients:
-            runs: dict[str, list[dict]] = {"plain": [], "curious": []}
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             for pair in range(pairs[n]):
-                for mode in ("plain", "curious"):
-                    extra = [f"fraction-train={fraction[n]}", f"capture={'true' if mode == 'curious' else 'false'}"]
-                    row = fedsim_run(Path(tmp), f"{mode}-{n}-{pair}", n, rounds, extra + sets)
+                for mode in modes:
+                    extra = [f"fraction-train={fraction[n]}", f"capture={'false' if mode == 'plain' else 'true'}"]
+                    variant = (mode.split("-", 1)[1] if "-" in mode else "") if variants else None
+                    row = fedsim_run(Path(tmp), f"{mode}-{n}-{pair}", n, rounds, extra + sets, variant=variant)
                     runs[mode].append(row)
                     print(n, mode, pair, row, flush=True)
             per_round = {m: median([s for r in rows for s in r["round_s"]]) for m, rows in runs.items()}
@@ -296,6 +317,12 @@ def bench_overhead(
                     "cohort": round(n * fraction[n]),
                     "median_round_s": {m: round(v, 3) for m, v in per_round.items()},
                     "curious_over_plain": round(per_round["curious"] / per_round["plain"], 3),
+                    **{f"{mode}_over_plain": round(per_round[mode] / per_round["plain"], 3) for mode in modes[2:]},
+                    "whole_runs_s": {m: round(sum(r["wall_s"] for r in rows), 2) for m, rows in runs.items()},
+                    "curious_over_plain_whole_runs": round(
+                        sum(r["wall_s"] for r in runs["curious"]) / sum(r["wall_s"] for r in runs["plain"]), 3
+                    ),
+                    "load_before_max": max(r["load_before"] for rows in runs.values() for r in rows),
                     "median_capture_s": round(capture, 4),
                     "capture_share_of_round": round(capture / per_round["curious"], 4),
                     "curious_over_curious_less_capture": round(inside, 3),
@@ -307,7 +334,7 @@ def bench_overhead(
             save(
                 f"overhead-{tag}" if tag else "overhead",
                 {
-                    "measured": "under load: 2 cores shared with other jobs",
+                    "measured": "1-minute load average before each run in runs[*].load_before (2 cores)",
                     "rounds": rounds,
                     "sets": sets,
                     "results": results,
@@ -404,6 +431,9 @@ def main() -> None:
     over.add_argument("--pairs", type=int, nargs="+", default=[2, 2, 2])
     over.add_argument("--set", dest="sets", action="append", default=[], help="a fedsim config key=value")
     over.add_argument("--tag", default="", help="results go to scale-overhead-<tag>.json")
+    over.add_argument(
+        "--variants", nargs="*", default=[], choices=["nosync", "drop"], help="curious runs without fsync / writes too"
+    )
     attack = sub.add_parser("attack")
     attack.add_argument("--clients", type=int, default=8)
     attack.add_argument("--iterations", type=int, default=50)
@@ -425,6 +455,7 @@ def main() -> None:
             dict(zip(args.clients, args.pairs, strict=True)),
             args.sets,
             args.tag,
+            tuple(args.variants),
         )
     else:
         bench_run(args.clients, args.rounds, args.fraction, args.examples, args.policy, args.dtype, args.batch)
