@@ -78,6 +78,8 @@ class RayNodes:
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={cpus}",
             f"--dashboard-agent-listen-port={free_port()}",
+            "--min-worker-port=0",  # another Ray on this machine hands out 10002 onwards too: the OS picks
+            "--max-worker-port=0",
         ]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")

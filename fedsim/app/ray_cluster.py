@@ -53,6 +53,7 @@ def head_command(python: str, port: int, temp: str, cpus: int | None = None) -> 
     cmd += [f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false", "--node-ip-address=127.0.0.1"]
     cmd += [f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     cmd += [f"--dashboard-port={free_port()}"]  # its minimal dashboard runs all the same, on 8265 by default
+    cmd += ["--min-worker-port=0", "--max-worker-port=0"]  # workers on ports the OS picks, not 10002 onwards
     return cmd + ([f"--num-cpus={cpus}"] if cpus is not None else [])
 
 
