@@ -30,13 +30,18 @@ DEFAULTS = {
 UNITS = ("pixels", "normalized")
 DECAYS = ("none", "linear")  # the feature weight during matching: constant, or linearly down to 0
 
+# breaching's `invertinggradients` exactly: normalised units of the model's own normalisation (x = m + s·z),
+# z from N(0, 1), signed Adam lr 0.1 on z, its zero-padded TV at scale 0.2 on z, its step-lr milestones.
+BREACHING = {"units": "normalized", "lr": 0.1, "tv_weight": 0.2, "init": "randn", "restarts": 1}
+
 # Named settings; an option given explicitly wins over its preset's value. Result info records the preset.
 PRESETS: dict[str, dict] = {
     # The defaults: the paper code's setting in fedsim's [0, 1] pixels.
     "paper": {},
-    # breaching's `invertinggradients` exactly: normalised units of the model's own normalisation (x = m + s·z),
-    # z from N(0, 1), signed Adam lr 0.1 on z, its zero-padded TV at scale 0.2 on z, its step-lr milestones.
-    "breaching": {"units": "normalized", "lr": 0.1, "tv_weight": 0.2, "init": "randn", "restarts": 1},
+    "breaching": BREACHING,
+    # breaching's setting with 5x its TV weight (1.0 on z): on the trained ResNet-20, FedSGD batch 1, 200
+    # iterations, above breaching's own result on each of 16 photos, side by side (docs/attacks.md).
+    "resnet": {**BREACHING, "tv_weight": 1.0},
     # One example, FedSGD (the closed-form features exist): start from the image fitted to the features of the
     # first fully connected layer, keep them as a prior, longer schedule.
     "features": {"init": "features", "feature_weight": 1.0, "iterations": 3000, "restarts": 1},

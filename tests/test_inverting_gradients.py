@@ -218,6 +218,11 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     breaching = get_attack("ig", preset="breaching")
     assert (breaching.units, breaching.lr, breaching.tv_weight, breaching.restarts) == ("normalized", 0.1, 0.2, 1)
     assert get_attack("ig", preset="breaching", lr=0.05).lr == 0.05
+    resnet = get_attack("ig", preset="resnet")  # breaching's setting, TV weight 1.0 instead of 0.2
+    assert (resnet.units, resnet.lr, resnet.init, resnet.restarts) == ("normalized", 0.1, "randn", 1)
+    same = {**vars(get_attack("ig", preset="breaching", tv_weight=1.0)), "preset": "resnet"}
+    assert resnet.tv_weight == 1.0 and vars(resnet) == same  # only info's preset name tells them apart
+    assert get_attack("ig", preset="resnet", tv_weight=0.5).tv_weight == 0.5 and breaching.tv_weight == 0.2
     features = get_attack("ig", preset="features")
     assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
     assert get_attack("ig").init == "randn" and InvertingGradients.options()["iterations"] == 1000
