@@ -8,7 +8,7 @@ Prints and appends one JSON line per finish to benchmarks/results/ig_finish.json
 photo at each --at step.
 
     PYTHONPATH=$PWD python benchmarks/bench_ig_finish.py --idx 5810 5860 --opt preset=features \
-        --finish cosine:0.01 l2 --at 30 100 300 --kept /tmp/kept.pt   # a second call with --kept reuses the run
+        --finish cosine:0.01 l2 --at 30 100 300 --kept /tmp/kept.safetensors  # a second call with --kept reuses the run
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from attacks.lbfgs import BatchedLBFGS  # noqa: E402
 from attacks.priors import total_variation  # noqa: E402
 from attacks.problems import stack_problems, stack_targets, value_and_grad  # noqa: E402
 from benchmarks.bench_ig_peer import cifar_test, option_value  # noqa: E402
+from fedsim.files import load_tensors, save_tensors  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 from fedsim.scoring import score  # noqa: E402
 
@@ -44,6 +45,22 @@ def relative_l2(simulated, observed) -> torch.Tensor:
 
 
 DISTANCES = {"cosine": cosine_distance, "paramwise": paramwise_cosine_distance, "l2": relative_l2}
+
+
+def read_kept(path: Path) -> dict:
+    """The kept images, labels, options and photos of an earlier run (safetensors with JSON metadata, no pickle)."""
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {
+        "kept": tensors["kept"],
+        "labels": tensors["labels"],
+        "opts": json.loads(meta["opts"]),
+        "idx": json.loads(meta["idx"]),
+        "matching_s": float(meta["matching_s"]),
+    }
 
 
 def main() -> int:
@@ -65,7 +82,7 @@ def main() -> int:
     options = {**dict(option_value(o) for o in args.opt), "polish": 0}
     start = time.time()
     if args.kept and args.kept.exists():  # the kept images of an earlier run of the same options and photos
-        saved = torch.load(args.kept)
+        saved = read_kept(args.kept)
         if saved["opts"] != options or saved["idx"] != args.idx:
             raise SystemExit(f"{args.kept} holds another run: {saved['opts']} on {saved['idx']}")
         kept, labels, matching = saved["kept"], saved["labels"], saved["matching_s"]
@@ -75,9 +92,8 @@ def main() -> int:
         kept = torch.stack([r.images for r in results])  # [K, 1, C, H, W]
         labels = stack_problems([r.labels for r in results], 1, torch.device("cpu"))
         if args.kept:
-            torch.save(
-                {"opts": options, "idx": args.idx, "kept": kept, "labels": labels, "matching_s": matching}, args.kept
-            )
+            meta = {"opts": json.dumps(options), "idx": json.dumps(args.idx), "matching_s": str(matching)}
+            save_tensors(args.kept, {"kept": kept.contiguous(), "labels": labels.contiguous()}, meta)
 
     def psnr(images: torch.Tensor) -> list[float]:
         return [round(score(images[i], y[i : i + 1], x[i : i + 1], y[i : i + 1])["psnr"][0], 2) for i in range(len(y))]

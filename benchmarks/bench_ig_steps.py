@@ -7,7 +7,9 @@ change of f, the first-order prediction −t·‖∇f‖², the largest pixel ch
 choices switched (first convolution's ReLUs, its pool, second convolution's ReLUs, its pool). Where a switch
 jumps f the objective is not smooth there and a line search stalls.
 
-    PYTHONPATH=$PWD python benchmarks/bench_ig_steps.py --idx 5810 5860 5942 5070 --kept /tmp/ig_kept_combo.pt
+    PYTHONPATH=$PWD python benchmarks/bench_ig_finish.py --idx 5810 5860 5942 5070 \
+        --opt preset=features feature_weight=10.0 feature_decay=linear --kept /tmp/ig_kept_combo.safetensors
+    PYTHONPATH=$PWD python benchmarks/bench_ig_steps.py --idx 5810 5860 5942 5070 --kept /tmp/ig_kept_combo.safetensors
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from attacks.base import model_gradients  # noqa: E402
 from attacks.inverting_gradients import cosine_distance  # noqa: E402
 from attacks.priors import total_variation  # noqa: E402
+from benchmarks.bench_ig_finish import read_kept  # noqa: E402
 from benchmarks.bench_ig_peer import cifar_test  # noqa: E402
 from fedsim.models import build_model  # noqa: E402
 
@@ -44,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     x, y = cifar_test(args.idx)
-    saved = torch.load(args.kept)
+    saved = read_kept(args.kept)
     if saved["idx"] != args.idx:
         raise SystemExit(f"{args.kept} holds photos {saved['idx']}")
     base = build_model("convnet", tuple(x.shape[1:]), 10, seed=0).train()
