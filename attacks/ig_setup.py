@@ -26,9 +26,16 @@ DEFAULTS = {
     "restarts": 2,
     "feature_decay": "none",
     "polish": 0,
+    "distance": "cosine",
+    "tv_norm": "anisotropic",
+    "tv_decay": "none",
+    "dtype": "float32",
 }
 UNITS = ("pixels", "normalized")
-DECAYS = ("none", "linear")  # the feature weight during matching: constant, or linearly down to 0
+DECAYS = ("none", "linear")  # a prior's weight during matching: constant, or linearly down to 0
+DISTANCES = ("cosine", "paramwise")  # one cosine over all gradients, or the mean of each parameter's cosine
+TV_NORMS = ("anisotropic", "isotropic", "squared")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 # breaching's `invertinggradients` exactly: normalised units of the model's own normalisation (x = m + s·z),
 # z from N(0, 1), signed Adam lr 0.1 on z, its zero-padded TV at scale 0.2 on z, its step-lr milestones.
@@ -64,11 +71,12 @@ def check_options(o: dict) -> None:
         raise FedsimError("ig: feature_iterations and feature_coarse must be positive, polish >= 0")
     if o["feature_tv_weight"] is not None and not o["feature_tv_weight"] >= 0:
         raise FedsimError("ig: feature_tv_weight must be >= 0")
-    if o["feature_decay"] not in DECAYS:
-        raise FedsimError(f"ig: unknown feature_decay {o['feature_decay']!r}; choose one of: {', '.join(DECAYS)}")
-    for key, allowed in (("init", INITS), ("units", UNITS)):
+    choices = (("init", INITS), ("units", UNITS), ("feature_decay", DECAYS), ("tv_decay", DECAYS))
+    for key, allowed in (*choices, ("distance", DISTANCES), ("tv_norm", TV_NORMS), ("dtype", tuple(DTYPES))):
         if o[key] not in allowed:
             raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
+    if o["units"] == "normalized" and o["tv_norm"] != "anisotropic":
+        raise FedsimError("ig: tv_norm other than anisotropic needs units=pixels (breaching's TV is anisotropic)")
     if o["keep"] not in ("best", "last"):
         raise FedsimError(f"ig: keep must be best or last, got {o['keep']!r}")
     if o["label_method"] not in METHODS:
@@ -118,19 +126,22 @@ def milestones(units: str, iterations: int) -> list[int]:
     return [iterations * m // 8 for m in (3, 5, 7)]
 
 
-def prior_inputs(attack, targets: Sequence, problems: Problems, device: torch.device) -> SimpleNamespace:
+def prior_inputs(
+    attack, targets: Sequence, problems: Problems, device: torch.device, dtype: torch.dtype = torch.float32
+) -> SimpleNamespace:
     """What the priors need, per problem: the BatchNorm layers and their running statistics (bn_weight > 0),
     the first FC layer and its input in closed form from one example's gradient (feature_weight > 0 or
     init "features"); `modules`: the layers whose inputs the objective reads in one forward pass."""
     r = attack.restarts
     bn_layers = batchnorm_layers(problems.model) if attack.bn_weight else []
     running = stack_problems([running_statistics(t.model) for t in targets], r, device) if attack.bn_weight else None
+    running = None if running is None else [[t.to(dtype) for t in pair] for pair in running]
     fc, feature_modules, features = None, [], None
     if attack.feature_weight or attack.init == "features":  # one example's input to the first FC layer, in
         if problems.objective != "gradient" or problems.examples != 1 or problems.aware:  # closed form
             raise FedsimError("ig: feature_weight > 0 and init=features need FedSGD gradients of one example (batch 1)")
         fc, iw, ib = feature_layer(problems.model)
-        found = [linear_input(s[iw].double(), s[ib].double()).float()[None] for s in problems.signals]
+        found = [linear_input(s[iw].double(), s[ib].double()).to(dtype)[None] for s in problems.signals]
         features = stack_problems(found, r, device)
         feature_modules = [fc] if attack.feature_weight else []
     return SimpleNamespace(
@@ -149,7 +160,7 @@ def result_info(
             "objective": problems.objective,
             "label_method": f[1],
             "attack": attack.name,
-            "distance": "cosine",
+            "distance": attack.distance,
             "optimizer": "adam-signed" if attack.signed else "adam",
             "cosine_distance": [float(best_distance[j * r + i]) for i in range(r)],
             "preset": attack.preset,
@@ -157,6 +168,9 @@ def result_info(
             "lr": attack.lr,
             "tv_weight": attack.tv_weight,
             "tv": "zero-padded, normalised units" if attack.units == "normalized" else "interior, pixels",
+            "tv_norm": attack.tv_norm,
+            "tv_decay": attack.tv_decay,
+            "dtype": attack.dtype,
             "units": attack.units,
             "restarts": r,
             "init": attack.init,

@@ -14,6 +14,7 @@ from attacks.base import Attack, AttackTarget, Progress, Trial, problem_generato
 from attacks.idlg import target_labels
 from attacks.ig_setup import (
     DEFAULTS,
+    DTYPES,
     PRESETS,
     check_options,
     image_units,
@@ -34,12 +35,12 @@ from attacks.priors import (
     padded_total_variation,
     total_variation,
 )
-from attacks.problems import stack_problems, stack_targets, value_and_grad
+from attacks.problems import stack_problems, stack_targets, value_and_grad, with_dtype
 from attacks.recorder import Recorder
 
 __all__ = [  # the priors and presets stay importable from here
     "DEFAULTS", "PRESETS", "InvertingGradients", "batchnorm_prior", "cosine_distance", "feature_layer",
-    "padded_total_variation", "total_variation",
+    "padded_total_variation", "paramwise_cosine_distance", "total_variation",
 ]  # fmt: skip
 
 
@@ -49,6 +50,16 @@ def cosine_distance(simulated: Sequence[torch.Tensor], observed: Sequence[torch.
     norm_s = sum((s**2).sum() for s in simulated)
     norm_o = sum((o**2).sum() for o in observed)
     return 1 - dot / torch.sqrt(norm_s * norm_o + 1e-30)
+
+
+def paramwise_cosine_distance(simulated: Sequence[torch.Tensor], observed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over parameter tensors of 1 - cos(g'_l, g_l) (breaching's `paramwise-cosine-similarity`): every
+    tensor counts the same, whatever its norm (one cosine over all is led by the largest layers)."""
+    terms = [
+        1 - (s * o).sum() / torch.sqrt((s**2).sum() * (o**2).sum() + 1e-30)
+        for s, o in zip(simulated, observed, strict=True)
+    ]
+    return sum(terms) / len(terms)
 
 
 class InvertingGradients(Attack):
@@ -85,6 +96,10 @@ class InvertingGradients(Attack):
         feature_coarse: int = 1,
         feature_decay: str | None = None,
         polish: int | None = None,
+        distance: str | None = None,
+        tv_norm: str | None = None,
+        tv_decay: str | None = None,
+        dtype: str | None = None,
         restarts: int | None = None,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
@@ -92,7 +107,8 @@ class InvertingGradients(Attack):
     ) -> None:
         given = dict(iterations=iterations, lr=lr, tv_weight=tv_weight, init=init, units=units)  # noqa: C408
         more = dict(feature_weight=feature_weight, restarts=restarts, feature_decay=feature_decay, polish=polish)  # noqa: C408
-        o = resolve_options(preset, {**given, **more})
+        matching = dict(distance=distance, tv_norm=tv_norm, tv_decay=tv_decay, dtype=dtype)  # noqa: C408
+        o = resolve_options(preset, {**given, **more, **matching})
         run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
         super().__init__(restarts=o["restarts"], **run)
         o.update(bn_weight=bn_weight, feature_iterations=feature_iterations, keep=keep, label_method=label_method)
@@ -106,6 +122,7 @@ class InvertingGradients(Attack):
         )  # fmt: skip
         self.feature_tv_weight = self.tv_weight if feature_tv_weight is None else feature_tv_weight
         self.polish = o["polish"]
+        self.distance, self.tv_norm, self.tv_decay, self.dtype = o["distance"], o["tv_norm"], o["tv_decay"], o["dtype"]
 
     @classmethod
     def options(cls) -> dict:
@@ -115,29 +132,34 @@ class InvertingGradients(Attack):
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Trial]], list[dict]]:
-        problems = stack_targets(targets, self.restarts, device, unroll=self.unroll)
+        dtype = DTYPES[self.dtype]
+        problems = with_dtype(stack_targets(targets, self.restarts, device, unroll=self.unroll), dtype)
         r, k, n = self.restarts, problems.k, problems.examples
         fixed = [
             target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)
         ]
         labels = stack_problems([f[0] for f in fixed], r, device)
-        prior = prior_inputs(self, targets, problems, device)
+        prior = prior_inputs(self, targets, problems, device, dtype)
         nb = len(prior.bn_layers)
-        mean, std, low, high = image_units(self.units, targets[0].model, targets[0].input_shape[0], device)
-        tv = padded_total_variation if self.units == "normalized" else total_variation
+        units = image_units(self.units, targets[0].model, targets[0].input_shape[0], device)
+        mean, std, low, high = (t.to(dtype) for t in units)
+        norm = self.tv_norm
+        tv = padded_total_variation if self.units == "normalized" else lambda v: total_variation(v, norm)
+        gap = paramwise_cosine_distance if self.distance == "paramwise" else cosine_distance
 
         def objective(
-            p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat, fw
+            p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat, fw, tw
         ) -> tuple[torch.Tensor, ...]:
-            """The paper's objective of one problem: cosine distance of the gradients + α·TV (+ the BatchNorm
-            prior, + the feature gap at weight `fw`); aux: the distance."""
+            """The paper's objective of one problem: cosine distance of the gradients (or the parameter-wise
+            one) + α·TV at weight `tw` (+ the BatchNorm prior, + the feature gap at weight `fw`); aux: the
+            distance."""
             x = mean + std * z
             simulated = problems.signal(p, c, x, y)
             if problems.aware:  # the defense-aware attacker compares only entries the defense left (mask)
                 obs, mask, _ = obs  # a rescale changes no cosine
                 simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
-            distance = cosine_distance(simulated, obs)
-            value = distance + self.tv_weight * tv(z)
+            distance = gap(simulated, obs)
+            value = distance + tw * tv(z)
             if prior.modules:  # one more forward pass of x serves both priors
                 inputs = layer_inputs(problems.model, {**p, **c}, x, prior.modules)
                 if run is not None:
@@ -147,11 +169,11 @@ class InvertingGradients(Attack):
             return value, distance
 
         running, features = prior.running, prior.features
-        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0, None)
+        dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0, None, None)
         fn = value_and_grad(objective, k, dims, argnum=2, has_aux=True)
         shape = (n, *targets[0].input_shape)
         draws = [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
-        x = torch.stack(draws).to(device)
+        x = torch.stack(draws).to(device, dtype)
         fit_gap = None
         if self.init == "features":  # fitted to the closed-form features first (single backward passes)
             fit = dict(tv_weight=self.feature_tv_weight, iterations=self.feature_iterations, coarse=self.feature_coarse)  # noqa: C408
@@ -165,12 +187,13 @@ class InvertingGradients(Attack):
 
         # The kept iterate of each problem (breaching keeps the one of least objective; "last": the final one).
         best = (mean + std * x.detach()).clone()
-        best_value = torch.full((k,), float("inf"), device=device)
-        best_distance = torch.full((k,), float("inf"), device=device)
+        best_value = torch.full((k,), float("inf"), device=device, dtype=dtype)
+        best_distance = torch.full((k,), float("inf"), device=device, dtype=dtype)
         for it in range(self.iterations + 1):
             fw = self.feature_weight * (1 - it / self.iterations if self.feature_decay == "linear" else 1.0)
+            tw = self.tv_weight * (1 - it / self.iterations if self.tv_decay == "linear" else 1.0)
             grads, (loss, distance) = fn(
-                problems.params, problems.consts, x.detach(), labels, problems.observed, running, features, fw
+                problems.params, problems.consts, x.detach(), labels, problems.observed, running, features, fw, tw
             )  # the state after `it` steps
             last = it == self.iterations
             with torch.no_grad():
@@ -181,7 +204,8 @@ class InvertingGradients(Attack):
                 best_value = torch.where(better, loss, best_value)
                 best_distance = torch.where(better, distance, best_distance)
             for i in range(k):
-                recorder.record(i, it, float(distance[i]), it + 1, (mean + std * x[i].detach()).clamp(0, 1), last=last)
+                shown = (mean + std * x[i].detach()).clamp(0, 1).float()
+                recorder.record(i, it, float(distance[i]), it + 1, shown, last=last)
             if progress:
                 progress(it, float(distance.min()))
             if last:
@@ -195,7 +219,8 @@ class InvertingGradients(Attack):
         polished = None
         if self.polish:  # L-BFGS on the same objective from the kept iterate; kept where it lowers the objective
             fw = 0.0 if self.feature_decay == "linear" else self.feature_weight
-            args = (problems.params, problems.consts, labels, problems.observed, running, features, fw)
+            tw = 0.0 if self.tv_decay == "linear" else self.tv_weight
+            args = (problems.params, problems.consts, labels, problems.observed, running, features, fw, tw)
             polished = polish(lambda v: fn(*args[:2], v, *args[2:]), best, best_value, best_distance, mean, std,
                               (low, high), self.polish)  # fmt: skip
         for i in range(k):
@@ -203,7 +228,7 @@ class InvertingGradients(Attack):
                 recorder.drop(i, f"objective became {loss[i].item()}")
             else:
                 recorder.finish(
-                    i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i], labels[i].cpu()
+                    i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i].float(), labels[i].cpu()
                 )
         info = result_info(self, problems, fixed, best_distance, fit_gap, polished)
         trials = recorder.trials

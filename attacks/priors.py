@@ -15,11 +15,21 @@ from attacks.problems import value_and_grad
 from fedsim.errors import FedsimError
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """The paper code's anisotropic TV: mean |horizontal neighbour difference| + mean |vertical| ([B, C, H, W])."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean() if x.shape[-1] > 1 else x.new_zeros(())
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() if x.shape[-2] > 1 else x.new_zeros(())
-    return dx + dy
+def total_variation(x: torch.Tensor, norm: str = "anisotropic") -> torch.Tensor:
+    """The paper code's anisotropic TV: mean |horizontal neighbour difference| + mean |vertical| ([B, C, H, W]).
+    "isotropic": the mean over pixels of sqrt(dx² + dy²) (forward differences, the last row and column
+    left out); "squared": mean dx² + mean dy² (the quadratic smoothness prior)."""
+    if norm == "isotropic":
+        if x.shape[-1] < 2 or x.shape[-2] < 2:
+            return x.new_zeros(())
+        dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+        dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+        return torch.sqrt(dx**2 + dy**2 + 1e-8).mean()
+    dx = x[..., :, 1:] - x[..., :, :-1] if x.shape[-1] > 1 else x.new_zeros(1)
+    dy = x[..., 1:, :] - x[..., :-1, :] if x.shape[-2] > 1 else x.new_zeros(1)
+    if norm == "squared":
+        return (dx**2).mean() + (dy**2).mean()
+    return dx.abs().mean() + dy.abs().mean()
 
 
 def padded_total_variation(z: torch.Tensor) -> torch.Tensor:

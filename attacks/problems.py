@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,3 +147,21 @@ def stack_targets(targets: Sequence[AttackTarget], restarts: int, device: torch.
     plain = observed[0] if aware else observed
     scale = torch.stack([sum((o[i] ** 2).sum() for o in plain) for i in range(k)])
     return Problems(objective, [s[1] for s in signals], n, k, model, params, consts, observed, aware, signal, scale)
+
+
+def with_dtype(problems: Problems, dtype: torch.dtype) -> Problems:
+    """The problems with their floating-point weights, buffers and observed signals in `dtype` (the model is
+    run functionally on them, so the whole optimisation then runs in that precision); unchanged in float32."""
+    if dtype == torch.float32:
+        return problems
+
+    def cast(t: Any) -> Any:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return dataclasses.replace(
+        problems,
+        params=tree_map(cast, problems.params),
+        consts=tree_map(cast, problems.consts),
+        observed=tree_map(cast, problems.observed),
+        scale=cast(problems.scale),
+    )

@@ -2,7 +2,8 @@
 
 The FedSGD gradient of each photo on fedsim's model (seed 0; the ResNet-20 with its pretrained weights, in
 training mode as the clients compute it), the targets solved together, PSNR by fedsim's scorer. Appends to
-benchmarks/results/ig_sweep.jsonl, one line per setting:
+benchmarks/results/ig_sweep.jsonl, one line per setting (with the kept images' plain cosine distance over all
+parameters and per parameter tensor, whichever distance the attack matched):
 
     PYTHONPATH=$PWD python benchmarks/bench_ig_sweep.py --idx 9000 9001 9002 --opt restarts=1 feature_weight=1.0 \
         --tag feat1
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from attacks import get_attack  # noqa: E402
 from attacks.base import AttackTarget, model_gradients, reconstruct_many  # noqa: E402
+from attacks.inverting_gradients import cosine_distance  # noqa: E402
 from benchmarks.bench_ig_peer import DATA, cifar_test, option_value  # noqa: E402
 from fedsim.models import build_model, load_pretrained  # noqa: E402
 from fedsim.scoring import score  # noqa: E402
@@ -51,13 +53,21 @@ def main() -> int:
     results = reconstruct_many(get_attack("ig", **options), targets)
     seconds = time.time() - start
     psnr = [score(r.images, r.labels, x[i : i + 1], y[i : i + 1])["psnr"][0] for i, r in enumerate(results)]
+    kept = [model_gradients(model, r.images, r.labels) for r in results]  # the kept images' own gradients
+    plain = [float(cosine_distance(g, t.gradients)) for g, t in zip(kept, targets, strict=True)]
+    layers = [
+        [float(cosine_distance([a], [b])) for a, b in zip(g, t.gradients, strict=True)]
+        for g, t in zip(kept, targets, strict=True)
+    ]
     line = {
         "tag": args.tag,
         "model": args.model,
         "opts": options,
         "idx": args.idx,
         "psnr": [round(v, 2) for v in psnr],
-        "cos": [float(f"{r.loss:.3g}") for r in results],
+        "cos": [float(f"{r.loss:.3g}") for r in results],  # the attack's own distance (cosine or paramwise)
+        "cos_all": [float(f"{v:.3g}") for v in plain],  # one cosine over all parameters, whatever the distance
+        "cos_layers": [[float(f"{v:.2g}") for v in per] for per in layers],  # 1 - cos per parameter tensor
         **(
             {"fit": [float(f"{min(r.info['feature_fit_objective']):.3g}") for r in results]}
             if "feature_fit_objective" in results[0].info

@@ -266,3 +266,39 @@ def test_ig_feature_fit_and_polish_options_are_validated_and_recorded(images) ->
     assert {k: tuned.info[k] for k in levers} == levers and len(tuned.info["polished"]) == 1
     assert tuned.info["feature_fit_objective"][0] < 0.5 and tuned.info["cosine_distance"][0] < 0.1
     assert float(tuned.images.min()) >= 0 and float(tuned.images.max()) <= 1
+
+
+def test_paramwise_distance_and_tv_norms_on_hand_made_values() -> None:
+    from attacks.inverting_gradients import paramwise_cosine_distance
+
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 2.0]])]
+    o = [torch.tensor([1.0, 0.0]), torch.tensor([[0.0, -5.0]])]  # the first tensor matches, the second opposes
+    assert float(paramwise_cosine_distance(g, o)) == pytest.approx((0.0 + 2.0) / 2)
+    assert float(paramwise_cosine_distance(g, [3 * t for t in g])) == pytest.approx(0.0, abs=1e-6)
+    ramp = torch.tensor([[[[0.0, 1.0], [1.0, 2.0]]]])  # dx = dy = 1 at the one interior pixel
+    assert float(total_variation(ramp, "isotropic")) == pytest.approx(2**0.5, rel=1e-6)
+    assert float(total_variation(2 * ramp, "squared")) == pytest.approx(4.0 + 4.0)
+    assert float(total_variation(ramp)) == pytest.approx(2.0)
+
+
+def test_ig_matching_options_are_validated_and_recorded(images) -> None:
+    for bad in ({"distance": "l1"}, {"tv_norm": "l3"}, {"tv_decay": "cosine"}, {"dtype": "float16"}):
+        with pytest.raises(FedsimError, match=next(iter(bad))):
+            get_attack("ig", **bad)
+    with pytest.raises(FedsimError, match="tv_norm"):
+        get_attack("ig", units="normalized", tv_norm="isotropic")
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(5)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    run = dict(iterations=10, restarts=1, init="features", feature_weight=1.0, feature_iterations=5, polish=2)  # noqa: C408
+    plain = get_attack("ig", **run).reconstruct(target)
+    assert (plain.info["distance"], plain.info["tv_norm"], plain.info["tv_decay"]) == ("cosine", "anisotropic", "none")
+    assert plain.info["dtype"] == "float32"
+    levers = dict(distance="paramwise", tv_norm="isotropic", tv_decay="linear", dtype="float64")  # noqa: C408
+    tuned = get_attack("ig", **run, **levers).reconstruct(target)
+    assert {k: tuned.info[k] for k in levers} == levers and tuned.images.dtype == torch.float32
+    assert tuned.info["cosine_distance"][0] < 0.5 and 0 <= tuned.images.min() and tuned.images.max() <= 1
+    # float64 follows float32's trajectory on this short run: the same images up to rounding.
+    double = get_attack("ig", iterations=10, restarts=1, dtype="float64").reconstruct(target)
+    single = get_attack("ig", iterations=10, restarts=1).reconstruct(target)
+    assert torch.allclose(double.images, single.images, atol=1e-3)
