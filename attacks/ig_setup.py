@@ -13,6 +13,7 @@ from attacks.analytic import linear_input
 from attacks.labels import METHODS
 from attacks.priors import batchnorm_layers, feature_layer, running_statistics
 from attacks.problems import Problems, stack_problems
+from attacks.smoothing import SMOOTHINGS
 from fedsim.errors import FedsimError
 
 INITS = ("randn", "centered", "rand", "features")
@@ -77,6 +78,8 @@ def check_options(o: dict) -> None:
             raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
     if o["units"] == "normalized" and o["tv_norm"] != "anisotropic":
         raise FedsimError("ig: tv_norm other than anisotropic needs units=pixels (breaching's TV is anisotropic)")
+    if o["smooth"] not in SMOOTHINGS or not o["smooth_beta"] > 0 or not 0 < o["smooth_until"] < 1:
+        raise FedsimError(f"ig: smooth must be one of {', '.join(SMOOTHINGS)}, smooth_beta > 0, 0 < smooth_until < 1")
     if o["keep"] not in ("best", "last"):
         raise FedsimError(f"ig: keep must be best or last, got {o['keep']!r}")
     if o["label_method"] not in METHODS:
@@ -189,6 +192,12 @@ def result_info(
                 else {}
             ),
             "polish": attack.polish,
+            "smooth": attack.smooth,
+            **(
+                {"smooth_beta": attack.smooth_beta, "smooth_until": attack.smooth_until}
+                if attack.smooth != "none"
+                else {}
+            ),
             **({"polished": [bool(polished[j * r + i]) for i in range(r)]} if polished is not None else {}),
         }
         for j, f in enumerate(fixed)

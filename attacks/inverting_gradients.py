@@ -7,6 +7,7 @@ BatchNorm statistics, closed-form features and the fit to them) in attacks.prior
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -35,8 +36,10 @@ from attacks.priors import (
     padded_total_variation,
     total_variation,
 )
-from attacks.problems import stack_problems, stack_targets, value_and_grad, with_dtype
+from attacks.problems import functional_gradient, stack_problems, stack_targets, value_and_grad, with_dtype
 from attacks.recorder import Recorder
+from attacks.smoothing import beta_at, set_beta, smoothed_copy
+from attacks.unroll import simulated_signal
 
 __all__ = [  # the priors and presets stay importable from here
     "DEFAULTS", "PRESETS", "InvertingGradients", "batchnorm_prior", "cosine_distance", "feature_layer",
@@ -100,6 +103,9 @@ class InvertingGradients(Attack):
         tv_norm: str | None = None,
         tv_decay: str | None = None,
         dtype: str | None = None,
+        smooth: str = "none",
+        smooth_beta: float = 10.0,
+        smooth_until: float = 0.5,
         restarts: int | None = None,
         tolerance: float = 1e-9,
         snapshot_every: int | None = None,
@@ -113,6 +119,7 @@ class InvertingGradients(Attack):
         super().__init__(restarts=o["restarts"], **run)
         o.update(bn_weight=bn_weight, feature_iterations=feature_iterations, keep=keep, label_method=label_method)
         o.update(feature_tv_weight=feature_tv_weight, feature_coarse=feature_coarse)
+        o.update(smooth=smooth, smooth_beta=smooth_beta, smooth_until=smooth_until)
         check_options(o)
         self.preset, self.iterations, self.lr, self.tv_weight = preset, o["iterations"], o["lr"], o["tv_weight"]
         self.signed, self.label_method, self.unroll, self.units = signed, label_method, unroll, o["units"]
@@ -121,7 +128,7 @@ class InvertingGradients(Attack):
             feature_iterations, feature_coarse, o["feature_decay"]
         )  # fmt: skip
         self.feature_tv_weight = self.tv_weight if feature_tv_weight is None else feature_tv_weight
-        self.polish = o["polish"]
+        self.polish, self.smooth, self.smooth_beta, self.smooth_until = o["polish"], smooth, smooth_beta, smooth_until
         self.distance, self.tv_norm, self.tv_decay, self.dtype = o["distance"], o["tv_norm"], o["tv_decay"], o["dtype"]
 
     @classmethod
@@ -148,13 +155,13 @@ class InvertingGradients(Attack):
         gap = paramwise_cosine_distance if self.distance == "paramwise" else cosine_distance
 
         def objective(
-            p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat, fw, tw
+            p: dict, c: dict, z: torch.Tensor, y: torch.Tensor, obs, run, feat, fw, tw, signal=problems.signal
         ) -> tuple[torch.Tensor, ...]:
             """The paper's objective of one problem: cosine distance of the gradients (or the parameter-wise
             one) + α·TV at weight `tw` (+ the BatchNorm prior, + the feature gap at weight `fw`); aux: the
-            distance."""
+            distance. `signal`: the simulated gradient, of the exact model or of its smoothed copy."""
             x = mean + std * z
-            simulated = problems.signal(p, c, x, y)
+            simulated = signal(p, c, x, y)
             if problems.aware:  # the defense-aware attacker compares only entries the defense left (mask)
                 obs, mask, _ = obs  # a rescale changes no cosine
                 simulated = [s * m for s, m in zip(simulated, mask, strict=True)]
@@ -171,6 +178,12 @@ class InvertingGradients(Attack):
         running, features = prior.running, prior.features
         dims = (0, 0, 0, 0, 0, None if running is None else 0, None if features is None else 0, None, None)
         fn = value_and_grad(objective, k, dims, argnum=2, has_aux=True)
+        if self.smooth != "none":  # the same objective on a smoothed copy of the model (attacks.smoothing)
+            smooth_model = smoothed_copy(problems.model, self.smooth_beta)
+            smooth_signal = simulated_signal(
+                problems.objective, functional_gradient(smooth_model, vmapped=k > 1), targets[0]
+            )
+            smooth_fn = value_and_grad(partial(objective, signal=smooth_signal), k, dims, argnum=2, has_aux=True)
         shape = (n, *targets[0].input_shape)
         draws = [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
         x = torch.stack(draws).to(device, dtype)
@@ -192,13 +205,18 @@ class InvertingGradients(Attack):
         for it in range(self.iterations + 1):
             fw = self.feature_weight * (1 - it / self.iterations if self.feature_decay == "linear" else 1.0)
             tw = self.tv_weight * (1 - it / self.iterations if self.tv_decay == "linear" else 1.0)
-            grads, (loss, distance) = fn(
+            beta = beta_at(it, self.iterations, self.smooth_beta, self.smooth_until) if self.smooth != "none" else None
+            if beta is not None:
+                set_beta(smooth_model, beta)
+            grads, (loss, distance) = (fn if beta is None else smooth_fn)(
                 problems.params, problems.consts, x.detach(), labels, problems.observed, running, features, fw, tw
             )  # the state after `it` steps
             last = it == self.iterations
-            with torch.no_grad():
-                better = torch.isfinite(loss) & (
-                    (loss < best_value) if self.keep == "best" else torch.ones_like(loss, dtype=torch.bool)
+            with torch.no_grad():  # only iterates judged on the exact model are kept
+                better = (
+                    torch.isfinite(loss)
+                    & (beta is None)
+                    & ((loss < best_value) if self.keep == "best" else torch.ones_like(loss, dtype=torch.bool))
                 )
                 best[better] = (mean + std * x.detach())[better]
                 best_value = torch.where(better, loss, best_value)

@@ -302,3 +302,28 @@ def test_ig_matching_options_are_validated_and_recorded(images) -> None:
     double = get_attack("ig", iterations=10, restarts=1, dtype="float64").reconstruct(target)
     single = get_attack("ig", iterations=10, restarts=1).reconstruct(target)
     assert torch.allclose(double.images, single.images, atol=1e-3)
+
+
+def test_ig_smooth_option_smooths_early_and_matches_on_the_exact_model(images) -> None:
+    from attacks.smoothing import SoftMaxPool2d, beta_at, set_beta, smoothed_copy
+    from fedsim.models import build_model
+
+    model = build_model("convnet", (3, 8, 8), 10, seed=0)
+    smooth = smoothed_copy(model, 2.0)
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in smooth.modules())
+    assert any(isinstance(m, SoftMaxPool2d) for m in smooth.modules())
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())  # the model itself is left as it was
+    x = images[0][:1]
+    assert (smooth(x) - model(x)).abs().max() > 1e-3  # small β: a different function
+    set_beta(smooth, 1e5)
+    assert torch.allclose(smooth(x), model(x), atol=1e-3)  # large β: the exact model
+    assert beta_at(0, 100, 10.0, 0.5) == 10.0 and beta_at(49, 100, 10.0, 0.5) > 900
+    assert beta_at(50, 100, 10.0, 0.5) is None and beta_at(100, 100, 10.0, 0.5) is None
+    target = AttackTarget(model, model_gradients(model, x, images[1][:1]), 1, (3, 8, 8), 10)
+    result = get_attack("ig", iterations=20, restarts=1, smooth="softplus", smooth_until=0.5).reconstruct(target)
+    assert result.info["smooth"] == "softplus" and result.info["smooth_beta"] == 10.0
+    assert result.info["cosine_distance"][0] == pytest.approx(result.loss, rel=1e-5)  # kept on the exact model
+    assert get_attack("ig", iterations=2, restarts=1).reconstruct(target).info["smooth"] == "none"
+    for bad in ({"smooth": "relu6"}, {"smooth": "softplus", "smooth_beta": 0.0}, {"smooth_until": 1.0}):
+        with pytest.raises(FedsimError):
+            get_attack("ig", **bad)
