@@ -58,11 +58,13 @@ def cosine_distance(simulated: Sequence[torch.Tensor], observed: Sequence[torch.
 def paramwise_cosine_distance(simulated: Sequence[torch.Tensor], observed: Sequence[torch.Tensor]) -> torch.Tensor:
     """The mean over parameter tensors of 1 - cos(g'_l, g_l) (breaching's `paramwise-cosine-similarity`): every
     tensor counts the same, whatever its norm (one cosine over all is led by the largest layers)."""
-    terms = [
-        1 - (s * o).sum() / torch.sqrt((s**2).sum() * (o**2).sum() + 1e-30)
-        for s, o in zip(simulated, observed, strict=True)
-    ]
-    return sum(terms) / len(terms)
+    pairs = list(zip(simulated, observed, strict=True))
+    return sum(cosine_distance([s], [o]) for s, o in pairs) / len(pairs)
+
+
+def decayed(weight: float, decay: str | None, it: int, iterations: int) -> float:
+    """A prior's weight after `it` of `iterations` steps: constant, or "linear" from `weight` down to 0."""
+    return weight * (1 - it / iterations) if decay == "linear" else weight
 
 
 class InvertingGradients(Attack):
@@ -203,8 +205,8 @@ class InvertingGradients(Attack):
         best_value = torch.full((k,), float("inf"), device=device, dtype=dtype)
         best_distance = torch.full((k,), float("inf"), device=device, dtype=dtype)
         for it in range(self.iterations + 1):
-            fw = self.feature_weight * (1 - it / self.iterations if self.feature_decay == "linear" else 1.0)
-            tw = self.tv_weight * (1 - it / self.iterations if self.tv_decay == "linear" else 1.0)
+            fw = decayed(self.feature_weight, self.feature_decay, it, self.iterations)
+            tw = decayed(self.tv_weight, self.tv_decay, it, self.iterations)
             beta = beta_at(it, self.iterations, self.smooth_beta, self.smooth_until) if self.smooth != "none" else None
             if beta is not None:
                 set_beta(smooth_model, beta)
@@ -236,8 +238,8 @@ class InvertingGradients(Attack):
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
         polished = None
         if self.polish:  # L-BFGS on the same objective from the kept iterate; kept where it lowers the objective
-            fw = 0.0 if self.feature_decay == "linear" else self.feature_weight
-            tw = 0.0 if self.tv_decay == "linear" else self.tv_weight
+            fw = decayed(self.feature_weight, self.feature_decay, self.iterations, self.iterations)
+            tw = decayed(self.tv_weight, self.tv_decay, self.iterations, self.iterations)
             args = (problems.params, problems.consts, labels, problems.observed, running, features, fw, tw)
             polished = polish(lambda v: fn(*args[:2], v, *args[2:]), best, best_value, best_distance, mean, std,
                               (low, high), self.polish)  # fmt: skip
