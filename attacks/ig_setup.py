@@ -56,11 +56,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The constructor's arguments that are not IG's own options (the base class's, and `self`).
+RUN_OPTIONS = ("self", "__class__", "preset", "tolerance", "snapshot_every", "cpu_threads")
+
+
 def resolve_options(preset: str, given: dict) -> dict:
-    """The preset's options over the defaults, the options given (not None) over both."""
+    """Every option by name, checked: the preset's values over the defaults, the options given (not None) over
+    both; the feature fit's TV weight is the matching's unless given."""
     if preset not in PRESETS:
         raise FedsimError(f"ig: unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    return {**DEFAULTS, **PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    o = {**given, **DEFAULTS, **PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    check_options(o)
+    if o["feature_tv_weight"] is None:
+        o["feature_tv_weight"] = o["tv_weight"]
+    return o
 
 
 def check_options(o: dict) -> None:

@@ -11,40 +11,15 @@ from functools import partial
 
 import torch
 
+from attacks import ig_setup as setup
+from attacks import priors
 from attacks.base import Attack, AttackTarget, Progress, Trial, problem_generator
 from attacks.idlg import target_labels
-from attacks.ig_setup import (
-    DEFAULTS,
-    DTYPES,
-    PRESETS,
-    check_options,
-    image_units,
-    initial_images,
-    milestones,
-    prior_inputs,
-    resolve_options,
-    result_info,
-)
 from attacks.polish import polish
-from attacks.priors import (
-    batchnorm_gap,
-    batchnorm_prior,
-    feature_gap,
-    feature_layer,
-    fit_features,
-    layer_inputs,
-    padded_total_variation,
-    total_variation,
-)
 from attacks.problems import functional_gradient, stack_problems, stack_targets, value_and_grad, with_dtype
 from attacks.recorder import Recorder
 from attacks.smoothing import beta_at, set_beta, smoothed_copy
 from attacks.unroll import simulated_signal
-
-__all__ = [  # the priors and presets stay importable from here
-    "DEFAULTS", "PRESETS", "InvertingGradients", "batchnorm_prior", "cosine_distance", "feature_layer",
-    "padded_total_variation", "paramwise_cosine_distance", "total_variation",
-]  # fmt: skip
 
 
 def cosine_distance(simulated: Sequence[torch.Tensor], observed: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,79 +56,43 @@ class InvertingGradients(Attack):
 
     name = "ig"
 
-    def __init__(
-        self,
-        *,
-        preset: str = "paper",
-        iterations: int | None = None,
-        lr: float | None = None,
-        tv_weight: float | None = None,
-        signed: bool = True,
-        label_method: str = "auto",
-        unroll: bool = True,
-        init: str | None = None,
-        units: str | None = None,
-        keep: str = "best",
-        bn_weight: float = 0.0,
-        feature_weight: float | None = None,
-        feature_iterations: int = 100,
-        feature_tv_weight: float | None = None,
-        feature_coarse: int = 1,
-        feature_decay: str | None = None,
-        polish: int | None = None,
-        distance: str | None = None,
-        tv_norm: str | None = None,
-        tv_decay: str | None = None,
-        dtype: str | None = None,
-        smooth: str = "none",
-        smooth_beta: float = 10.0,
-        smooth_until: float = 0.5,
-        restarts: int | None = None,
-        tolerance: float = 1e-9,
-        snapshot_every: int | None = None,
+    def __init__(  # None: the preset's value (attacks.ig_setup)
+        self, *, preset: str = "paper", iterations: int | None = None, lr: float | None = None,
+        tv_weight: float | None = None, signed: bool = True, label_method: str = "auto", unroll: bool = True,
+        init: str | None = None, units: str | None = None, keep: str = "best", bn_weight: float = 0.0,
+        feature_weight: float | None = None, feature_iterations: int = 100, feature_tv_weight: float | None = None,
+        feature_coarse: int = 1, feature_decay: str | None = None, polish: int | None = None,
+        distance: str | None = None, tv_norm: str | None = None, tv_decay: str | None = None,
+        dtype: str | None = None, smooth: str = "none", smooth_beta: float = 10.0, smooth_until: float = 0.5,
+        restarts: int | None = None, tolerance: float = 1e-9, snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
-    ) -> None:
-        given = dict(iterations=iterations, lr=lr, tv_weight=tv_weight, init=init, units=units)  # noqa: C408
-        more = dict(feature_weight=feature_weight, restarts=restarts, feature_decay=feature_decay, polish=polish)  # noqa: C408
-        matching = dict(distance=distance, tv_norm=tv_norm, tv_decay=tv_decay, dtype=dtype)  # noqa: C408
-        o = resolve_options(preset, {**given, **more, **matching})
+    ) -> None:  # fmt: skip
+        o = setup.resolve_options(preset, {k: v for k, v in locals().items() if k not in setup.RUN_OPTIONS})
         run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
-        super().__init__(restarts=o["restarts"], **run)
-        o.update(bn_weight=bn_weight, feature_iterations=feature_iterations, keep=keep, label_method=label_method)
-        o.update(feature_tv_weight=feature_tv_weight, feature_coarse=feature_coarse)
-        o.update(smooth=smooth, smooth_beta=smooth_beta, smooth_until=smooth_until)
-        check_options(o)
-        self.preset, self.iterations, self.lr, self.tv_weight = preset, o["iterations"], o["lr"], o["tv_weight"]
-        self.signed, self.label_method, self.unroll, self.units = signed, label_method, unroll, o["units"]
-        self.init, self.keep, self.bn_weight, self.feature_weight = o["init"], keep, bn_weight, o["feature_weight"]
-        self.feature_iterations, self.feature_coarse, self.feature_decay = (
-            feature_iterations, feature_coarse, o["feature_decay"]
-        )  # fmt: skip
-        self.feature_tv_weight = self.tv_weight if feature_tv_weight is None else feature_tv_weight
-        self.polish, self.smooth, self.smooth_beta, self.smooth_until = o["polish"], smooth, smooth_beta, smooth_until
-        self.distance, self.tv_norm, self.tv_decay, self.dtype = o["distance"], o["tv_norm"], o["tv_decay"], o["dtype"]
+        super().__init__(restarts=o.pop("restarts"), **run)
+        vars(self).update(o, preset=preset)  # every option an attribute of the same name
 
     @classmethod
     def options(cls) -> dict:
         """The options and their defaults (the "paper" preset's values where a preset may set them)."""
-        return {k: DEFAULTS.get(k, v) if v is None else v for k, v in super().options().items()}
+        return {k: setup.DEFAULTS.get(k, v) if v is None else v for k, v in super().options().items()}
 
     def _solve(
         self, targets: Sequence[AttackTarget], *, seed: int, device: torch.device, progress: Progress | None
     ) -> tuple[list[list[Trial]], list[dict]]:
-        dtype = DTYPES[self.dtype]
+        dtype = setup.DTYPES[self.dtype]
         problems = with_dtype(stack_targets(targets, self.restarts, device, unroll=self.unroll), dtype)
         r, k, n = self.restarts, problems.k, problems.examples
         fixed = [
             target_labels(t, s, self.label_method, self.name) for t, s in zip(targets, problems.signals, strict=True)
         ]
         labels = stack_problems([f[0] for f in fixed], r, device)
-        prior = prior_inputs(self, targets, problems, device, dtype)
+        prior = setup.prior_inputs(self, targets, problems, device, dtype)
         nb = len(prior.bn_layers)
-        units = image_units(self.units, targets[0].model, targets[0].input_shape[0], device)
+        units = setup.image_units(self.units, targets[0].model, targets[0].input_shape[0], device)
         mean, std, low, high = (t.to(dtype) for t in units)
         norm = self.tv_norm
-        tv = padded_total_variation if self.units == "normalized" else lambda v: total_variation(v, norm)
+        tv = priors.padded_total_variation if self.units == "normalized" else lambda v: priors.total_variation(v, norm)
         gap = paramwise_cosine_distance if self.distance == "paramwise" else cosine_distance
 
         def objective(
@@ -170,11 +109,11 @@ class InvertingGradients(Attack):
             distance = gap(simulated, obs)
             value = distance + tw * tv(z)
             if prior.modules:  # one more forward pass of x serves both priors
-                inputs = layer_inputs(problems.model, {**p, **c}, x, prior.modules)
+                inputs = priors.layer_inputs(problems.model, {**p, **c}, x, prior.modules)
                 if run is not None:
-                    value = value + self.bn_weight * batchnorm_gap(inputs[:nb], run)
+                    value = value + self.bn_weight * priors.batchnorm_gap(inputs[:nb], run)
                 if len(prior.modules) > nb:  # relative squared gap to the recovered features
-                    value = value + fw * feature_gap(inputs[-1], feat)
+                    value = value + fw * priors.feature_gap(inputs[-1], feat)
             return value, distance
 
         running, features = prior.running, prior.features
@@ -187,17 +126,19 @@ class InvertingGradients(Attack):
             )
             smooth_fn = value_and_grad(partial(objective, signal=smooth_signal), k, dims, argnum=2, has_aux=True)
         shape = (n, *targets[0].input_shape)
-        draws = [initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
+        draws = [setup.initial_images(self.init, shape, problem_generator(seed, i)) for _ in targets for i in range(r)]
         x = torch.stack(draws).to(device, dtype)
         fit_gap = None
         if self.init == "features":  # fitted to the closed-form features first (single backward passes)
             fit = dict(tv_weight=self.feature_tv_weight, iterations=self.feature_iterations, coarse=self.feature_coarse)  # noqa: C408
-            x, fit_gap = fit_features(problems, x, features, prior.fc, **fit)
+            x, fit_gap = priors.fit_features(problems, x, features, prior.fc, **fit)
         # The draw is z itself in normalised units (breaching's N(0, 1) there), else the pixels mapped to z.
         z = x if self.units == "normalized" and self.init == "randn" else (x - mean) / std
         x = z.to(device).requires_grad_()
         optimizer = torch.optim.Adam([x], lr=self.lr)
-        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(self.units, self.iterations), gamma=0.1)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, setup.milestones(self.units, self.iterations), gamma=0.1
+        )
         recorder = Recorder(k, self.iterations, self.snapshot_interval(self.iterations))
 
         # The kept iterate of each problem (breaching keeps the one of least objective; "last": the final one).
@@ -250,6 +191,6 @@ class InvertingGradients(Attack):
                 recorder.finish(
                     i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i].float(), labels[i].cpu()
                 )
-        info = result_info(self, problems, fixed, best_distance, fit_gap, polished)
+        info = setup.result_info(self, problems, fixed, best_distance, fit_gap, polished)
         trials = recorder.trials
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info

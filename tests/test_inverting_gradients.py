@@ -15,13 +15,8 @@ from torch import nn
 from attacks import ATTACKS, AttackTarget, get_attack
 from attacks.analytic import linear_input
 from attacks.base import model_gradients, reconstruct_many
-from attacks.inverting_gradients import (
-    InvertingGradients,
-    batchnorm_prior,
-    cosine_distance,
-    feature_layer,
-    total_variation,
-)
+from attacks.inverting_gradients import InvertingGradients, cosine_distance
+from attacks.priors import batchnorm_prior, feature_layer, total_variation
 from fedsim.errors import FedsimError
 from fedsim.scoring import score
 
@@ -207,7 +202,7 @@ def test_ig_feature_prior_uses_the_first_fc_layers_input_in_closed_form(images) 
 
 
 def test_padded_total_variation_is_breachings_zero_padded_form() -> None:
-    from attacks.inverting_gradients import padded_total_variation
+    from attacks.priors import padded_total_variation
 
     assert float(padded_total_variation(torch.zeros(1, 1, 3, 3))) == 0.0
     # A constant 1: only the zero padding past the last column and row differs: 3 + 3 of the 9 pixels.
