@@ -7,15 +7,63 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attacks.contract import Recipe, RunTrajectory, StateDict
-from attacks.seqmia import SeqMIAClassifier, distill_snapshots, metric_sequences, train_attack_model
+from attacks.seqmia import Progress as StepProgress
+from attacks.seqmia import SeqMIAClassifier, metric_sequences, train_attack_model
 from attacks.seqmia_sequences import loaded_models
 from attacks.seqmia_shadow import TrainFn
 from fedsim.errors import FedsimError
 
 Progress = Callable[[str, int, int], None]  # (task, done, total)
+
+
+def distill_snapshots(
+    target: nn.Module,
+    student: nn.Module,
+    x: torch.Tensor,
+    *,
+    epochs: int = 20,
+    lr: float = 0.05,
+    batch_size: int = 100,
+    seed: int = 0,
+    progress: StepProgress | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Distil `target` into `student` on unlabelled data `x`, keeping a snapshot after every epoch.
+
+    As in the paper's code: soft labels = the target's softmax, cross-entropy with them, SGD with momentum 0.9,
+    weight decay 5e-4 on weights, the lr times 0.9 every 5 epochs. Returns `epochs` state dicts, oldest first.
+    """
+    dev = next(student.parameters()).device
+    target.eval()
+    with torch.no_grad():
+        soft = torch.cat([F.softmax(target(x[s : s + 512].to(dev)), dim=1).cpu() for s in range(0, len(x), 512)])
+    decay = [p for n, p in student.named_parameters() if not n.endswith("bias") and "bn" not in n]
+    no_decay = [p for n, p in student.named_parameters() if n.endswith("bias") or "bn" in n]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.9)
+    rng = np.random.default_rng([seed, 11])
+    snapshots = []
+    student.train()
+    for epoch in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(x)))
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            loss = F.cross_entropy(student(x[idx].to(dev)), soft[idx].to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        scheduler.step()
+        snapshots.append({k: v.detach().cpu().clone() for k, v in student.state_dict().items()})
+        if progress is not None:
+            progress(epoch + 1, epochs, total / len(x))
+    return snapshots
 
 
 def shadow_federation(
