@@ -538,6 +538,13 @@ class Fleet:
             [str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env, cwd=self.tmp, timeout=timeout
         )
 
+    def run_app(self, federation: str, out: Path, **options: object) -> None:
+        """`flwr run` of this app on `federation`, streamed, writing under `out` (run_config with `options`)."""
+        result = self.flwr(
+            "run", str(REPO), federation, "--stream", "--run-config", run_config(out, **options), timeout=300
+        )
+        assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{self.logs()}"
+
     def strays(self) -> list[str]:
         out = subprocess.run(["pgrep", "-a", "-f", self.pattern], capture_output=True, text=True).stdout
         alive = []
@@ -650,16 +657,7 @@ def test_deployment_on_localhost_captures_every_client_every_round(fleet, tmp_pa
     assert health.healthy(f"http://127.0.0.1:{node0}/health")
 
     out = tmp_path / "out"
-    result = fleet.flwr(
-        "run",
-        str(REPO),
-        "deploy",
-        "--stream",
-        "--run-config",
-        run_config(out, **{"num-rounds": 2, "num-clients": 2}),
-        timeout=300,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{fleet.logs()}"
+    fleet.run_app("deploy", out, **{"num-rounds": 2, "num-clients": 2})
     assert updates_by_round(out / "deploy") == {1: [0, 1], 2: [0, 1]}, fleet.logs()
     assert (out / "deploy" / "model.safetensors").is_file()
 
@@ -770,16 +768,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(fleet, tmp_path, cer
 
     assert flwr_cli.wait_for_nodes("lab", 1, timeout=120, env=fleet.env, poll=4) == [node_id]
     out = tmp_path / "out"
-    result = fleet.flwr(
-        "run",
-        str(REPO),
-        "lab",
-        "--stream",
-        "--run-config",
-        run_config(out, **{"num-rounds": 1, "num-clients": 1}),
-        timeout=300,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{fleet.logs()}"
+    fleet.run_app("lab", out, **{"num-rounds": 1, "num-clients": 1})
     assert updates_by_round(out / "deploy") == {1: [0]}, fleet.logs()
     records = [json.loads(x) for x in (out / "deploy" / "captures" / "manifest.jsonl").read_text().splitlines()]
     assert {str(r["client"]) for r in records if r["kind"] == "update"} == {node_id}
