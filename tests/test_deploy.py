@@ -520,13 +520,18 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {name}.log (tail)\n{self.log(name)[-3000:]}" for name in self.procs)
 
-    def stop(self, name: str, timeout: float = 15) -> None:
-        proc, _ = self.procs[name]
+    @staticmethod
+    def terminate(proc: subprocess.Popen) -> None:
+        """SIGTERM to the process group of `proc`, if it still runs."""
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def stop(self, name: str, timeout: float = 15) -> None:
+        proc, _ = self.procs[name]
+        self.terminate(proc)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -559,13 +564,8 @@ class Fleet:
         return alive
 
     def close(self) -> list[str]:
-        for name in list(self.procs):
-            proc, _ = self.procs[name]
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        for proc, _ in list(self.procs.values()):
+            self.terminate(proc)
         for name in list(self.procs):
             try:
                 self.stop(name, timeout=10)
