@@ -7,6 +7,7 @@ attacks/ensemble_inversion.py, farthest model sampling in attacks/model_sampling
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -82,6 +83,7 @@ def invert_run(
     and `judge` an independent classifier: the scoring side, and which classes a target holds.
     Returns (target -> scores, "<target>-<variant>" -> the kept images, class by class).
     """
+    invert = inversion(judge, config, input_shape, num_classes, per_class, keep, aux, seed)
     targets, images_of = {}, {}
     everyone = concatenated([private[k] for k in sorted(run.uploads)])
     for k in clients if ensemble == "client" else [None]:
@@ -99,23 +101,40 @@ def invert_run(
         name = f"client-{k}" if k is not None else "round"
         entry: dict = {"candidates": len(candidates), "chosen": chosen, "classes": classes}
         for variant, members in (("ensemble", [models[i] for i in chosen]), ("single", [load_model(last)])):
-            entry[variant], images_of[f"{name}-{variant}"] = invert_members(
+            entry[variant], images_of[f"{name}-{variant}"] = invert(
                 members,
-                judge,
-                config,
-                input_shape=input_shape,
-                num_classes=num_classes,
                 classes=classes,
-                per_class=per_class,
-                keep=keep,
-                aux=aux,
                 private=(px, py),
-                seed=seed,
                 progress=lambda d, t, _p, v=variant, n=name: progress(f"{n}: {v} inversion", d, t),
             )
         entry["gain"] = entry["ensemble"]["accuracy"] - entry["single"]["accuracy"]
         targets[name] = entry
     return targets, images_of
+
+
+def inversion(
+    judge: nn.Module,
+    config: InversionConfig,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    per_class: int,
+    keep: float,
+    aux: torch.Tensor | None,
+    seed: int,
+) -> Callable[..., tuple[dict, torch.Tensor]]:
+    """`invert_members` with the settings every inversion of one procedure shares; the call gives the members,
+    `classes`, `private` and `progress`."""
+    return partial(
+        invert_members,
+        judge=judge,
+        config=config,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        per_class=per_class,
+        keep=keep,
+        aux=aux,
+        seed=seed,
+    )
 
 
 def invert_members(
@@ -193,21 +212,14 @@ def ensemble_size_curve(
     distances = pool_distances(distance, states, models, aux, input_shape, seed)
     order = farthest_model_sampling(distances, max(sizes))
     classes = sorted(int(c) for c in private[1].unique())
+    invert = inversion(judge, config, input_shape, num_classes, per_class, keep, aux, seed)
     results: dict = {"order": order, "distances": np.round(distances, 4).tolist(), "sizes": {}}
     images_of = {}
     for n in sizes:
-        results["sizes"][n], images_of[f"size-{n}"] = invert_members(
+        results["sizes"][n], images_of[f"size-{n}"] = invert(
             [models[i] for i in order[:n]],
-            judge,
-            config,
-            input_shape=input_shape,
-            num_classes=num_classes,
             classes=classes,
-            per_class=per_class,
-            keep=keep,
-            aux=aux,
             private=private,
-            seed=seed,
             progress=None if progress is None else lambda d, t, _p, n=n: progress(f"{n} models", d, t),
         )
     return results, images_of

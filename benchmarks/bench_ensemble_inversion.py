@@ -17,20 +17,23 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedsim.app.model_attacks import run_inversion
-from fedsim.app.simulation import simulate
-from fedsim.config import FedsimConfig
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.simulated_runs import run_bars, write_rows  # noqa: E402
+from fedsim.app.model_attacks import run_inversion  # noqa: E402
+from fedsim.app.simulation import simulate  # noqa: E402
+from fedsim.config import FedsimConfig  # noqa: E402
+
 DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", REPO.parent / "shared" / "data"))
 SETTINGS = {
     # every client holds every digit: its uploads over the rounds and the last round's uploads share the classes
@@ -77,15 +80,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = args.runs or Path(tmp)
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-        ) as bar:
-            task = bar.add_task("runs", total=len(jobs))
-            inner = bar.add_task("", total=1)
-
-            def step(name: str, done: int, total: int) -> None:
-                bar.update(inner, description=f"  {name}", completed=done, total=total)
-
+        with run_bars(console, len(jobs)) as (bar, task, step):
             for setting, variant, seed in jobs:
                 values, attacks = SETTINGS[setting]
                 name = f"{setting}-{variant}-s{seed}"
@@ -131,13 +126,7 @@ def main() -> None:
                         }
                     )
                 bar.advance(task)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"settings": {**vars(args), "out": str(args.out), "runs": None}, "rows": rows}, indent=2, default=str
-        )
-        + "\n"
-    )
+    write_rows(args, rows)
     report(console, rows)
     console.print(f"raw results in {args.out}")
 

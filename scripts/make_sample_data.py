@@ -20,31 +20,27 @@ def idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def idx_sample(name: str, first: int, train: int, class_names: list[str]) -> None:
+    """The first `first` test images of the IDX dataset in shared/<name>: `train` train the clients, the rest test."""
+    images = idx(shared / name / "t10k-images-idx3-ubyte.gz")[:first]
+    labels = idx(shared / name / "t10k-labels-idx1-ubyte.gz")[:first]
+    np.savez_compressed(
+        out / f"sample_{name}.npz",
+        train_x=images[:train],
+        train_y=labels[:train],
+        test_x=images[train:],
+        test_y=labels[train:],
+        class_names=np.array(class_names),
+    )
+
+
 # MNIST: the first 3,000 test images; 2,400 train the clients, 600 measure the global model.
-images = idx(shared / "mnist" / "t10k-images-idx3-ubyte.gz")[:3000]
-labels = idx(shared / "mnist" / "t10k-labels-idx1-ubyte.gz")[:3000]
-np.savez_compressed(
-    out / "sample_mnist.npz",
-    train_x=images[:2400],
-    train_y=labels[:2400],
-    test_x=images[2400:],
-    test_y=labels[2400:],
-    class_names=np.array([str(i) for i in range(10)]),
-)
+idx_sample("mnist", 3000, 2400, [str(i) for i in range(10)])
 
 # Fashion-MNIST: the first 1,000 test images (800 / 200): public data for transfer learning (TL-DMI)
 # next to the MNIST sample, and a second offline dataset for teaching.
-images = idx(shared / "fashion_mnist" / "t10k-images-idx3-ubyte.gz")[:1000]
-labels = idx(shared / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")[:1000]
 fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-np.savez_compressed(
-    out / "sample_fashion_mnist.npz",
-    train_x=images[:800],
-    train_y=labels[:800],
-    test_x=images[800:],
-    test_y=labels[800:],
-    class_names=np.array(fashion),
-)
+idx_sample("fashion_mnist", 1000, 800, fashion)
 
 # CIFAR-10: the 200 lossless training images (exact pixels: what the attacks are scored on)
 # and the first 500 test images (JPEG q75, only used to measure accuracy).

@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", REPO.parent / "shared" / "data"))
+LOSSLESS_CIFAR = SHARED_DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
 
 for key, value in {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -65,6 +66,18 @@ LONGEST = (
 def _rank(item: pytest.Item) -> int:
     name = getattr(item, "originalname", item.name)
     return LONGEST.index(name) if name in LONGEST else len(LONGEST)
+
+
+def lossless_cifar(first: int | None = None) -> tuple:
+    """The first `first` (None: all 200) lossless CIFAR-10 training images in [0, 1] (NCHW, float) and their labels
+    (long); skips the test where the offline copy is missing."""
+    import numpy as np
+    import torch
+
+    if not LOSSLESS_CIFAR.exists():
+        pytest.skip(f"offline CIFAR-10 images not found at {LOSSLESS_CIFAR} (set FEDSIM_SHARED_DATA)")
+    data = np.load(LOSSLESS_CIFAR, allow_pickle=False)
+    return torch.tensor(data["x"][:first]).permute(0, 3, 1, 2).float() / 255, torch.tensor(data["y"][:first]).long()
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,18 +19,13 @@ from attacks.labels import last_layer_features
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 from fedsim.scoring import score
-
-DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
+from tests.conftest import lossless_cifar
 
 
 @pytest.fixture(scope="module")
 def cifar() -> tuple[torch.Tensor, torch.Tensor]:
     """The first lossless CIFAR-10 training images in [0, 1] (NCHW) and their labels."""
-    if not CIFAR.exists():
-        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR} (set FEDSIM_SHARED_DATA)")
-    data = np.load(CIFAR, allow_pickle=False)
-    return torch.tensor(data["x"][:16]).permute(0, 3, 1, 2).float() / 255, torch.tensor(data["y"][:16]).long()
+    return lossless_cifar(16)
 
 
 def tiny(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -520,13 +520,18 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {name}.log (tail)\n{self.log(name)[-3000:]}" for name in self.procs)
 
-    def stop(self, name: str, timeout: float = 15) -> None:
-        proc, _ = self.procs[name]
+    @staticmethod
+    def terminate(proc: subprocess.Popen) -> None:
+        """SIGTERM to the process group of `proc`, if it still runs."""
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def stop(self, name: str, timeout: float = 15) -> None:
+        proc, _ = self.procs[name]
+        self.terminate(proc)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -537,6 +542,13 @@ class Fleet:
         return subprocess.run(
             [str(BIN / "flwr"), *args], capture_output=True, text=True, env=self.env, cwd=self.tmp, timeout=timeout
         )
+
+    def run_app(self, federation: str, out: Path, **options: object) -> None:
+        """`flwr run` of this app on `federation`, streamed, writing under `out` (run_config with `options`)."""
+        result = self.flwr(
+            "run", str(REPO), federation, "--stream", "--run-config", run_config(out, **options), timeout=300
+        )
+        assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{self.logs()}"
 
     def strays(self) -> list[str]:
         out = subprocess.run(["pgrep", "-a", "-f", self.pattern], capture_output=True, text=True).stdout
@@ -552,13 +564,8 @@ class Fleet:
         return alive
 
     def close(self) -> list[str]:
-        for name in list(self.procs):
-            proc, _ = self.procs[name]
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        for proc, _ in list(self.procs.values()):
+            self.terminate(proc)
         for name in list(self.procs):
             try:
                 self.stop(name, timeout=10)
@@ -650,16 +657,7 @@ def test_deployment_on_localhost_captures_every_client_every_round(fleet, tmp_pa
     assert health.healthy(f"http://127.0.0.1:{node0}/health")
 
     out = tmp_path / "out"
-    result = fleet.flwr(
-        "run",
-        str(REPO),
-        "deploy",
-        "--stream",
-        "--run-config",
-        run_config(out, **{"num-rounds": 2, "num-clients": 2}),
-        timeout=300,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{fleet.logs()}"
+    fleet.run_app("deploy", out, **{"num-rounds": 2, "num-clients": 2})
     assert updates_by_round(out / "deploy") == {1: [0, 1], 2: [0, 1]}, fleet.logs()
     assert (out / "deploy" / "model.safetensors").is_file()
 
@@ -770,16 +768,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(fleet, tmp_path, cer
 
     assert flwr_cli.wait_for_nodes("lab", 1, timeout=120, env=fleet.env, poll=4) == [node_id]
     out = tmp_path / "out"
-    result = fleet.flwr(
-        "run",
-        str(REPO),
-        "lab",
-        "--stream",
-        "--run-config",
-        run_config(out, **{"num-rounds": 1, "num-clients": 1}),
-        timeout=300,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{fleet.logs()}"
+    fleet.run_app("lab", out, **{"num-rounds": 1, "num-clients": 1})
     assert updates_by_round(out / "deploy") == {1: [0]}, fleet.logs()
     records = [json.loads(x) for x in (out / "deploy" / "captures" / "manifest.jsonl").read_text().splitlines()]
     assert {str(r["client"]) for r in records if r["kind"] == "update"} == {node_id}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,19 +17,14 @@ from attacks.inverting_gradients import InvertingGradients, cosine_distance
 from attacks.priors import batchnorm_prior, feature_layer, total_variation
 from fedsim.errors import FedsimError
 from fedsim.scoring import score
-
-DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
+from tests.conftest import lossless_cifar
 
 
 @pytest.fixture(scope="module")
 def images() -> tuple[torch.Tensor, torch.Tensor]:
     """The first lossless CIFAR-10 training images, average-pooled to 8x8, in [0, 1], and their labels."""
-    if not CIFAR.exists():
-        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR} (set FEDSIM_SHARED_DATA)")
-    data = np.load(CIFAR, allow_pickle=False)
-    x = torch.tensor(data["x"][:4]).permute(0, 3, 1, 2).float() / 255
-    return F.avg_pool2d(x, 4), torch.tensor(data["y"][:4]).long()
+    x, y = lossless_cifar(4)
+    return F.avg_pool2d(x, 4), y
 
 
 def relu_net(seed: int = 0) -> nn.Module:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,18 +13,13 @@ from attacks.base import model_gradients
 from attacks.labels import counts_to_labels, infer_labels, round_counts
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
-
-DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
+from tests.conftest import lossless_cifar
 
 
 @pytest.fixture(scope="module")
 def cifar() -> tuple[torch.Tensor, torch.Tensor]:
-    if not CIFAR.exists():
-        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR} (set FEDSIM_SHARED_DATA)")
-    data = np.load(CIFAR, allow_pickle=False)
-    x = torch.tensor(data["x"]).permute(0, 3, 1, 2).float() / 255
-    return torch.nn.functional.avg_pool2d(x, 2), torch.tensor(data["y"]).long()  # 16x16 keeps it fast
+    x, y = lossless_cifar()
+    return torch.nn.functional.avg_pool2d(x, 2), y  # 16x16 keeps it fast
 
 
 def _count_accuracy(estimate: torch.Tensor, truth: torch.Tensor) -> float:

@@ -6,7 +6,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,11 +18,8 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import FedsimError
 from fedsim.models import build_model
 from fedsim.scoring import score
+from tests.conftest import lossless_cifar
 from tests.test_hostile import reply
-
-DATA = Path(os.environ.get("FEDSIM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CIFAR = DATA / "cifar10" / "cifar10_train_first200_kaggle_png.npz"
-
 
 # --- which clients are captured ----------------------------------------------------------------------------
 
@@ -99,11 +95,7 @@ def fedsgd_capture(store: CaptureStore, x: torch.Tensor, y: torch.Tensor, lr: fl
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_an_analytic_attack_on_a_float16_capture_still_recovers_the_image(tmp_path, dtype):
-    if not CIFAR.exists():
-        pytest.skip(f"offline CIFAR-10 images not found at {CIFAR}")
-    data = np.load(CIFAR, allow_pickle=False)
-    x = torch.tensor(data["x"][:1]).permute(0, 3, 1, 2).float() / 255
-    y = torch.tensor(data["y"][:1]).long()
+    x, y = lossless_cifar(1)
     store = CaptureStore(tmp_path / "captures", dtype)
     record = fedsgd_capture(store, x, y)
     assert record.get("dtype", "float32") == dtype
