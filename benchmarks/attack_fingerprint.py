@@ -17,8 +17,9 @@ import tests.test_inverting_gradients as T
 from attacks import AttackTarget, get_attack
 from attacks.base import model_gradients, reconstruct_many
 from fedsim.scoring import score
+from tests.conftest import LOSSLESS_CIFAR
 
-data = np.load(T.CIFAR, allow_pickle=False)
+data = np.load(LOSSLESS_CIFAR, allow_pickle=False)
 x = F.avg_pool2d(torch.tensor(data["x"][:4]).permute(0, 3, 1, 2).float() / 255, 4)
 y = torch.tensor(data["y"][:4]).long()
 
