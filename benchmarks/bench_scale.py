@@ -135,9 +135,11 @@ def bench_psnr(images: int, idlg: int) -> None:
 # --- fedsim run with many clients ---------------------------------------------------------------------------
 
 
-def tree_rss(pid: int, cpu: dict[tuple[int, int], float] | None = None) -> int:
-    """Resident bytes of `pid` and all its descendants, from /proc; with `cpu`, each one's CPU seconds so far
-    (utime + stime) recorded under (pid, start time)."""
+def tree_memory(pid: int, cpu: dict[tuple[int, int], float] | None = None) -> tuple[int, int]:
+    """Resident bytes of `pid` and all its descendants, from /proc, two ways: RSS summed (pages that processes
+    share, torch's libraries in every worker, count once per process) and PSS summed (each shared page split
+    among the processes that map it: what the tree takes from the machine). With `cpu`, each process's CPU
+    seconds so far (utime + stime) recorded under (pid, start time)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     used: dict[int, tuple[int, float]] = {}
@@ -152,28 +154,40 @@ def tree_rss(pid: int, cpu: dict[tuple[int, int], float] | None = None) -> int:
             used[int(entry)] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
         except (OSError, ValueError):
             continue
-    total, todo = 0, [pid]
+    total, proportional, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         total += rss.get(p, 0)
+        proportional += pss_bytes(p)
         if cpu is not None and p in used:
             cpu[(p, used[p][0])] = used[p][1]
         todo.extend(children.get(p, []))
-    return total
+    return total, proportional
+
+
+def pss_bytes(pid: int) -> int:
+    """The process's proportional set size (/proc/<pid>/smaps_rollup), 0 if it is gone or unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def timed_run(args: list[str], env: dict) -> dict:
-    """Run a command, sampling its process tree every 0.5 s: wall seconds, peak bytes, and the CPU seconds of its
-    processes as last sampled (RUSAGE_CHILDREN would miss Ray's workers: their raylet reaps them without adding their
-    usage up; what a process spends after its last sample, at most 0.5 s of it, is missed)."""
+    """Run a command, sampling its process tree every 0.5 s: wall seconds, peak bytes (RSS and PSS summed), and the
+    CPU seconds of its processes as last sampled (RUSAGE_CHILDREN would miss Ray's workers: their raylet reaps them
+    without adding their usage up; what a process spends after its last sample, at most 0.5 s of it, is missed)."""
     start = time.perf_counter()
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    peak = [0, 0]  # RSS summed, PSS summed
     cpu: dict[tuple[int, int], float] = {}
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid, cpu))
+            peak[:] = map(max, peak, tree_memory(proc.pid, cpu))
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -183,7 +197,8 @@ def timed_run(args: list[str], env: dict) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{output[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_gb": round(peak[0] / 2**30, 3), "cpu_s": round(sum(cpu.values()), 2)}
+    gb = [round(b / 2**30, 3) for b in peak]
+    return {"wall_s": round(wall, 2), "peak_gb": gb[0], "peak_pss_gb": gb[1], "cpu_s": round(sum(cpu.values()), 2)}
 
 
 FEDSIM_ENV = {
@@ -277,7 +292,7 @@ def bench_long(clients: int, rounds: int, sets: list[str], tag: str) -> None:
         {
             "command": f"fedsim run --dataset mnist --data-dir ../shared/data --clients {clients} --rounds {rounds} "
             + " ".join(f"--set {s}" for s in sets),
-            "measured": "under load: 2 cores shared with other jobs",
+            "measured": "1-minute load average before the run in load_before (2 cores)",
             **row,
             "first_round_end_s": round(row["wall_s"] - sum(row["round_s"]), 1),
             "median_round_s": round(median(steady), 3),
@@ -342,6 +357,7 @@ def bench_overhead(
                     "capture_share_of_round": round(capture / per_round["curious"], 4),
                     "curious_over_curious_less_capture": round(inside, 3),
                     "peak_gb": {m: max(r["peak_gb"] for r in rows) for m, rows in runs.items()},
+                    "peak_pss_gb": {m: max(r["peak_pss_gb"] for r in rows) for m, rows in runs.items()},
                     "capture_mb_per_round": max(r["capture_mb_per_round"] for r in runs["curious"]),
                     "runs": runs,
                 }
