@@ -6,6 +6,7 @@ BatchNorm statistics, closed-form features and the fit to them) in attacks.prior
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from functools import partial
 
@@ -57,7 +58,7 @@ class InvertingGradients(Attack):
     name = "ig"
 
     def __init__(  # None: the preset's value (attacks.ig_setup)
-        self, *, preset: str = "paper", iterations: int | None = None, lr: float | None = None,
+        self, *, preset: str = "auto", iterations: int | None = None, lr: float | None = None,
         tv_weight: float | None = None, signed: bool = True, label_method: str = "auto", unroll: bool = True,
         init: str | None = None, units: str | None = None, keep: str = "best", bn_weight: float = 0.0,
         feature_weight: float | None = None, feature_iterations: int = 100, feature_tv_weight: float | None = None,
@@ -67,10 +68,20 @@ class InvertingGradients(Attack):
         restarts: int | None = None, tolerance: float = 1e-9, snapshot_every: int | None = None,
         cpu_threads: int | None = 1,
     ) -> None:  # fmt: skip
-        o = setup.resolve_options(preset, {k: v for k, v in locals().items() if k not in setup.RUN_OPTIONS})
+        given = {k: v for k, v in locals().items() if k not in setup.RUN_OPTIONS}
+        o = setup.resolve_options(preset, given)
         run = dict(tolerance=tolerance, snapshot_every=snapshot_every, cpu_threads=cpu_threads)  # noqa: C408
         super().__init__(restarts=o.pop("restarts"), **run)
-        vars(self).update(o, preset=preset)  # every option an attribute of the same name
+        vars(self).update(o, preset=preset, given=given)  # every option an attribute of the same name
+
+    def _reconstruct_group(self, targets: Sequence[AttackTarget], **kwargs) -> list:
+        """With `preset=auto`, the attack as the preset for the targets' model sets it (on a copy)."""
+        if self.preset != "auto":
+            return super()._reconstruct_group(targets, **kwargs)
+        chosen = setup.auto_preset(targets[0].model, self.given)
+        resolved = copy.copy(self)
+        vars(resolved).update(setup.resolve_options(chosen, self.given), preset=f"auto: {chosen}")
+        return Attack._reconstruct_group(resolved, targets, **kwargs)
 
     @classmethod
     def options(cls) -> dict:

@@ -13,6 +13,7 @@ from torch import nn
 from attacks import ATTACKS, AttackTarget, get_attack
 from attacks.analytic import linear_input
 from attacks.base import model_gradients, reconstruct_many
+from attacks.ig_setup import auto_preset
 from attacks.inverting_gradients import InvertingGradients, cosine_distance
 from attacks.priors import batchnorm_prior, feature_layer, total_variation
 from fedsim.errors import FedsimError
@@ -208,8 +209,9 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     assert get_attack("ig", preset="breaching", lr=0.05).lr == 0.05
     resnet = get_attack("ig", preset="resnet")  # breaching's setting, TV weight 1.0 instead of 0.2
     assert (resnet.units, resnet.lr, resnet.init, resnet.restarts) == ("normalized", 0.1, "randn", 1)
-    same = {**vars(get_attack("ig", preset="breaching", tv_weight=1.0)), "preset": "resnet"}
-    assert resnet.tv_weight == 1.0 and vars(resnet) == same  # only info's preset name tells them apart
+    options = lambda attack: {k: v for k, v in vars(attack).items() if k not in ("preset", "given")}  # noqa: E731
+    same = options(get_attack("ig", preset="breaching", tv_weight=1.0))
+    assert resnet.tv_weight == 1.0 and options(resnet) == same  # only info's preset name tells them apart
     assert get_attack("ig", preset="resnet", tv_weight=0.5).tv_weight == 0.5 and breaching.tv_weight == 0.2
     features = get_attack("ig", preset="features")
     assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
@@ -217,6 +219,9 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     assert get_attack("ig").polish == 0 and get_attack("ig", preset="features", polish=3).polish == 3
     with pytest.raises(FedsimError, match="preset"):
         get_attack("ig", preset="nope")
+    assert InvertingGradients.options()["preset"] == "auto" and options(get_attack("ig")) == options(
+        get_attack("ig", preset="paper")
+    )
     with pytest.raises(FedsimError, match="units"):
         get_attack("ig", units="nope")
 
@@ -315,3 +320,25 @@ def test_ig_smooth_option_smooths_early_and_matches_on_the_exact_model(images) -
     for bad in ({"smooth": "relu6"}, {"smooth": "softplus", "smooth_beta": 0.0}, {"smooth_until": 1.0}):
         with pytest.raises(FedsimError):
             get_attack("ig", **bad)
+
+
+def test_the_default_preset_follows_the_model(images) -> None:
+    """preset=auto: `resnet` for a network with BatchNorm (unless units or tv_norm are given), `paper` without;
+    result info names the preset that ran."""
+    x, y = images[0][:1], images[1][:1]
+    plain = relu_net(0)
+    torch.manual_seed(0)
+    with_bn = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)
+    )
+    assert auto_preset(plain, {}) == "paper" and auto_preset(with_bn, {}) == "resnet"
+    assert (
+        auto_preset(with_bn, {"units": "pixels"}) == "paper" and auto_preset(with_bn, {"tv_norm": "squared"}) == "paper"
+    )
+    for model, preset, units in ((plain, "paper", "pixels"), (with_bn, "resnet", "normalized")):
+        target = AttackTarget(model, model_gradients(model, x, y), 1, tuple(x.shape[1:]), 10)
+        info = get_attack("ig", iterations=3).reconstruct(target).info
+        assert info["preset"] == f"auto: {preset}" and info["units"] == units
+        assert info["restarts"] == get_attack("ig", preset=preset).restarts
+        given = get_attack("ig", iterations=3, tv_weight=0.5).reconstruct(target).info  # options given still win
+        assert given["tv_weight"] == 0.5 and given["units"] == units
