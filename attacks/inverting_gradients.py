@@ -53,6 +53,8 @@ class InvertingGradients(Attack):
     FedAvg captures are matched against the client's local recipe replayed differentiably (attacks.unroll),
     the paper's setting. The TV weight is for [0, 1] images with the mean-absolute TV above (the paper's
     1e-1 .. 1e-6 are for its normalised images and models). `tolerance` is unused: the schedule runs out.
+    That is `preset=paper`; the default `preset=auto` runs it on a model without BatchNorm and `preset=resnet`
+    (breaching's normalised units, TV weight 1.0) on one with BatchNorm (attacks.ig_setup.auto_preset).
     """
 
     name = "ig"
@@ -85,7 +87,8 @@ class InvertingGradients(Attack):
 
     @classmethod
     def options(cls) -> dict:
-        """The options and their defaults (the "paper" preset's values where a preset may set them)."""
+        """The options and their defaults (the "paper" preset's values where a preset may set them: what `auto`
+        runs on a model without BatchNorm)."""
         return {k: setup.DEFAULTS.get(k, v) if v is None else v for k, v in super().options().items()}
 
     def _solve(
