@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from attacks.analytic import linear_input
+from attacks.consensus import COMBINES
 from attacks.labels import METHODS
 from attacks.priors import batchnorm_layers, feature_layer, running_statistics
 from attacks.problems import Problems, stack_problems
@@ -31,6 +32,7 @@ DEFAULTS = {
     "tv_norm": "anisotropic",
     "tv_decay": "none",
     "dtype": "float32",
+    "combine": "best",
 }
 UNITS = ("pixels", "normalized")
 DECAYS = ("none", "linear")  # a prior's weight during matching: constant, or linearly down to 0
@@ -93,7 +95,8 @@ def check_options(o: dict) -> None:
     if o["feature_tv_weight"] is not None and not o["feature_tv_weight"] >= 0:
         raise FedsimError("ig: feature_tv_weight must be >= 0")
     choices = (("init", INITS), ("units", UNITS), ("feature_decay", DECAYS), ("tv_decay", DECAYS))
-    for key, allowed in (*choices, ("distance", DISTANCES), ("tv_norm", TV_NORMS), ("dtype", tuple(DTYPES))):
+    choices = (*choices, ("distance", DISTANCES), ("tv_norm", TV_NORMS), ("dtype", tuple(DTYPES)))
+    for key, allowed in (*choices, ("combine", COMBINES)):
         if o[key] not in allowed:
             raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
     if o["units"] == "normalized" and o["tv_norm"] != "anisotropic":
@@ -173,10 +176,11 @@ def prior_inputs(
 
 
 def result_info(
-    attack, problems: Problems, fixed: Sequence, best_distance: torch.Tensor, fit_gap, polished=None
+    attack, problems: Problems, fixed: Sequence, members: torch.Tensor, kept: torch.Tensor, fit_gap, polished=None
 ) -> list[dict]:
-    """Each target's result info: the objective, the options that ran, every restart's cosine distance (and,
-    with `polish`, whether each restart's polish was kept)."""
+    """Each target's result info: the objective, the options that ran, every restart's cosine distance
+    (`members`, before any consensus; `kept`: the distance of what is returned, the consensus's with
+    `combine`) and, with `polish`, whether each restart's polish was kept."""
     r = attack.restarts
     return [
         {
@@ -185,7 +189,9 @@ def result_info(
             "attack": attack.name,
             "distance": attack.distance,
             "optimizer": "adam-signed" if attack.signed else "adam",
-            "cosine_distance": [float(best_distance[j * r + i]) for i in range(r)],
+            "cosine_distance": [float(members[j * r + i]) for i in range(r)],  # each restart's kept iterate
+            "combine": attack.combine,
+            **({"consensus_cosine_distance": float(kept[j * r])} if attack.combine != "best" and r > 1 else {}),
             "preset": attack.preset,
             "iterations": attack.iterations,
             "lr": attack.lr,

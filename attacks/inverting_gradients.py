@@ -15,6 +15,7 @@ import torch
 from attacks import ig_setup as setup
 from attacks import priors
 from attacks.base import Attack, AttackTarget, Progress, Trial, problem_generator
+from attacks.consensus import consensus
 from attacks.idlg import target_labels
 from attacks.polish import polish
 from attacks.problems import functional_gradient, stack_problems, stack_targets, value_and_grad, with_dtype
@@ -67,8 +68,8 @@ class InvertingGradients(Attack):
         feature_coarse: int = 1, feature_decay: str | None = None, polish: int | None = None,
         distance: str | None = None, tv_norm: str | None = None, tv_decay: str | None = None,
         dtype: str | None = None, smooth: str = "none", smooth_beta: float = 10.0, smooth_until: float = 0.5,
-        restarts: int | None = None, tolerance: float = 1e-9, snapshot_every: int | None = None,
-        cpu_threads: int | None = 1,
+        combine: str | None = None, restarts: int | None = None, tolerance: float = 1e-9,
+        snapshot_every: int | None = None, cpu_threads: int | None = 1,
     ) -> None:  # fmt: skip
         given = {k: v for k, v in locals().items() if k not in setup.RUN_OPTIONS}
         o = setup.resolve_options(preset, given)
@@ -191,13 +192,16 @@ class InvertingGradients(Attack):
             schedule.step()
             with torch.no_grad():  # boxed: the images stay valid
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
+        fw = decayed(self.feature_weight, self.feature_decay, self.iterations, self.iterations)
+        tw = decayed(self.tv_weight, self.tv_decay, self.iterations, self.iterations)
+        args = (problems.params, problems.consts, labels, problems.observed, running, features, fw, tw)
+        final = lambda v: fn(*args[:2], v, *args[2:])  # noqa: E731  the objective at the schedule's end
+        members = best_distance.clone()  # each restart's own, before any consensus
+        if self.combine != "best" and r > 1:  # each target's restarts replaced by their consensus
+            consensus(final, best, best_value, best_distance, r, self.combine, mean, std)
         polished = None
         if self.polish:  # L-BFGS on the same objective from the kept iterate; kept where it lowers the objective
-            fw = decayed(self.feature_weight, self.feature_decay, self.iterations, self.iterations)
-            tw = decayed(self.tv_weight, self.tv_decay, self.iterations, self.iterations)
-            args = (problems.params, problems.consts, labels, problems.observed, running, features, fw, tw)
-            polished = polish(lambda v: fn(*args[:2], v, *args[2:]), best, best_value, best_distance, mean, std,
-                              (low, high), self.polish)  # fmt: skip
+            polished = polish(final, best, best_value, best_distance, mean, std, (low, high), self.polish)
         for i in range(k):
             if not torch.isfinite(best_value[i]):
                 recorder.drop(i, f"objective became {loss[i].item()}")
@@ -205,6 +209,6 @@ class InvertingGradients(Attack):
                 recorder.finish(
                     i, self.iterations, float(best_distance[i]), self.iterations + 1, best[i].float(), labels[i].cpu()
                 )
-        info = setup.result_info(self, problems, fixed, best_distance, fit_gap, polished)
+        info = setup.result_info(self, problems, fixed, members, best_distance, fit_gap, polished)
         trials = recorder.trials
         return [trials[j * r : (j + 1) * r] for j in range(len(targets))], info

@@ -342,3 +342,42 @@ def test_the_default_preset_follows_the_model(images) -> None:
         assert info["restarts"] == get_attack("ig", preset=preset).restarts
         given = get_attack("ig", iterations=3, tv_weight=0.5).reconstruct(target).info  # options given still win
         assert given["tv_weight"] == 0.5 and given["units"] == units
+
+
+def test_consensus_of_restarts_on_hand_made_images() -> None:
+    from attacks.consensus import consensus
+
+    # Two targets x three restarts of 1x1x2 "images"; target 1's second restart diverged (objective inf).
+    best = torch.tensor([[0.0, 0.3], [0.3, 0.6], [0.9, 0.0], [0.2, 0.2], [1.0, 1.0], [0.4, 0.8]]).view(6, 1, 1, 1, 2)
+    value = torch.tensor([1.0, 2.0, 3.0, 1.0, float("inf"), 1.0])
+    seen = []
+
+    def fn(z):  # the objective of z: its sum, the distance: its mean (mean 0, std 1: z = pixels)
+        seen.append(z.clone())
+        return torch.zeros_like(z), (z.flatten(1).sum(1), z.flatten(1).mean(1))
+
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    means, distance = best.clone(), torch.zeros(6)
+    consensus(fn, means, value.clone(), distance, 3, "mean", zero, one)
+    assert torch.allclose(means[:3], torch.tensor([0.4, 0.3]).expand(3, 1, 1, 1, 2))
+    assert torch.allclose(means[3:], torch.tensor([0.3, 0.5]).expand(3, 1, 1, 1, 2))  # the diverged one left out
+    assert torch.allclose(distance, torch.tensor([0.35] * 3 + [0.4] * 3))
+    medians, kept = best.clone(), value.clone()
+    consensus(fn, medians, kept, torch.zeros(6), 3, "median", zero, one)
+    assert torch.allclose(medians[0], torch.tensor([0.3, 0.3])) and torch.allclose(kept[:3], torch.tensor(0.6))
+
+
+def test_ig_returns_the_consensus_of_its_restarts_with_its_own_distance(images) -> None:
+    with pytest.raises(FedsimError, match="combine"):
+        get_attack("ig", combine="vote")
+    x, y = images[0][:1], images[1][:1]
+    model = relu_net(6)
+    target = AttackTarget(model, model_gradients(model, x, y), 1, (3, 8, 8), 10)
+    best = get_attack("ig", iterations=60, restarts=3).reconstruct(target)
+    mean = get_attack("ig", iterations=60, restarts=3, combine="mean").reconstruct(target)
+    assert best.info["combine"] == "best" and "consensus_cosine_distance" not in best.info
+    assert mean.info["combine"] == "mean" and mean.info["cosine_distance"] == best.info["cosine_distance"]
+    own = float(cosine_distance(model_gradients(model, mean.images, mean.labels), target.gradients))
+    assert mean.info["consensus_cosine_distance"] == pytest.approx(own, rel=1e-3, abs=1e-6)
+    assert mean.loss == pytest.approx(own, rel=1e-3, abs=1e-6)
+    assert not torch.allclose(mean.images, best.images) and 0 <= mean.images.min() and mean.images.max() <= 1
