@@ -389,21 +389,44 @@ def best_figure(report: dict, path: Path) -> None:
     cells = [c for c in report["cells"].values() if c.get("best_image")]
     if not cells:
         return
+    results_folder = path.parent
     columns = 4
     rows = -(-len(cells) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, cell in zip(axes.flat, cells, strict=False):
-        pair = load_tensors(REPO / cell["best_image"])
+        title = f"{cell['attack']} {cell['state']}\n{cell['recipe']} b{cell['batch']}: {max(cell['psnr']):.1f} dB"
+        pair = best_pair(cell, results_folder)
+        if pair is None:
+            ax.text(0.5, 0.5, "image file missing:\nre-run the cell with --rerun", ha="center", va="center", fontsize=7)
+            ax.set_title(title, fontsize=7)
+            continue
         side = torch.cat([pair["truth"], torch.ones(pair["truth"].shape[0], 32, 2), pair["reconstruction"]], dim=-1)
         ax.imshow(side.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-        title = f"{cell['attack']} {cell['state']}\n{cell['recipe']} b{cell['batch']}: {max(cell['psnr']):.1f} dB"
         ax.set_title(title, fontsize=7)
     fig.suptitle("Best reconstruction per cell (left: truth, right: reconstruction)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def best_pair(cell: dict, results_folder: Path) -> dict[str, torch.Tensor] | None:
+    """The cell's best (truth, reconstruction) pair from its safetensors file, which must lie in the results
+    folder's `*_cells` folders; None (with one line on stderr) when the file is missing or lies elsewhere."""
+    folder = results_folder.resolve()
+    path = (REPO / str(cell["best_image"])).resolve()
+    if path.parent.parent != folder or not path.parent.name.endswith("_cells") or path.suffix != ".safetensors":
+        print(f"warning: {cell['best_image']!r} is not a cell image of {folder}: left out", file=sys.stderr)
+        return None
+    if not path.is_file():
+        print(f"warning: {cell['best_image']} is missing: re-run its cell with --rerun", file=sys.stderr)
+        return None
+    pair = load_tensors(path)
+    if set(pair) != {"truth", "reconstruction"} or pair["truth"].shape != pair["reconstruction"].shape:
+        print(f"warning: {cell['best_image']} does not hold a truth and a reconstruction: left out", file=sys.stderr)
+        return None
+    return pair
 
 
 def markdown(report: dict, args: argparse.Namespace) -> str:

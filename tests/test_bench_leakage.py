@@ -112,3 +112,48 @@ def test_trials_run_later_extend_the_kept_ones():
     assert abs(merged["label_accuracy"] - 2 / 3) < 1e-12 and merged["diverged"] == 1
     assert merged["ssim_median"] is None and merged["seconds_runs"] == [10.0, 4.0] and merged["seconds"] == 14.0
     assert merge_trials(None, fresh, batch=2) is fresh
+
+
+def test_every_shipped_cell_has_its_best_image():
+    """The table in docs/ and the figure are redrawn from benchmarks/results (`--plots-only`): each cell's best
+    pair must ship beside it."""
+    import json
+
+    from bench_leakage import REPO, RESULTS, best_pair
+
+    for name in ("leakage.json", "leakage-quick.json"):
+        report = json.loads((RESULTS / name).read_text())
+        for key, cell in report["cells"].items():
+            if cell.get("best_image"):
+                pair = best_pair(cell, RESULTS)
+                assert pair is not None, f"{name}: {key}: {cell['best_image']} (under {REPO})"
+                assert pair["truth"].shape == pair["reconstruction"].shape
+
+
+def test_the_best_figure_marks_a_missing_or_foreign_image(tmp_path, capsys):
+    import torch
+    from bench_leakage import best_figure
+
+    from fedsim.files import save_tensors
+
+    kept = tmp_path / "leakage_cells" / "pair.safetensors"
+    kept.parent.mkdir()
+    save_tensors(kept, {"truth": torch.rand(3, 32, 32), "reconstruction": torch.rand(3, 32, 32)})
+    images = [str(kept), str(tmp_path / "leakage_cells" / "absent.safetensors"), "../../etc/passwd"]
+    cells = {
+        f"c{i}": {
+            "attack": "ig",
+            "state": "untrained",
+            "recipe": "fedsgd",
+            "batch": 1,
+            "psnr": [10.0],
+            "best_image": image,
+        }  # fmt: skip
+        for i, image in enumerate(images)
+    }
+    out = tmp_path / "leakage_best.png"
+    best_figure({"cells": cells}, out)
+    assert out.is_file() and out.stat().st_size > 1000
+    err = capsys.readouterr().err
+    assert "absent.safetensors is missing" in err and "'../../etc/passwd' is not a cell image" in err
+    assert "pair.safetensors" not in err
