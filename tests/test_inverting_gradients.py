@@ -214,7 +214,8 @@ def test_ig_presets_set_options_and_explicit_options_win() -> None:
     assert resnet.tv_weight == 1.0 and options(resnet) == same  # only info's preset name tells them apart
     assert get_attack("ig", preset="resnet", tv_weight=0.5).tv_weight == 0.5 and breaching.tv_weight == 0.2
     features = get_attack("ig", preset="features")
-    assert features.init == "features" and features.iterations == get_attack("ig", preset="features").iterations
+    assert (features.init, features.iterations, features.restarts, features.combine) == ("features", 3000, 4, "mean")
+    assert get_attack("ig", preset="features", combine="best").combine == "best" and get_attack("ig").combine == "best"
     assert get_attack("ig").init == "randn" and InvertingGradients.options()["iterations"] == 1000
     assert get_attack("ig").polish == 0 and get_attack("ig", preset="features", polish=3).polish == 3
     with pytest.raises(FedsimError, match="preset"):
