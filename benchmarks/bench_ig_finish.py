@@ -26,14 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks import get_attack  # noqa: E402
-from attacks.base import AttackTarget, model_gradients, reconstruct_many  # noqa: E402
+from attacks.base import reconstruct_many  # noqa: E402
 from attacks.inverting_gradients import cosine_distance, paramwise_cosine_distance  # noqa: E402
 from attacks.lbfgs import BatchedLBFGS  # noqa: E402
 from attacks.priors import total_variation  # noqa: E402
 from attacks.problems import stack_problems, stack_targets, value_and_grad  # noqa: E402
-from benchmarks.bench_ig_peer import cifar_test, option_value  # noqa: E402
+from benchmarks.bench_ig_peer import fedsgd_targets, option_value  # noqa: E402
 from fedsim.files import load_tensors, save_tensors  # noqa: E402
-from fedsim.models import build_model  # noqa: E402
 from fedsim.scoring import score  # noqa: E402
 
 
@@ -73,12 +72,8 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x, y = cifar_test(args.idx)
-    model = build_model("convnet", tuple(x.shape[1:]), 10, seed=0).train()
+    x, y, model, targets = fedsgd_targets(args.idx)
     shape = tuple(x.shape[1:])
-    targets = [
-        AttackTarget(model, model_gradients(model, x[i : i + 1], y[i : i + 1]), 1, shape, 10) for i in range(len(y))
-    ]
     options = {**dict(option_value(o) for o in args.opt), "polish": 0}
     start = time.time()
     if args.kept and args.kept.exists():  # the kept images of an earlier run of the same options and photos

@@ -28,11 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks import get_attack, ig_setup  # noqa: E402
-from attacks.base import AttackTarget, model_gradients, reconstruct_many  # noqa: E402
+from attacks.base import model_gradients, reconstruct_many  # noqa: E402
 from attacks.inverting_gradients import cosine_distance  # noqa: E402
-from benchmarks.bench_ig_peer import cifar_test  # noqa: E402
+from benchmarks.bench_ig_peer import fedsgd_targets  # noqa: E402
 from fedsim.files import atomic_write_json  # noqa: E402
-from fedsim.models import build_model  # noqa: E402
 from fedsim.scoring import score  # noqa: E402
 
 
@@ -61,12 +60,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x, y = cifar_test(args.idx)
-    model = build_model("convnet", tuple(x.shape[1:]), 10, seed=0).train()
-    shape = tuple(x.shape[1:])
-    targets = [
-        AttackTarget(model, model_gradients(model, x[i : i + 1], y[i : i + 1]), 1, shape, 10) for i in range(len(y))
-    ]
+    x, y, model, targets = fedsgd_targets(args.idx)
     psnr = lambda image, i: float(score(image, y[i : i + 1], x[i : i + 1], y[i : i + 1])["psnr"][0])  # noqa: E731
     curve = []
     for i, t in enumerate(targets):

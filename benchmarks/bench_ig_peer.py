@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks import get_attack  # noqa: E402
-from attacks.base import model_gradients, reconstruct_many  # noqa: E402
+from attacks.base import AttackTarget, model_gradients, reconstruct_many  # noqa: E402
 from attacks.contract import target_from_capture  # noqa: E402
 from benchmarks.peer_breaching import write_target  # noqa: E402
 from fedsim.files import atomic_write_text  # noqa: E402
@@ -55,6 +55,18 @@ def victim(name: str, seed: int) -> torch.nn.Module:
     if name == "resnet20":
         load_pretrained(model, DATA / "pretrained" / "resnet20_cifar10")
     return model.train()
+
+
+def fedsgd_targets(indices: list[int], name: str = "convnet"):
+    """The photos, their labels, the victim model (seed 0) and one batch-1 FedSGD target per photo (its gradient
+    on that model, computed here: no capture path)."""
+    x, y = cifar_test(indices)
+    model = victim(name, 0)
+    shape = tuple(x.shape[1:])
+    targets = [
+        AttackTarget(model, model_gradients(model, x[i : i + 1], y[i : i + 1]), 1, shape, 10) for i in range(len(y))
+    ]
+    return x, y, model, targets
 
 
 def captured_target(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor):

@@ -24,10 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks import get_attack  # noqa: E402
-from attacks.base import AttackTarget, model_gradients, reconstruct_many  # noqa: E402
+from attacks.base import model_gradients, reconstruct_many  # noqa: E402
 from attacks.inverting_gradients import cosine_distance  # noqa: E402
-from benchmarks.bench_ig_peer import DATA, cifar_test, option_value  # noqa: E402
-from fedsim.models import build_model, load_pretrained  # noqa: E402
+from benchmarks.bench_ig_peer import fedsgd_targets, option_value  # noqa: E402
 from fedsim.scoring import score  # noqa: E402
 
 
@@ -39,15 +38,7 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    x, y = cifar_test(args.idx)
-    model = build_model(args.model, tuple(x.shape[1:]), 10, seed=0)
-    if args.model == "resnet20":
-        load_pretrained(model, DATA / "pretrained" / "resnet20_cifar10")
-    model.train()
-    shape = tuple(x.shape[1:])
-    targets = [
-        AttackTarget(model, model_gradients(model, x[i : i + 1], y[i : i + 1]), 1, shape, 10) for i in range(len(y))
-    ]
+    x, y, model, targets = fedsgd_targets(args.idx, args.model)
     options = dict(option_value(o) for o in args.opt)
     start = time.time()
     results = reconstruct_many(get_attack("ig", **options), targets)
