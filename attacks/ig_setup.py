@@ -95,9 +95,9 @@ def check_options(o: dict) -> None:
         raise FedsimError("ig: feature_iterations and feature_coarse must be positive, polish >= 0")
     if o["feature_tv_weight"] is not None and not o["feature_tv_weight"] >= 0:
         raise FedsimError("ig: feature_tv_weight must be >= 0")
-    choices = (("init", INITS), ("units", UNITS), ("feature_decay", DECAYS), ("tv_decay", DECAYS))
-    choices = (*choices, ("distance", DISTANCES), ("tv_norm", TV_NORMS), ("dtype", tuple(DTYPES)))
-    for key, allowed in (*choices, ("combine", COMBINES)):
+    choices = {"init": INITS, "units": UNITS, "feature_decay": DECAYS, "tv_decay": DECAYS, "combine": COMBINES}
+    choices |= {"distance": DISTANCES, "tv_norm": TV_NORMS, "dtype": tuple(DTYPES)}
+    for key, allowed in choices.items():
         if o[key] not in allowed:
             raise FedsimError(f"ig: unknown {key} {o[key]!r}; choose one of: {', '.join(allowed)}")
     if o["units"] == "normalized" and o["tv_norm"] != "anisotropic":

@@ -399,7 +399,7 @@ def best_figure(report: dict, path: Path) -> None:
         title = f"{cell['attack']} {cell['state']}\n{cell['recipe']} b{cell['batch']}: {max(cell['psnr']):.1f} dB"
         pair = best_pair(cell, results_folder)
         if pair is None:
-            ax.text(0.5, 0.5, "image file missing:\nre-run the cell with --rerun", ha="center", va="center", fontsize=7)
+            ax.text(0.5, 0.5, "image missing or invalid:\nsee the warning", ha="center", va="center", fontsize=7)
             ax.set_title(title, fontsize=7)
             continue
         side = torch.cat([pair["truth"], torch.ones(pair["truth"].shape[0], 32, 2), pair["reconstruction"]], dim=-1)
